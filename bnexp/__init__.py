@@ -1,0 +1,3 @@
+"""bnexp: a command-line experiment runner for batch-normalization science."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,156 @@
+"""Datasets as tensors on the training device: generation, splits, preprocessing.
+
+Small datasets fit in device memory many times over, so there is no DataLoader:
+the training loop indexes these tensors with a seeded permutation
+(see :class:`bnexp.train.Sampler`). File formats and downloads of the real
+datasets live in :mod:`bnexp.datasets`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from bnexp.config import ConfigError, DataName, ModelKind, Preprocess
+
+
+@dataclass
+class Splits:
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+
+def synthetic(cfg: DictConfig) -> dict:
+    """Gaussian class clusters: class k ~ N(mu_k, cluster_std^2 I), mu_k ~ N(0, I)."""
+    rng = np.random.default_rng(cfg.seed)
+    shape = tuple(cfg.shape)
+    centers = rng.standard_normal((cfg.num_classes, *shape)).astype(np.float32)
+
+    def draw(n: int):
+        y = rng.integers(0, cfg.num_classes, n)
+        x = centers[y] + cfg.cluster_std * rng.standard_normal((n, *shape)).astype(np.float32)
+        return x.astype(np.float32), y.astype(np.int64)
+
+    x_train, y_train = draw(cfg.n_train)
+    x_test, y_test = draw(cfg.n_test)
+    return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test, "num_classes": cfg.num_classes}
+
+
+def drug_trial(cfg: DictConfig) -> dict:
+    """The Keras BN tutorial's made-up trial: age (13-100) -> had side effects.
+
+    2100 training people, half under 65; 95% of those 65 or older had side
+    effects and 95% of the younger did not (50 + 50 exceptions, 1000 + 1000
+    typical cases); 420 test people drawn the same way (10 + 10, 200 + 200).
+    """
+    rng = np.random.default_rng(cfg.seed)
+
+    def draw(n_exception: int, n_typical: int):
+        young = lambda n: rng.integers(13, 65, n)  # noqa: E731  13..64
+        old = lambda n: rng.integers(65, 101, n)  # noqa: E731  65..100
+        ages = np.concatenate([young(n_exception), old(n_exception), young(n_typical), old(n_typical)])
+        labels = np.concatenate([np.ones(n_exception), np.zeros(n_exception), np.zeros(n_typical), np.ones(n_typical)])
+        order = rng.permutation(len(ages))
+        return ages[order, None].astype(np.float32), labels[order].astype(np.int64)
+
+    x_train, y_train = draw(50, 1000)
+    x_test, y_test = draw(10, 200)
+    return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test, "num_classes": 2}
+
+
+def check_available(cfg: DictConfig) -> None:
+    """Raise ConfigError (exit 2) before a run starts if a dataset's files are missing."""
+    name = DataName(cfg.data.name)
+    if name in (DataName.synthetic, DataName.drug_trial):
+        return
+    from bnexp import datasets
+
+    try:
+        datasets.check_available(name.value, cfg.data.root, cfg.data.download)
+    except datasets.DataError as e:
+        raise ConfigError("data.root", str(e)) from None
+
+
+def load_arrays(cfg: DictConfig) -> dict:
+    name = DataName(cfg.data.name)
+    if name == DataName.synthetic:
+        return synthetic(cfg.data)
+    if name == DataName.drug_trial:
+        return drug_trial(cfg.data)
+    from bnexp import datasets
+
+    return datasets.load_arrays(name.value, cfg.data.root, cfg.data.download)
+
+
+def split_train_val(n: int, val_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the training and validation parts, the same for the same seed."""
+    n_val = int(round(val_size * n)) if val_size < 1 else int(val_size)
+    if n_val >= n:
+        raise ConfigError("data.val_size", f"asks for {n_val} validation examples out of {n}; allowed: fewer than {n}")
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def _stat_dims(x: np.ndarray) -> tuple[int, ...]:
+    # Flat features: one statistic per feature (like scikit-learn's scalers).
+    # Signals and images [N, C, ...]: one per channel (like torchvision's Normalize).
+    return (0,) if x.ndim == 2 else (0,) + tuple(range(2, x.ndim))
+
+
+def fit_preprocess(x_train: np.ndarray, how: Preprocess) -> tuple[np.ndarray, np.ndarray]:
+    """(shift, scale) from the training split only; apply as (x - shift) / scale."""
+    dims, x = _stat_dims(x_train), x_train
+    if how == Preprocess.minmax:
+        lo, hi = x.min(axis=dims, keepdims=True), x.max(axis=dims, keepdims=True)
+        shift, scale = lo.astype(np.float64), hi.astype(np.float64) - lo
+    elif how == Preprocess.standardize:
+        shift = x.mean(axis=dims, keepdims=True, dtype=np.float64)
+        scale = x.std(axis=dims, keepdims=True, dtype=np.float64)
+    else:
+        return np.zeros((1,) * x.ndim), np.ones((1,) * x.ndim)
+    scale = np.where(scale > 0, scale, 1.0)  # constant features (blank border pixels) stay put
+    return shift[0:1], scale[0:1]
+
+
+def load(cfg: DictConfig, device: torch.device) -> Splits:
+    """Load ``cfg.data``, split, preprocess with training statistics, move to ``device``."""
+    arrays = load_arrays(cfg)
+    x_all, y_all = arrays["x_train"], arrays["y_train"]
+    train_idx, val_idx = split_train_val(len(x_all), cfg.data.val_size, cfg.data.seed)
+    if cfg.data.subset is not None:
+        train_idx = train_idx[: cfg.data.subset]
+    x_train = x_all[train_idx]
+    shift, scale = (a.astype(np.float32) for a in fit_preprocess(x_train, Preprocess(cfg.data.preprocess)))
+
+    def prep(x: np.ndarray) -> torch.Tensor:
+        x = (x.astype(np.float32) - shift) / scale
+        if ModelKind(cfg.model.kind) == ModelKind.mlp:
+            x = x.reshape(len(x), -1)
+        elif x.ndim == 2:
+            x = x[:, None, :]  # flat features through a CNN: one channel, a 1-D signal
+        return torch.from_numpy(np.ascontiguousarray(x)).to(device)
+
+    def labels(y: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(y.astype(np.int64)).to(device)
+
+    return Splits(
+        x_train=prep(x_train),
+        y_train=labels(y_all[train_idx]),
+        x_val=prep(x_all[val_idx]),
+        y_val=labels(y_all[val_idx]),
+        x_test=prep(arrays["x_test"]),
+        y_test=labels(arrays["y_test"]),
+        num_classes=int(arrays["num_classes"]),
+    )

@@ -1,0 +1,184 @@
+"""Normalization layers: a factory over PyTorch's own, plus ghost BN and batch renorm.
+
+PyTorch ships batch, layer and group norm; ghost batch norm (Hoffer et al. 2017)
+and batch renormalization (Ioffe 2017) are not in torch.nn, so they live here,
+written so that their degenerate settings equal BatchNorm exactly (tests check).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bnexp.config import NormConfig, NormKind
+
+
+def _reduce_dims(x: torch.Tensor) -> list[int]:
+    return [0] + list(range(2, x.dim()))
+
+
+def _broadcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return v.view(1, -1, *([1] * (x.dim() - 2)))
+
+
+class _RunningStatsNorm(nn.Module):
+    """Shared parameters and buffers of the two batch-statistics norms written here."""
+
+    def __init__(self, num_features: int, eps: float, momentum: float, track_running_stats: bool):
+        super().__init__()
+        self.num_features, self.eps, self.momentum = num_features, eps, momentum
+        self.track_running_stats = track_running_stats
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features))
+            self.register_buffer("running_var", torch.ones(num_features))
+        else:
+            self.running_mean = self.running_var = None
+
+    def _affine(self, x_hat: torch.Tensor) -> torch.Tensor:
+        if self.weight is not None:
+            x_hat = x_hat * _broadcast(self.weight, x_hat)
+        if self.bias is not None:
+            x_hat = x_hat + _broadcast(self.bias, x_hat)
+        return x_hat
+
+    def _update_running(self, mean: torch.Tensor, var_unbiased: torch.Tensor) -> None:
+        # Same rule as torch.nn.BatchNorm: running = (1 - m) * running + m * batch (unbiased var).
+        with torch.no_grad():
+            self.running_mean.lerp_(mean.detach(), self.momentum)
+            self.running_var.lerp_(var_unbiased.detach(), self.momentum)
+
+    def _use_batch_stats(self) -> bool:
+        return self.training or not self.track_running_stats
+
+    def _eval(self, x: torch.Tensor) -> torch.Tensor:
+        rm, rv = _broadcast(self.running_mean, x), _broadcast(self.running_var, x)
+        return self._affine((x - rm) / torch.sqrt(rv + self.eps))
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, track_running_stats={self.track_running_stats}"
+
+
+class GhostBatchNorm(_RunningStatsNorm):
+    """BatchNorm whose training statistics come from virtual sub-batches (Hoffer et al. 2017, Sec. 4).
+
+    The batch is cut into chunks of ``virtual_batch_size``; each chunk is
+    normalized with its own mean and variance, and the running statistics move
+    towards the average of the chunks' statistics. With one chunk it is BatchNorm.
+    """
+
+    def __init__(self, num_features: int, virtual_batch_size: int, eps: float = 1e-5, momentum: float = 0.1, track_running_stats: bool = True):
+        super().__init__(num_features, eps, momentum, track_running_stats)
+        self.virtual_batch_size = virtual_batch_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._use_batch_stats():
+            return self._eval(x)
+        n, vbs = x.shape[0], self.virtual_batch_size
+        if n % vbs:
+            # A ragged batch (only seen outside training's fixed batch size) is split unevenly.
+            chunks = torch.split(x, vbs)
+            outs, means, vars_ = [], [], []
+            for c in chunks:
+                dims = _reduce_dims(c)
+                mean, var = c.mean(dims), c.var(dims, unbiased=False)
+                outs.append((c - _broadcast(mean, c)) / torch.sqrt(_broadcast(var, c) + self.eps))
+                count = c.numel() // c.shape[1]
+                means.append(mean)
+                vars_.append(var * count / max(count - 1, 1))
+            x_hat = torch.cat(outs)
+            mean, var_unbiased = torch.stack(means).mean(0), torch.stack(vars_).mean(0)
+        else:
+            g = x.reshape(n // vbs, vbs, *x.shape[1:])
+            dims = [1] + list(range(3, g.dim()))
+            mean = g.mean(dims, keepdim=True)
+            var = g.var(dims, unbiased=False, keepdim=True)
+            x_hat = ((g - mean) / torch.sqrt(var + self.eps)).reshape(x.shape)
+            count = g[0].numel() // g.shape[2]
+            mean, var = mean.flatten(1).mean(0), var.flatten(1)
+            var_unbiased = (var * count / max(count - 1, 1)).mean(0)
+        if self.track_running_stats:
+            self._update_running(mean, var_unbiased)
+        return self._affine(x_hat)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", virtual_batch_size={self.virtual_batch_size}"
+
+
+class BatchRenorm(_RunningStatsNorm):
+    """Batch renormalization (Ioffe 2017, Algorithm 1).
+
+    Training output is ``((x - mu_B) / sigma_B * r + d) * gamma + beta`` with
+    ``r = clip(sigma_B / sigma, 1/rmax, rmax)`` and ``d = clip((mu_B - mu) / sigma, -dmax, dmax)``
+    treated as constants in backprop, where mu, sigma are the running statistics.
+    With rmax=1 and dmax=0 it is BatchNorm.
+    """
+
+    def __init__(self, num_features: int, rmax: float = 3.0, dmax: float = 5.0, eps: float = 1e-5, momentum: float = 0.1, track_running_stats: bool = True):
+        super().__init__(num_features, eps, momentum, track_running_stats)
+        self.rmax, self.dmax = rmax, dmax
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._use_batch_stats():
+            return self._eval(x)
+        dims = _reduce_dims(x)
+        mean, var = x.mean(dims), x.var(dims, unbiased=False)
+        std = torch.sqrt(var + self.eps)
+        x_hat = (x - _broadcast(mean, x)) / _broadcast(std, x)
+        if self.track_running_stats:
+            with torch.no_grad():
+                running_std = torch.sqrt(self.running_var + self.eps)
+                r = (std / running_std).clamp(1.0 / self.rmax, self.rmax)
+                d = ((mean - self.running_mean) / running_std).clamp(-self.dmax, self.dmax)
+            x_hat = x_hat * _broadcast(r, x) + _broadcast(d, x)
+            count = x.numel() // x.shape[1]
+            self._update_running(mean, var * count / max(count - 1, 1))
+        return self._affine(x_hat)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", rmax={self.rmax}, dmax={self.dmax}"
+
+
+def make_norm(cfg: NormConfig, num_features: int, spatial_dims: int) -> nn.Module:
+    """The norm layer of kind ``cfg.kind`` for ``num_features`` channels.
+
+    ``spatial_dims`` is 0 for an MLP's [N, C], 1 for [N, C, L], 2 for [N, C, H, W].
+    """
+    kind = NormKind(cfg.kind)
+    if kind == NormKind.batch:
+        cls = {0: nn.BatchNorm1d, 1: nn.BatchNorm1d, 2: nn.BatchNorm2d}[spatial_dims]
+        norm: nn.Module = cls(num_features, eps=cfg.eps, momentum=cfg.momentum, track_running_stats=cfg.track_running_stats)
+    elif kind == NormKind.ghost_batch:
+        norm = GhostBatchNorm(num_features, cfg.virtual_batch_size, eps=cfg.eps, momentum=cfg.momentum, track_running_stats=cfg.track_running_stats)
+    elif kind == NormKind.batch_renorm:
+        norm = BatchRenorm(num_features, rmax=cfg.rmax, dmax=cfg.dmax, eps=cfg.eps, momentum=cfg.momentum, track_running_stats=cfg.track_running_stats)
+    elif kind == NormKind.layer:
+        # Over an image, "layer" norm normalizes each example over (C, H, W):
+        # GroupNorm with one group is exactly that, with per-channel gamma/beta.
+        norm = nn.LayerNorm(num_features, eps=cfg.eps) if spatial_dims == 0 else nn.GroupNorm(1, num_features, eps=cfg.eps)
+    else:
+        norm = nn.GroupNorm(cfg.groups, num_features, eps=cfg.eps)
+    _set_affine(norm, cfg)
+    return norm
+
+
+def _set_affine(norm: nn.Module, cfg: NormConfig) -> None:
+    # Keras' center=False / scale=False: no beta / no gamma at all (not a frozen
+    # parameter), so optimizers and gradient-norm logging never see them.
+    # torch's functional norms accept weight=None and bias=None.
+    with torch.no_grad():
+        if cfg.scale:
+            norm.weight.fill_(cfg.gamma_init)
+        else:
+            norm.register_parameter("weight", None)
+        if cfg.center:
+            norm.bias.fill_(cfg.beta_init)
+        else:
+            norm.register_parameter("bias", None)
+
+
+def is_centered(norm: nn.Module | None) -> bool:
+    """Whether the norm subtracts a per-feature mean, which makes a preceding bias redundant."""
+    return isinstance(norm, (nn.modules.batchnorm._BatchNorm, _RunningStatsNorm))

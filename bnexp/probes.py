@@ -1,0 +1,98 @@
+"""Measurements taken on a model without changing it: gradient and weight norms,
+activation percentiles. The training loop calls these on logging and eval steps
+only; each returns ``{tag: value}`` with values still on the device, so one
+host transfer per logging step carries everything (see :func:`to_host`).
+
+Future probes (loss-landscape smoothness, gradient predictiveness, internal
+covariate shift; Santurkar et al. 2018) belong here with the same shape:
+a function of (model, batch) returning tagged tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bnexp.models import Net, activation_modules, parameterized_layers
+
+PERCENTILES = (15, 50, 85)  # Ioffe & Szegedy 2015, Fig. 1(b, c)
+
+
+class LayerNorms:
+    """Per-layer L2 norms of gradients and weights in one fused pass each."""
+
+    def __init__(self, model: nn.Module):
+        layers = parameterized_layers(model)
+        self.names = list(layers)
+        self.params = [p for ps in layers.values() for p in ps]
+        # Parameter i belongs to layer owner[i]; per-layer norm = sqrt(sum of squared param norms).
+        owner = [i for i, ps in enumerate(layers.values()) for _ in ps]
+        self._owner = torch.tensor(owner)
+
+    def _per_layer(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        norms = torch.stack(torch._foreach_norm(tensors)).float()
+        owner = self._owner.to(norms.device)
+        sq = torch.zeros(len(self.names), device=norms.device).index_add_(0, owner, norms.square())
+        return sq
+
+    def grad_norms(self) -> dict[str, torch.Tensor]:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        sq = self._per_layer(grads)
+        out = {f"grad_norm/{n}": v for n, v in zip(self.names, sq.sqrt())}
+        out["grad_norm/total"] = sq.sum().sqrt()
+        return out
+
+    def weight_norms(self) -> dict[str, torch.Tensor]:
+        sq = self._per_layer([p.detach() for p in self.params])
+        return {f"weight_norm/{n}": v for n, v in zip(self.names, sq.sqrt())}
+
+
+class ActivationProbe:
+    """Percentiles of each hidden nonlinearity's input on a fixed probe batch.
+
+    The BN paper's Fig. 1(b, c) follows the 15th/50th/85th percentile of one
+    sigmoid's input over training. We log them over all units of each hidden
+    layer (``act/<layer>/pNN``) and for unit 0 alone (``act/<layer>/unit0/pNN``)
+    as the paper does. The probe runs the model in eval mode, the network a
+    user would deploy at that step.
+    """
+
+    def __init__(self, model: Net, probe_x: torch.Tensor):
+        self.model, self.x = model, probe_x
+        self.acts = activation_modules(model)
+        self.q = torch.tensor([p / 100 for p in PERCENTILES], device=probe_x.device)
+
+    @torch.inference_mode()
+    def __call__(self) -> dict[str, torch.Tensor]:
+        captured: dict[str, torch.Tensor] = {}
+        hooks = [
+            module.register_forward_pre_hook(lambda _m, inp, name=name: captured.__setitem__(name, inp[0].detach()))
+            for name, module in self.acts.items()
+        ]
+        was_training = self.model.training
+        try:
+            self.model.eval()
+            self.model(self.x)
+        finally:
+            self.model.train(was_training)
+            for h in hooks:
+                h.remove()
+        out: dict[str, torch.Tensor] = {}
+        for name, a in captured.items():
+            a = a.float()
+            everything = torch.quantile(a.flatten()[: 16_000_000], self.q)
+            unit0 = torch.quantile(a[:, 0].flatten(), self.q)
+            for p, v, u in zip(PERCENTILES, everything, unit0):
+                out[f"act/{name}/p{p}"] = v
+                out[f"act/{name}/unit0/p{p}"] = u
+        return out
+
+
+def to_host(values: dict[str, torch.Tensor | float]) -> dict[str, float]:
+    """One device->host copy for a dict of scalar tensors."""
+    keys = [k for k, v in values.items() if isinstance(v, torch.Tensor)]
+    out = {k: float(v) for k, v in values.items() if not isinstance(v, torch.Tensor)}
+    if keys:
+        stacked = torch.stack([values[k].detach().float().reshape(()) for k in keys]).cpu().tolist()
+        out.update(zip(keys, stacked))
+    return out

@@ -1,0 +1,200 @@
+"""What a run leaves behind and shows: TensorBoard events, HParams records,
+metrics.json (status, heartbeat, final/best values, env) and console progress.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from torch.utils.tensorboard import SummaryWriter
+
+import bnexp
+from bnexp.io import read_json, write_json
+
+log = logging.getLogger("bnexp")
+
+HEADLINE = ("val/acc", "test/acc", "test/loss", "train/loss")
+HPARAM_METRICS = ("val/acc", "val/loss", "test/acc", "test/loss", "train/loss", "train/acc")
+HEARTBEAT_SEC = 10.0
+
+
+def env_info(device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "bnexp": bnexp.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+    }
+    try:
+        repo = Path(bnexp.__file__).resolve().parent.parent
+        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        if commit.returncode == 0:
+            info["git_commit"] = commit.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
+def _hparam_value(v: Any) -> bool | int | float | str:
+    if isinstance(v, (bool, int, float, str)):
+        return v
+    return str(v)  # lists (model.hidden), None
+
+
+def hparams_session_start(hparams: dict[str, Any], start_time: float):
+    # tensorboard's summary_v2.hparams_pb builds the session-start record
+    # without TensorFlow; SummaryWriter.add_hparams would write a stray sub-run.
+    from tensorboard.plugins.hparams import summary_v2
+
+    return summary_v2.hparams_pb({k: _hparam_value(v) for k, v in hparams.items()}, start_time_secs=start_time)
+
+
+def hparams_session_end(status: str, end_time: float):
+    # tensorboard.plugins.hparams.summary.session_end_pb imports TensorFlow at
+    # module load; this is the same proto built from the TF-free parts.
+    from tensorboard.compat.proto import summary_pb2
+    from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+
+    code = {"completed": api_pb2.STATUS_SUCCESS, "diverged": api_pb2.STATUS_SUCCESS, "running": api_pb2.STATUS_RUNNING}.get(status, api_pb2.STATUS_FAILURE)
+    data = plugin_data_pb2.HParamsPluginData(session_end_info=plugin_data_pb2.SessionEndInfo(status=code, end_time_secs=end_time))
+    summary = summary_pb2.Summary()
+    summary.value.add(tag=metadata.SESSION_END_INFO_TAG, metadata=metadata.create_summary_metadata(data), tensor=metadata.NULL_TENSOR)
+    return summary
+
+
+class RunRecord:
+    """metrics.json: the run's status and results, rewritten atomically."""
+
+    def __init__(self, run_dir: Path, base: dict[str, Any]):
+        self.path = run_dir / "metrics.json"
+        self.data: dict[str, Any] = dict(base)
+        self._last_beat = 0.0
+
+    def write(self, **updates: Any) -> None:
+        self.data.update(updates)
+        self.data.setdefault("time", {})["heartbeat"] = time.time()
+        self._last_beat = time.monotonic()
+        write_json(self.path, self.data)
+
+    def heartbeat(self) -> None:
+        """Cheap to call every step: rewrites the file at most every HEARTBEAT_SEC seconds."""
+        if time.monotonic() - self._last_beat > HEARTBEAT_SEC:
+            self.write()
+
+
+def run_is_alive(metrics: dict[str, Any], now: float | None = None) -> bool:
+    """A ``running`` run whose heartbeat is recent; an old heartbeat means it died."""
+    beat = (metrics.get("time") or {}).get("heartbeat", 0)
+    return metrics.get("status") == "running" and (now or time.time()) - beat < 6 * HEARTBEAT_SEC
+
+
+class Console_:
+    """Rich progress when stdout is a terminal; a plain line per eval otherwise."""
+
+    def __init__(self, total: int, enabled: bool, title: str):
+        self.console = Console()
+        self.rich = enabled and self.console.is_terminal
+        self.total, self.title = total, title
+        self.progress: Progress | None = None
+        self.task = None
+
+    def start(self, step: int) -> None:
+        if self.rich:
+            self.progress = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=self.console, transient=False,
+            )
+            self.progress.start()
+            self.task = self.progress.add_task(self.title, total=self.total, completed=step, info="")
+
+    def update(self, step: int, scalars: dict[str, float], is_eval: bool) -> None:
+        parts = [f"{k}={scalars[k]:.4g}" for k in ("train/loss", "train/acc", "val/acc") if k in scalars]
+        if "time/steps_per_sec" in scalars:
+            parts.append(f"{scalars['time/steps_per_sec']:.0f} steps/s")
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step, info="  ".join(parts))
+        elif is_eval:
+            log.info("step %d/%d  %s", step, self.total, "  ".join(parts))
+
+    def stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+def summary_table(title: str, record: dict[str, Any]) -> Table:
+    table = Table(title=title, show_header=True)
+    table.add_column("metric")
+    table.add_column("final", justify="right")
+    table.add_column("best", justify="right")
+    final, best = record.get("final", {}), record.get("best", {})
+    for tag in ("train/loss", "train/acc", "val/loss", "val/acc", "test/loss", "test/acc"):
+        if tag in final:
+            table.add_row(tag, f"{final[tag]:.4f}", f"{best[tag]:.4f}" if tag in best else "")
+    t = record.get("time", {})
+    table.add_row("status", str(record.get("status")), "")
+    table.add_row("steps", str(record.get("steps")), "")
+    if record.get("steps_to_target") is not None:
+        table.add_row("steps to target", str(record["steps_to_target"]), "")
+    if "steps_per_sec" in t:
+        table.add_row("steps/s", f"{t['steps_per_sec']:.1f}", "")
+    return table
+
+
+class Tracker:
+    """Everything a training run writes, behind three calls: ``scalars``, ``checkpoint_state``, ``close``."""
+
+    def __init__(self, run_dir: Path, cfg_plain: dict[str, Any], hparams: dict[str, Any], total_steps: int,
+                 device: torch.device, base_record: dict[str, Any], purge_step: int | None = None):
+        self.run_dir = run_dir
+        self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step, flush_secs=30)
+        self.record = RunRecord(run_dir, base_record)
+        self.final: dict[str, float] = dict(base_record.get("final", {}))
+        self.best: dict[str, float] = dict(base_record.get("best", {}))
+        self.console = Console_(total_steps, bool(cfg_plain["train"].get("progress", True)), title=run_dir.name)
+        self.hparams = hparams
+        self.start_time = time.time()
+        if purge_step is None:
+            self.writer.file_writer.add_summary(hparams_session_start(hparams, self.start_time))
+
+    def scalars(self, step: int, values: dict[str, float], is_eval: bool = False) -> None:
+        for tag, v in values.items():
+            self.writer.add_scalar(tag, v, step)
+            if not math.isfinite(v):
+                continue
+            self.final[tag] = v
+            if tag.endswith("/acc"):
+                self.best[tag] = max(v, self.best.get(tag, -math.inf))
+            elif tag.endswith("/loss"):
+                self.best[tag] = min(v, self.best.get(tag, math.inf))
+        self.console.update(step, values, is_eval)
+
+    def close(self, status: str) -> None:
+        self.console.stop()
+        self.writer.file_writer.add_summary(hparams_session_end(status, time.time()))
+        self.writer.flush()
+        self.writer.close()
+
+
+def read_record(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    return read_json(Path(run_dir) / "metrics.json")
+
+
+def print_summary(record: dict[str, Any], run_dir: Path) -> None:
+    console = Console(file=sys.stdout)
+    console.print(summary_table(str(run_dir), record))

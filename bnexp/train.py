@@ -1,0 +1,406 @@
+"""The training loop: one function, :func:`train`, readable top to bottom.
+
+Speed choices, all visible here: the dataset sits on the device as tensors and
+is indexed by a seeded permutation (no DataLoader); the step never copies to
+the host except on logging steps (losses, accuracies and a divergence flag
+accumulate on the device); gradient norms are one fused pass on logging steps;
+evaluation runs under ``inference_mode`` in large batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import nn
+
+from bnexp import data as data_mod
+from bnexp.config import Amp, ConfigError, ModelKind, OptimName, Schedule, config_hash, flatten, plain
+from bnexp.models import Net, build_model
+from bnexp.probes import ActivationProbe, LayerNorms, to_host
+from bnexp.tracking import Tracker, env_info, print_summary
+
+log = logging.getLogger("bnexp")
+
+CHECKPOINT = "checkpoint.pt"
+
+
+# --------------------------------------------------------------------------- setup
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        # cuBLAS needs this to pick deterministic kernels (PyTorch "Reproducibility" notes).
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.benchmark = True
+
+
+def total_steps(cfg: DictConfig, n_train: int) -> int:
+    if n_train < cfg.train.batch_size:
+        raise ConfigError("train.batch_size", f"{cfg.train.batch_size} is larger than the {n_train} training examples; allowed: <= {n_train}")
+    if cfg.train.steps is not None:
+        return int(cfg.train.steps)
+    return int(cfg.train.epochs) * (n_train // cfg.train.batch_size)
+
+
+def make_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    name = OptimName(cfg.name)
+    if name == OptimName.sgd:
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov and cfg.momentum > 0)
+    cls = torch.optim.Adam if name == OptimName.adam else torch.optim.AdamW
+    return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+
+
+def lr_factor(cfg: DictConfig, total: int) -> Callable[[int], float]:
+    """Multiplier of optim.lr after ``step`` optimizer steps: linear warmup, then the schedule."""
+    warm, kind = cfg.warmup_steps, Schedule(cfg.schedule)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        frac = (step - warm) / max(1, total - warm)
+        if kind == Schedule.cosine:
+            return 0.5 * (1 + math.cos(math.pi * frac))
+        if kind == Schedule.linear:
+            return 1 - frac
+        if kind == Schedule.step:
+            return 0.1 ** ((frac >= 0.5) + (frac >= 0.75))
+        return 1.0
+
+    return factor
+
+
+class Sampler:
+    """Batches of indices from a seeded permutation per epoch; the last partial
+    batch is dropped so that every BN step sees ``batch_size`` examples."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, device: torch.device):
+        self.n, self.batch_size, self.device = n, batch_size, device
+        self.per_epoch = n // batch_size
+        self.gen = torch.Generator().manual_seed(seed)
+        self.perm: torch.Tensor | None = None
+        self.pos = 0
+
+    def next(self) -> torch.Tensor:
+        if self.perm is None or self.pos == self.per_epoch:
+            self.perm = torch.randperm(self.n, generator=self.gen).to(self.device)
+            self.pos = 0
+        b = self.batch_size
+        idx = self.perm[self.pos * b : (self.pos + 1) * b]
+        self.pos += 1
+        return idx
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"gen": self.gen.get_state(), "perm": None if self.perm is None else self.perm.cpu(), "pos": self.pos}
+
+    def load_state_dict(self, s: dict[str, Any]) -> None:
+        self.gen.set_state(s["gen"])
+        self.perm = None if s["perm"] is None else s["perm"].to(self.device)
+        self.pos = s["pos"]
+
+
+def keep_norms_fp32(model: nn.Module) -> None:
+    """Under autocast, run every norm layer in fp32 (as cifar10-airbench does):
+    batch statistics of half-precision activations lose too much."""
+    from bnexp.norms import _RunningStatsNorm
+
+    kinds = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, _RunningStatsNorm)
+    for module in model.modules():
+        if isinstance(module, kinds):
+            forward = module.forward
+
+            def fp32_forward(x: torch.Tensor, _forward=forward) -> torch.Tensor:
+                with torch.autocast(x.device.type, enabled=False):
+                    return _forward(x.float())
+
+            module.forward = fp32_forward
+
+
+def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, amp: Amp, device: torch.device, compile: bool):
+    """The step: forward, loss, backward, update. Returns (loss, n_correct) as device tensors."""
+    dtype = {Amp.bf16: torch.bfloat16, Amp.fp16: torch.float16}.get(amp)
+    if dtype is not None:
+        keep_norms_fp32(model)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == Amp.fp16)
+    forward = torch.compile(model) if compile else model
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            logits = forward(x)
+        loss = F.cross_entropy(logits.float(), y)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        return loss.detach(), (logits.detach().argmax(1) == y).sum()
+
+    step.scaler = scaler  # type: ignore[attr-defined]
+    return step
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> dict[str, torch.Tensor]:
+    model.eval()
+    loss = torch.zeros((), device=x.device)
+    correct = torch.zeros((), device=x.device, dtype=torch.long)
+    for i in range(0, len(x), batch_size):
+        logits = model(x[i : i + batch_size]).float()
+        loss += F.cross_entropy(logits, y[i : i + batch_size], reduction="sum")
+        correct += (logits.argmax(1) == y[i : i + batch_size]).sum()
+    model.train()
+    return {"loss": loss / len(x), "acc": correct.float() / len(x)}
+
+
+@contextmanager
+def stop_on_signal() -> Iterator[threading.Event]:
+    """SIGINT/SIGTERM ask the loop to stop after the current step; a second SIGINT stops at once."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum, _frame):
+        stop.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+# --------------------------------------------------------------------------- state
+
+
+@dataclass
+class LoopState:
+    """What the loop carries between steps besides model and optimizer; all of it is checkpointed."""
+
+    step: int = 0
+    steps_to_target: int | None = None
+    window_start_step: int = 0
+    diverged: dict[str, Any] | None = None
+    train_time: float = 0.0  # seconds spent in this run's loop, over all resumes
+    last_finite: dict[str, float] = field(default_factory=dict)
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(s: dict[str, Any]) -> None:
+    random.setstate(s["python"])
+    name, key, *rest = s["numpy"]
+    np.random.set_state((name, key.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def save_checkpoint(run_dir: Path, model, optimizer, scheduler, scaler, sampler, state: LoopState, window, tracker) -> None:
+    from bnexp.io import atomic_write
+
+    ckpt = {
+        "format": 1,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "sampler": sampler.state_dict(),
+        "rng": rng_state(),
+        "state": state.__dict__.copy(),
+        "window": [w.cpu() for w in window],
+        "final": dict(tracker.final),
+        "best": dict(tracker.best),
+    }
+    atomic_write(run_dir / CHECKPOINT, lambda f: torch.save(ckpt, f), mode="wb")
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """weights_only=True: a checkpoint can hold tensors and plain containers, never code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001  torch raises many types for a bad file
+        raise ConfigError("checkpoint", f"{path} is not a readable bnexp checkpoint ({type(e).__name__}); delete it to start over") from None
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train(cfg: DictConfig, run_dir: Path, resume: bool = False, extra_record: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train ``cfg`` into ``run_dir``; returns the metrics.json record.
+
+    Raises ConfigError for problems found while setting up (data, sizes), before
+    anything is written; KeyboardInterrupt after an interruption was saved.
+    """
+    t = cfg.train
+    device = pick_device(t.device)
+    seed_everything(cfg.seed, t.deterministic)
+
+    data = data_mod.load(cfg, device)
+    total = total_steps(cfg, len(data.x_train))
+    model = build_model(cfg.model, cfg.norm, data.input_shape, data.num_classes).to(device)
+    if ModelKind(cfg.model.kind) == ModelKind.cnn and device.type == "cuda" and data.x_train.dim() == 4:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(cfg.optim, model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.optim, total))
+    sampler = Sampler(len(data.x_train), t.batch_size, cfg.seed, device)
+    train_step = make_train_step(model, optimizer, Amp(t.amp), device, t.compile)
+    layer_norms = LayerNorms(model)
+    has_val = len(data.x_val) > 0
+    probe = ActivationProbe(model, (data.x_val if has_val else data.x_train)[: t.probe_size])
+
+    state = LoopState()
+    # Device-side accumulators over the logging window: loss sum, correct count,
+    # examples, first non-finite step (-1: none). Read on logging steps only.
+    window = [torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long),
+              torch.zeros((), device=device, dtype=torch.long), torch.full((), -1, device=device, dtype=torch.long)]
+    cfg_plain = plain(cfg)
+    record = {
+        "status": "running", "steps": 0, "total_steps": total, "final": {}, "best": {}, "steps_to_target": None,
+        "time": {"started_at": time.time()}, "env": env_info(device), "config_hash": config_hash(cfg),
+        "num_params": sum(p.numel() for p in model.parameters()), **(extra_record or {}),
+    }
+    purge_step = None
+    ckpt_path = run_dir / CHECKPOINT
+    if resume and ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        train_step.scaler.load_state_dict(ckpt["scaler"])
+        sampler.load_state_dict(ckpt["sampler"])
+        set_rng_state(ckpt["rng"])
+        state = LoopState(**ckpt["state"])
+        for w, saved in zip(window, ckpt["window"]):
+            w.copy_(saved)
+        record.update(final=ckpt["final"], best=ckpt["best"], steps_to_target=state.steps_to_target, resumed_from=state.step)
+        purge_step = state.step + 1  # drop events logged after the checkpoint by the dead run
+        log.info("resuming %s from step %d", run_dir, state.step)
+
+    hparams = flatten(cfg_plain)
+    tracker = Tracker(run_dir, cfg_plain, hparams, total, device, record, purge_step=purge_step)
+    tracker.record.write(status="running")
+    tracker.console.start(state.step)
+    status = "running"
+    t0 = time.perf_counter() - state.train_time
+    window_t0 = time.perf_counter()
+
+    def save() -> None:
+        state.train_time = time.perf_counter() - t0
+        save_checkpoint(run_dir, model, optimizer, scheduler, train_step.scaler, sampler, state, window, tracker)
+
+    def eval_and_probe(step: int) -> None:
+        out: dict[str, torch.Tensor] = {}
+        if has_val:
+            out.update({f"val/{k}": v for k, v in evaluate(model, data.x_val, data.y_val, t.eval_batch_size).items()})
+        out.update(probe())
+        values = to_host(out)
+        tracker.scalars(step, values, is_eval=True)
+        if t.target_acc is not None and state.steps_to_target is None and values.get("val/acc", 0) >= t.target_acc:
+            state.steps_to_target = step
+
+    try:
+        with stop_on_signal() as stop:
+            for step in range(state.step + 1, total + 1):
+                idx = sampler.next()
+                loss, correct = train_step(data.x_train[idx], data.y_train[idx])
+                window[0] += loss
+                window[1] += correct
+                window[2] += len(idx)
+                window[3] = torch.where((window[3] < 0) & ~torch.isfinite(loss), step, window[3])
+                scheduler.step()
+                state.step = step
+
+                if step % t.log_every == 0 or step == total:
+                    values = {"train/loss": window[0] / (window[2] // len(idx)), "train/acc": window[1].float() / window[2],
+                              "bad_step": window[3].float()}
+                    values.update(layer_norms.grad_norms())
+                    values.update(layer_norms.weight_norms())
+                    host = to_host(values)
+                    bad_step = int(host.pop("bad_step"))
+                    if bad_step >= 0 or not math.isfinite(host["grad_norm/total"]):
+                        state.diverged = {"step": bad_step if bad_step >= 0 else step,
+                                          "last_finite": {k: v for k, v in tracker.final.items()}}
+                        tracker.scalars(step, host)
+                        status = "diverged"
+                        log.warning("diverged: non-finite loss or gradient at step %d", state.diverged["step"])
+                        break
+                    elapsed = time.perf_counter() - window_t0
+                    n_steps = step - state.window_start_step
+                    host.update({"optim/lr": scheduler.get_last_lr()[0], "time/step_ms": 1000 * elapsed / n_steps,
+                                 "time/samples_per_sec": n_steps * t.batch_size / elapsed,
+                                 "time/steps_per_sec": n_steps / elapsed, "time/elapsed_sec": time.perf_counter() - t0})
+                    tracker.scalars(step, host)
+                    for w in window[:3]:
+                        w.zero_()
+                    state.window_start_step = step
+                    window_t0 = time.perf_counter()
+                if step % t.eval_every == 0 and step != total:
+                    eval_and_probe(step)
+                if t.checkpoint_every and step % t.checkpoint_every == 0 and step != total:
+                    save()
+                tracker.record.heartbeat()
+                if stop.is_set():
+                    status = "interrupted"
+                    break
+            else:
+                status = "completed"
+
+        if status == "completed":
+            eval_and_probe(total)
+            test = evaluate(model, data.x_test, data.y_test, t.eval_batch_size)
+            tracker.scalars(total, to_host({f"test/{k}": v for k, v in test.items()}), is_eval=True)
+        if status in ("completed", "interrupted"):
+            save()
+    except BaseException as e:
+        status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+        tracker.record.data["error"] = f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        wall = time.perf_counter() - t0
+        tracker.record.write(
+            status=status, steps=state.step, final=tracker.final, best=tracker.best, steps_to_target=state.steps_to_target,
+            diverged=state.diverged,
+            time={**tracker.record.data["time"], "wall_sec": wall, "steps_per_sec": state.step / max(wall, 1e-9), "finished_at": time.time()},
+        )
+        tracker.close(status)
+    print_summary(tracker.record.data, run_dir)
+    if status == "interrupted":
+        raise KeyboardInterrupt
+    return tracker.record.data
