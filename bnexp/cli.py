@@ -35,7 +35,7 @@ def fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
 def _hydra_error_line(e: BaseException) -> str:
     """One line from Hydra's and OmegaConf's exceptions, naming the key and the allowed values."""
     from hydra.errors import MissingConfigException
-    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
     text = str(e).strip()
     if isinstance(e, MissingConfigException) and e.missing_cfg_file and "Available options" in text:
@@ -43,7 +43,7 @@ def _hydra_error_line(e: BaseException) -> str:
         lines = text.split("Available options in", 1)[1].splitlines()[1:]
         options = []
         for line in lines:
-            if not line.strip():
+            if not line.startswith("\t") or not line.strip():
                 break
             if not line.strip().startswith("base_"):  # the schema nodes of bnexp.config
                 options.append(line.strip())
@@ -52,7 +52,7 @@ def _hydra_error_line(e: BaseException) -> str:
     if isinstance(cause, OmegaConfBaseException):
         key = getattr(cause, "full_key", None) or ""
         msg = str(cause).splitlines()[0]
-        if isinstance(cause, ConfigKeyError) and "not in struct" in msg:
+        if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and text.startswith("Could not override"):
             return f"unknown key '{key}'; `bnexp show` lists the keys, `+{key}=...` adds a new one"
         return f"{key}: {msg}" if key else msg
     if isinstance(e, OmegaConfBaseException):
@@ -96,6 +96,18 @@ def train(ctx: typer.Context) -> None:
     for r in results:
         if r.get("status") == "failed":
             raise fail(f"run failed: {r.get('error')} (see {r.get('run_dir')})", EXIT_FAILED)
+
+
+@app.command(context_settings=PASSTHROUGH)
+def sweep(ctx: typer.Context) -> None:
+    """Run a Hydra multirun: comma lists (a=x,y), range(), glob(), any sweeper/launcher plugin.
+
+    Example: bnexp sweep norm.placement=pre,post,none seed=0,1,2 train.steps=200
+    """
+    results = _run_hydra(["--multirun", *ctx.args])
+    failed = [r for r in results if r.get("status") == "failed"]
+    if failed:
+        raise typer.Exit(EXIT_FAILED)
 
 
 @app.command(context_settings=PASSTHROUGH)

@@ -162,6 +162,8 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
+    # Length: train.epochs, when set, wins over train.steps (so a preset's steps
+    # need no `train.steps=null` next to `train.epochs=20`).
     steps: Optional[int] = 1000
     epochs: Optional[int] = None
     batch_size: int = 64
@@ -323,8 +325,8 @@ def validate(cfg: DictConfig) -> None:
     _positive(cfg, "optim.warmup_steps", allow_zero=True)
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
         raise ConfigError("optim.betas", f"got {list(o.betas)}; allowed: two numbers in [0, 1)")
-    if (t.steps is None) == (t.epochs is None):
-        raise ConfigError("train.steps", "set exactly one of train.steps and train.epochs (the other to null), e.g. train.steps=null train.epochs=20")
+    if t.steps is None and t.epochs is None:
+        raise ConfigError("train.steps", "both train.steps and train.epochs are null; allowed: set one (train.epochs wins when both are set)")
     _positive(cfg, "train.steps", allow_none=True)
     _positive(cfg, "train.epochs", allow_none=True)
     for key in ("train.batch_size", "train.eval_every", "train.log_every", "train.eval_batch_size", "train.probe_size"):

@@ -64,9 +64,9 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 def total_steps(cfg: DictConfig, n_train: int) -> int:
     if n_train < cfg.train.batch_size:
         raise ConfigError("train.batch_size", f"{cfg.train.batch_size} is larger than the {n_train} training examples; allowed: <= {n_train}")
-    if cfg.train.steps is not None:
-        return int(cfg.train.steps)
-    return int(cfg.train.epochs) * (n_train // cfg.train.batch_size)
+    if cfg.train.epochs is not None:
+        return int(cfg.train.epochs) * (n_train // cfg.train.batch_size)
+    return int(cfg.train.steps)
 
 
 def make_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
