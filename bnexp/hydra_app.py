@@ -30,6 +30,8 @@ log = logging.getLogger("bnexp")
 # Results of the jobs run in this process (the basic launcher, `bnexp train`).
 # Jobs in other processes (joblib, SLURM) are read back from their metrics.json.
 RESULTS: list[dict[str, Any]] = []
+# The sweep directories of multiruns started in this process.
+SWEEP_DIRS: list[Path] = []
 # For `bnexp train`: the topmost directory the run created, removed again if the
 # config turns out to be invalid (nothing that existed before is touched).
 _CREATED_ROOT: list[Path | None] = [None]
@@ -84,6 +86,12 @@ class ValidateCallback(Callback):
             validate(cfg)
         except ConfigError as e:
             raise RejectedConfig(e) from None
+
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # hydra.sweep.dir interpolates hydra:runtime.choices, which needs HydraConfig set.
+        HydraConfig.instance().set_config(config)
+        SWEEP_DIRS.append(Path(config.hydra.sweep.dir).resolve())
 
 
 def _remove_created_run_dir() -> None:

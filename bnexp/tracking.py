@@ -128,7 +128,7 @@ class Console_:
             parts.append(f"{scalars['time/steps_per_sec']:.0f} steps/s")
         if self.progress is not None:
             self.progress.update(self.task, completed=step, info="  ".join(parts))
-        elif is_eval:
+        elif is_eval and parts:
             log.info("step %d/%d  %s", step, self.total, "  ".join(parts))
 
     def stop(self) -> None:
