@@ -83,6 +83,9 @@ def _run_hydra(argv: list[str]) -> list[dict]:
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except SystemExit as e:  # argparse inside Hydra: bad flag, or --help
         raise typer.Exit(e.code if isinstance(e.code, int) else EXIT_USAGE) from None
+    for r in hydra_app.RESULTS:
+        if r.get("status") == "invalid":
+            raise fail(str(r["error"]))
     return list(hydra_app.RESULTS)
 
 

@@ -119,8 +119,9 @@ def execute(cfg: DictConfig, run_dir: Path, multirun: bool, overrides: list[str]
         return {**result, "run_dir": str(run_dir)}
     except ConfigError as e:
         if not multirun:
+            # Returned, not raised: Hydra prints a line of its own for a raising job.
             _remove_created_run_dir()
-            raise
+            return {"status": "invalid", "error": e, "run_dir": str(run_dir)}
         return _failed(run_dir, f"invalid config: {e}", overrides)
     except KeyboardInterrupt:
         raise
