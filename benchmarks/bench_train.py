@@ -44,27 +44,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from bnexp import data as data_mod  # noqa: E402
-from bnexp.config import config_dir, register_configs  # noqa: E402
+from bnexp.config import compose  # noqa: E402
 from bnexp.models import build_model  # noqa: E402
 from bnexp.train import keep_norms_fp32, make_optimizer, seed_everything, train  # noqa: E402
 
 MNIST_DIRS = [Path(os.environ.get("BNEXP_MNIST", "")), Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist",
               Path("/work/shared/data/mnist")]
-
-
-def compose(overrides: list[str]):
-    """The config ``bnexp train OVERRIDES`` would run (Hydra's Compose API; no run directory)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from bnexp.hydra_app import register_resolvers
-
-    register_configs()
-    register_resolvers()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides)
 
 
 def mnist_root() -> Path | None:

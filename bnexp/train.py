@@ -176,14 +176,15 @@ def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, amp: Amp
     return step
 
 
-def window_summary(window: torch.Tensor, batch_size: int) -> dict[str, torch.Tensor]:
-    """Train tags of a logging window ([2, steps]: per-step loss, correct count),
-    and ``bad_col``: the first step (column) whose loss is not finite, or ``steps`` if none."""
+def window_summary(window: torch.Tensor, batch_size: int, first_step: int) -> dict[str, torch.Tensor]:
+    """Train tags of a logging window ([2, steps]: per-step loss and correct
+    count; column 0 is step ``first_step``) and ``bad_step``: the first step
+    whose loss is not finite, -1 if none. All still on the device."""
     losses, corrects = window
     steps = losses.numel()
-    col = torch.arange(steps, device=window.device)
-    bad_col = torch.where(torch.isfinite(losses), steps, col).min()
-    return {"train/loss": losses.mean(), "train/acc": corrects.sum() / (steps * batch_size), "bad_col": bad_col.float()}
+    col = torch.where(torch.isfinite(losses), steps, torch.arange(steps, device=window.device)).min()
+    bad_step = torch.where(col < steps, col + first_step, -1)
+    return {"train/loss": losses.mean(), "train/acc": corrects.sum() / (steps * batch_size), "bad_step": bad_step.float()}
 
 
 @torch.inference_mode()
@@ -362,7 +363,8 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, extra_record: di
             state.steps_to_target = step
 
     # Plain ints for the per-step checks: a DictConfig lookup costs ~8 us.
-    log_every, eval_every, checkpoint_every = int(t.log_every), int(t.eval_every), int(t.checkpoint_every)
+    log_every, checkpoint_every = int(t.log_every), int(t.checkpoint_every)
+    eval_every = int(t.eval_every) if t.eval_every is not None else len(data.x_train) // t.batch_size  # null: once per epoch
     x_train, y_train = data.x_train, data.y_train
     try:
         with stop_on_signal() as stop:
@@ -377,12 +379,11 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, extra_record: di
 
                 if step % log_every == 0 or step == total:
                     n_steps = step - state.window_start_step
-                    values = window_summary(window[:, :n_steps], len(idx))
+                    values = window_summary(window[:, :n_steps], len(idx), state.window_start_step + 1)
                     values.update(layer_norms.grad_norms())
                     values.update(layer_norms.weight_norms())
                     host = to_host(values)
-                    bad_col = int(host.pop("bad_col"))
-                    bad_step = state.window_start_step + 1 + bad_col if bad_col < n_steps else -1
+                    bad_step = int(host.pop("bad_step"))
                     if bad_step >= 0 or not math.isfinite(host["grad_norm/total"]):
                         state.diverged = {"step": bad_step if bad_step >= 0 else step,
                                           "last_finite": {k: v for k, v in tracker.final.items()}}

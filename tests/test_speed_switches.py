@@ -1,0 +1,174 @@
+"""The speed switches (train.compile, train.amp, channels_last) change speed, not results;
+the loop's logging changes nothing about training. No timing is asserted here:
+speed is measured by benchmarks/bench_train.py."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+
+from bnexp import data as data_mod
+from bnexp.config import Amp, ConfigError, compose, validate
+from bnexp.models import build_model
+from bnexp.norms import _RunningStatsNorm
+from bnexp.train import make_optimizer, make_train_step, seed_everything, train, window_summary
+
+# A small sigmoid MLP with BN before the activation (the BN paper's layout), logged every step.
+TINY = ["data=synthetic", "data.shape=[1,8,8]", "data.n_train=640", "data.n_test=100", "model.hidden=[16,16]",
+        "model.activation=sigmoid", "train.steps=6", "train.log_every=1", "train.eval_every=3", "train.batch_size=32",
+        "train.progress=false"]
+TINY_CNN = ["model=cnn", "model.hidden=[8,16]", "data.shape=[3,8,8]", "norm=group", "norm.groups=4"]
+NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, _RunningStatsNorm)
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def run(tmp_path: Path, overrides: list[str]) -> tuple[list[float], dict, dict[str, torch.Tensor]]:
+    """Train into a fresh directory; return the per-step train/loss, metrics.json and the final weights."""
+    run_dir = Path(tmp_path) / f"run{len(list(Path(tmp_path).iterdir()))}"
+    run_dir.mkdir()
+    with contextlib.redirect_stdout(io.StringIO()):
+        record = train(compose([*TINY, *overrides]), run_dir)
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    weights = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)["model"]
+    return [e.value for e in acc.Scalars("train/loss")], record, weights
+
+
+def test_compile_gives_the_same_losses_as_eager(tmp_path):
+    # torch.compile on CPU builds C++ with gcc: ~10-20 s here, the slowest test of the file.
+    eager, _, w_eager = run(tmp_path, ["train.device=cpu"])
+    compiled, record, w_compiled = run(tmp_path, ["train.device=cpu", "train.compile=true"])
+    assert record["status"] == "completed" and len(compiled) == 6
+    assert compiled == pytest.approx(eager, abs=1e-4)
+    for k in w_eager:
+        torch.testing.assert_close(w_compiled[k], w_eager[k], atol=1e-4, rtol=1e-4)
+
+
+def test_bf16_autocast_on_cpu_stays_close_to_fp32(tmp_path):
+    fp32, _, _ = run(tmp_path, ["train.device=cpu"])
+    bf16, record, weights = run(tmp_path, ["train.device=cpu", "train.amp=bf16"])
+    assert record["status"] == "completed"
+    assert bf16 == pytest.approx(fp32, rel=2e-2)  # bf16 keeps 8 bits of mantissa
+    assert all(w.dtype == torch.float32 for w in weights.values() if w.is_floating_point())  # master weights stay fp32
+
+
+def one_step_under(overrides: list[str], amp: Amp, device: str = "cpu") -> tuple[list[tuple], set[torch.dtype]]:
+    """One training step with ``amp``: each norm call's output and what the norm's own
+    forward gives on the fp32 input with autocast off; and the layers' output dtypes."""
+    cfg = compose([*TINY, *overrides])
+    seed_everything(0, False)
+    x = torch.randn(32, *cfg.data.shape, device=device)
+    y = torch.randint(0, 10, (32,), device=device)
+    if cfg.model.kind == "mlp":
+        x = x.flatten(1)
+    model = build_model(cfg.model, cfg.norm, tuple(x.shape[1:]), 10).to(device)
+    norm_calls: list[tuple] = []
+    layer_dtypes: set[torch.dtype] = set()
+
+    def hook(module, inputs, output):
+        if isinstance(module, NORMS):
+            with torch.no_grad(), torch.autocast(output.device.type, enabled=False):
+                expected = type(module).forward(module, inputs[0].float())
+            norm_calls.append((output.detach(), expected))
+        elif isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+            layer_dtypes.add(output.dtype)
+
+    for m in model.modules():
+        m.register_forward_hook(hook)
+    step = make_train_step(model, make_optimizer(cfg.optim, model), amp, torch.device(device), compile=False)
+    loss, _ = step(x, y)
+    assert torch.isfinite(loss)
+    return norm_calls, layer_dtypes
+
+
+def assert_norms_ran_in_fp32(norm_calls: list[tuple]) -> None:
+    assert norm_calls
+    for out, expected in norm_calls:
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)  # bf16/fp16 math would be ~1e-2 off
+
+
+@pytest.mark.parametrize("overrides", [[], ["norm=layer"], ["norm=ghost_batch", "norm.virtual_batch_size=8"], TINY_CNN],
+                         ids=["batch", "layer", "ghost_batch", "cnn-group"])
+def test_norm_layers_run_in_fp32_under_bf16_autocast(overrides):
+    norm_calls, layer_dtypes = one_step_under(overrides, Amp.bf16)
+    assert layer_dtypes == {torch.bfloat16}  # autocast is on for the layers...
+    assert_norms_ran_in_fp32(norm_calls)  # ...and off for the norms
+
+
+def test_fp16_is_refused_on_cpu():
+    with pytest.raises(ConfigError, match="train.amp"):
+        validate(compose([*TINY, "train.device=cpu", "train.amp=fp16"]))
+
+
+def test_window_summary_finds_the_first_non_finite_step():
+    window = torch.tensor([[2.0, 1.0, float("nan"), float("inf")], [30.0, 40.0, 50.0, 60.0]])
+    out = window_summary(window, batch_size=100, first_step=11)
+    assert out["bad_step"].item() == 13
+    assert out["train/acc"].item() == pytest.approx(0.45)
+    clean = window_summary(window[:, :2], batch_size=100, first_step=11)
+    assert clean["bad_step"].item() == -1 and clean["train/loss"].item() == pytest.approx(1.5)
+
+
+def test_loop_with_logging_trains_the_same_weights_as_a_bare_loop(tmp_path):
+    # Logging, evaluation and probes must not touch training: same seed and batches, same weights.
+    _, _, logged = run(tmp_path, ["train.device=cpu", "train.steps=25", "train.log_every=4", "train.eval_every=5"])
+    cfg = compose([*TINY, "train.device=cpu"])
+    device = torch.device("cpu")
+    seed_everything(cfg.seed, False)
+    data = data_mod.load(cfg, device)
+    model = build_model(cfg.model, cfg.norm, data.input_shape, data.num_classes)
+    opt = make_optimizer(cfg.optim, model)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    per_epoch = len(data.x_train) // 32
+    for step in range(25):
+        if step % per_epoch == 0:
+            perm = torch.randperm(len(data.x_train), generator=gen)
+        idx = perm[(step % per_epoch) * 32 : (step % per_epoch + 1) * 32]
+        opt.zero_grad()
+        F.cross_entropy(model(data.x_train[idx]), data.y_train[idx]).backward()
+        opt.step()
+    for k, v in model.state_dict().items():
+        assert torch.equal(logged[k], v), k
+
+
+@cuda
+def test_channels_last_cnn_on_cuda_matches_contiguous(tmp_path):
+    # train() puts a CNN in channels_last on CUDA; the same model without it gives the same losses.
+    cfg = compose([*TINY, *TINY_CNN, "norm=batch", "train.device=cuda"])
+    device = torch.device("cuda")
+    x = torch.randn(32, 3, 8, 8, device=device)
+    y = torch.randint(0, 10, (32,), device=device)
+    losses = {}
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        seed_everything(0, False)
+        model = build_model(cfg.model, cfg.norm, (3, 8, 8), 10).to(device).to(memory_format=fmt)
+        step = make_train_step(model, make_optimizer(cfg.optim, model), Amp.none, device, compile=False)
+        losses[fmt] = [step(x, y)[0].item() for _ in range(4)]
+    assert losses[torch.channels_last] == pytest.approx(losses[torch.contiguous_format], abs=1e-4)
+
+
+@cuda
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_on_cuda_stays_close_to_fp32_and_keeps_norms_fp32(tmp_path, amp):
+    fp32, _, _ = run(tmp_path, ["train.device=cuda"])
+    low, record, _ = run(tmp_path, ["train.device=cuda", f"train.amp={amp}"])
+    assert record["status"] == "completed"
+    assert low == pytest.approx(fp32, rel=2e-2)
+    norm_calls, layer_dtypes = one_step_under([], Amp(amp), device="cuda")
+    assert layer_dtypes == {torch.bfloat16 if amp == "bf16" else torch.float16}
+    assert_norms_ran_in_fp32(norm_calls)
+
+
+@cuda
+def test_compile_on_cuda_gives_the_same_losses_as_eager(tmp_path):
+    eager, _, _ = run(tmp_path, ["train.device=cuda"])
+    compiled, _, _ = run(tmp_path, ["train.device=cuda", "train.compile=true"])
+    assert compiled == pytest.approx(eager, abs=1e-4)
