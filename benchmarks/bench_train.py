@@ -187,6 +187,8 @@ def bench(which: str, args: argparse.Namespace) -> dict:
         "steps_per_sec": med, "samples_per_sec": {k: v * batch for k, v in med.items()},
         "all_rounds": times, "warmup_round": first,
         "ratio_a_b": med["a"] / med["b"], "ratio_a_c": med["a"] / med["c"],
+        # a and b of one round ran back to back, under about the same load
+        "ratio_a_b_per_round_median": statistics.median(a / b for a, b in zip(times["a"], times["b"])),
         "max_weight_diff_a_b": same_weights,
     }
 
@@ -212,6 +214,9 @@ def print_table(results: list[dict]) -> None:
             v = r[key]
             print(f"{r['model']:<5} {r['device'][:28]:<28} {mode:<14} {v['a']:>11.0f} {v['b']:>11.0f} {v['c']:>11.0f} "
                   f"{r['ratio_a_b']:>6.3f} {r['ratio_a_c']:>6.2f}  {unit}")
+    for r in results:
+        print(f"{r['model']}: median of per-round a/b {r['ratio_a_b_per_round_median']:.3f}; "
+              f"max |weight difference| a vs b after training: {r['max_weight_diff_a_b']:.3g}")
     print("medians over rounds; (a) = steps / the loop's own time/elapsed_sec at its last step (in-loop evals included, setup and final test eval not)")
 
 

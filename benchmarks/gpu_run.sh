@@ -9,17 +9,19 @@
 #   DEVICE=cpu STEPS=30 ROUNDS=1 bash benchmarks/gpu_run.sh   # dry run of the script itself
 #
 # Environment: OUT (output folder, default ./gpu-out), DEVICE (cuda), STEPS
-# (per run; default bench_train's), ROUNDS (5), BUDGET_S (seconds for all
+# (MLP steps per run; default bench_train's), CNN_STEPS (300), ROUNDS (5), BUDGET_S (seconds for all
 # stages, 400), BNEXP_SITE (extra folder for PYTHONPATH, e.g. carried
 # hydra/omegaconf), BNEXP_MNIST (folder with MNIST's IDX files).
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")/.." && pwd)  # holds bnexp/, configs/, benchmarks/, tests/
-OUT=${OUT:-$PWD/gpu-out}
+OUT=$(mkdir -p "${OUT:-gpu-out}" && cd "${OUT:-gpu-out}" && pwd)
+BNEXP_SITE=${BNEXP_SITE:+$(cd "$BNEXP_SITE" && pwd)}
+[[ -n ${BNEXP_MNIST:-} ]] && export BNEXP_MNIST=$(cd "$BNEXP_MNIST" && pwd)
+cd "$HERE"  # so that `python -c`/`-m pytest` import this bnexp, not one in the caller's folder
 DEVICE=${DEVICE:-cuda}
 ROUNDS=${ROUNDS:-5}
 BUDGET_S=${BUDGET_S:-400}
 STEPS_ARG=${STEPS:+--steps $STEPS}
-mkdir -p "$OUT"
 export PYTHONPATH="$HERE${BNEXP_SITE:+:$BNEXP_SITE}${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
@@ -47,11 +49,12 @@ stage() {
 cat "$OUT/env.txt" | tee -a "$LOG"
 
 BENCH="$PY $HERE/benchmarks/bench_train.py --device $DEVICE $STEPS_ARG"
-stage mlp_eager 90 $BENCH --which mlp --rounds "$ROUNDS" --json "$OUT/mlp_eager.json"
-stage mlp_compiled 150 $BENCH --which mlp --rounds "$ROUNDS" --compile --json "$OUT/mlp_compiled.json"
-stage cnn_eager 100 $BENCH --which cnn --rounds 3 --cnn-n-train 20000 --json "$OUT/cnn_eager.json"
+CNN="--which cnn --rounds $ROUNDS --cnn-n-train 20000 --steps ${CNN_STEPS:-300}"
+stage mlp_eager 70 $BENCH --which mlp --rounds "$ROUNDS" --json "$OUT/mlp_eager.json"
+stage mlp_compiled 100 $BENCH --which mlp --rounds "$ROUNDS" --compile --json "$OUT/mlp_compiled.json"
+stage cnn_eager 70 $BENCH $CNN --json "$OUT/cnn_eager.json"
 if [[ $DEVICE == cuda* ]]; then
-    stage cuda_tests 120 $PY -m pytest -q -p no:cacheprovider --rootdir "$HERE" "$HERE/tests/test_speed_switches.py" -k cuda
+    stage cuda_tests 90 $PY -m pytest -q -p no:cacheprovider tests/test_speed_switches.py -k cuda
 fi
-stage cnn_compiled 150 $BENCH --which cnn --rounds 3 --cnn-n-train 20000 --compile --json "$OUT/cnn_compiled.json"
+stage cnn_compiled 150 $BENCH $CNN --compile --json "$OUT/cnn_compiled.json"
 echo "== done at ${SECONDS}s" | tee -a "$LOG"

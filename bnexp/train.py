@@ -144,7 +144,7 @@ def keep_norms_fp32(model: nn.Module) -> None:
 
 
 def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, amp: Amp, device: torch.device, compile: bool):
-    """The step: forward, loss, backward, update. Returns (loss, n_correct) as device tensors."""
+    """The step: forward, loss, backward, update. Returns (loss, logits), detached, on the device."""
     dtype = {Amp.bf16: torch.bfloat16, Amp.fp16: torch.float16}.get(amp)
     if dtype is not None:
         keep_norms_fp32(model)
@@ -156,35 +156,57 @@ def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, amp: Amp
     def forward_loss(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with autocast():
             logits = model(x)
-        loss = F.cross_entropy(logits.float(), y)
-        return loss, (logits.detach().argmax(1) == y).sum()
+        return F.cross_entropy(logits.float(), y), logits.detach()
 
-    # train.compile compiles forward + loss + accuracy as one graph (backward is
-    # compiled with it by AOTAutograd), so the loss and argmax fuse into the
-    # forward's kernels; the optimizer step stays eager (foreach on CUDA).
+    # train.compile compiles forward + loss as one graph (backward is compiled
+    # with it by AOTAutograd), so the loss fuses into the forward's kernels;
+    # the optimizer step stays eager (foreach on CUDA).
     forward_loss_ = torch.compile(forward_loss) if compile else forward_loss
 
     def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         optimizer.zero_grad(set_to_none=True)
-        loss, correct = forward_loss_(x, y)
+        loss, logits = forward_loss_(x, y)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        return loss.detach(), correct
+        return loss.detach(), logits
 
     step.scaler = scaler  # type: ignore[attr-defined]
     return step
 
 
-def window_summary(window: torch.Tensor, batch_size: int, first_step: int) -> dict[str, torch.Tensor]:
-    """Train tags of a logging window ([2, steps]: per-step loss and correct
-    count; column 0 is step ``first_step``) and ``bad_step``: the first step
-    whose loss is not finite, -1 if none. All still on the device."""
-    losses, corrects = window
-    steps = losses.numel()
-    col = torch.where(torch.isfinite(losses), steps, torch.arange(steps, device=window.device)).min()
-    bad_step = torch.where(col < steps, col + first_step, -1)
-    return {"train/loss": losses.mean(), "train/acc": corrects.sum() / (steps * batch_size), "bad_step": bad_step.float()}
+# The logging window lives on the device. Each step's logits and labels go
+# into preallocated buffers, window[0] and window[1] (one copy per step: the
+# labels are gathered straight into theirs); at logging steps one batched pass
+# (fold_window) turns them into window[2] = [loss sum, correct count, first
+# step with a non-finite loss (0: none)]. A per-step loss, argmax and sum and
+# running sums cost 5 kernels a step instead: ~10% of the BN-paper MLP's step
+# on an H200 (launch-bound) and ~2% on a 2-core CPU. The buffers hold at most
+# WINDOW_LOGITS logits; a longer window is folded each time they fill up.
+WINDOW_LOGITS = 1 << 22
+
+
+def new_window(steps: int, batch_size: int, num_classes: int, device: torch.device) -> list[torch.Tensor]:
+    rows = max(1, min(steps, WINDOW_LOGITS // (batch_size * num_classes)))
+    return [torch.zeros(rows, batch_size, num_classes, device=device),
+            torch.zeros(rows, batch_size, dtype=torch.long, device=device),
+            torch.zeros(3, device=device)]
+
+
+def fold_window(window: list[torch.Tensor], n: int, first_step: int) -> None:
+    """Add the first ``n`` buffered steps (step numbers ``first_step``...) to window[2]."""
+    logits, labels, sums = window[0][:n], window[1][:n], window[2]
+    losses = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(n, -1).mean(1)
+    first_bad = torch.where(torch.isfinite(losses), n, torch.arange(n, device=losses.device)).min()
+    sums[0] += losses.sum()
+    sums[1] += (logits.argmax(-1) == labels).sum()
+    sums[2] = torch.where((sums[2] == 0) & (first_bad < n), first_bad + first_step, sums[2])
+
+
+def window_summary(window: list[torch.Tensor], steps: int, batch_size: int) -> dict[str, torch.Tensor]:
+    """Train tags of a folded window of ``steps`` steps, and ``bad_step`` (-1: none); still on the device."""
+    loss_sum, correct, bad = window[2]
+    return {"train/loss": loss_sum / steps, "train/acc": correct / (steps * batch_size), "bad_step": torch.where(bad > 0, bad, -1)}
 
 
 @torch.inference_mode()
@@ -308,15 +330,8 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, extra_record: di
     probe = ActivationProbe(model, (data.x_val if has_val else data.x_train)[: t.probe_size])
 
     state = LoopState()
-    # The logging window on the device, one column per step since the last
-    # logging step: row 0 the step's loss, row 1 its correct predictions.
-    # Recording a step is two scalar copies (~2 us each on CPU, no host sync);
-    # mean loss, accuracy and the first non-finite loss are reduced once per
-    # logging step (window_summary). Running sums plus a per-step torch.where
-    # for the first bad step cost ~30 us a step, 3% of the BN-paper MLP's step.
-    # save_checkpoint stores it row by row.
-    window = torch.zeros(2, min(t.log_every, total), device=device)
-    step_losses, step_corrects = window[0], window[1]
+    window = new_window(min(t.log_every, total), t.batch_size, data.num_classes, device)  # see WINDOW_LOGITS
+    window_rows = len(window[0])
     cfg_plain = plain(cfg)
     record = {
         "status": "running", "steps": 0, "total_steps": total, "final": {}, "best": {}, "steps_to_target": None,
@@ -370,16 +385,19 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, extra_record: di
         with stop_on_signal() as stop:
             for step in range(state.step + 1, total + 1):
                 idx = sampler.next()
-                loss, correct = train_step(x_train[idx], y_train[idx])
-                col = step - state.window_start_step - 1
-                step_losses[col] = loss
-                step_corrects[col] = correct
+                col = (step - state.window_start_step - 1) % window_rows
+                y = torch.index_select(y_train, 0, idx, out=window[1][col])  # the batch's labels, kept for the window
+                _, logits = train_step(x_train[idx], y)
+                window[0][col] = logits
                 scheduler.step()
                 state.step = step
 
-                if step % log_every == 0 or step == total:
+                log_step = step % log_every == 0 or step == total
+                if log_step or col == window_rows - 1:
+                    fold_window(window, col + 1, step - col)
+                if log_step:
                     n_steps = step - state.window_start_step
-                    values = window_summary(window[:, :n_steps], len(idx), state.window_start_step + 1)
+                    values = window_summary(window, n_steps, len(idx))
                     values.update(layer_norms.grad_norms())
                     values.update(layer_norms.weight_norms())
                     host = to_host(values)
@@ -396,6 +414,7 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, extra_record: di
                                  "time/samples_per_sec": n_steps * t.batch_size / elapsed,
                                  "time/steps_per_sec": n_steps / elapsed, "time/elapsed_sec": time.perf_counter() - t0})
                     tracker.scalars(step, host)
+                    window[2].zero_()
                     state.window_start_step = step
                     window_t0 = time.perf_counter()
                 if step % eval_every == 0 and step != total:

@@ -18,7 +18,8 @@ from bnexp import data as data_mod
 from bnexp.config import Amp, ConfigError, compose, validate
 from bnexp.models import build_model
 from bnexp.norms import _RunningStatsNorm
-from bnexp.train import make_optimizer, make_train_step, seed_everything, train, window_summary
+from bnexp import train as train_mod
+from bnexp.train import fold_window, make_optimizer, make_train_step, new_window, seed_everything, train, window_summary
 
 # A small sigmoid MLP with BN before the activation (the BN paper's layout), logged every step.
 TINY = ["data=synthetic", "data.shape=[1,8,8]", "data.n_train=640", "data.n_test=100", "model.hidden=[16,16]",
@@ -108,13 +109,27 @@ def test_fp16_is_refused_on_cpu():
         validate(compose([*TINY, "train.device=cpu", "train.amp=fp16"]))
 
 
-def test_window_summary_finds_the_first_non_finite_step():
-    window = torch.tensor([[2.0, 1.0, float("nan"), float("inf")], [30.0, 40.0, 50.0, 60.0]])
-    out = window_summary(window, batch_size=100, first_step=11)
-    assert out["bad_step"].item() == 13
-    assert out["train/acc"].item() == pytest.approx(0.45)
-    clean = window_summary(window[:, :2], batch_size=100, first_step=11)
-    assert clean["bad_step"].item() == -1 and clean["train/loss"].item() == pytest.approx(1.5)
+def test_window_finds_the_first_non_finite_loss_and_averages_loss_and_accuracy():
+    window = new_window(steps=4, batch_size=2, num_classes=3, device=torch.device("cpu"))
+    logits = torch.tensor([[[5.0, 0, 0], [0, 5, 0]], [[5, 0, 0], [5, 0, 0]], [[float("nan"), 0, 0], [0, 0, 1]],
+                           [[float("inf"), 0, 0], [0, 0, 1]]])
+    window[0].copy_(logits)
+    window[1].copy_(torch.tensor([[0, 1], [0, 1], [0, 2], [0, 2]]))
+    fold_window(window, 2, first_step=11)
+    clean = window_summary(window, 2, batch_size=2)
+    assert clean["bad_step"].item() == -1 and clean["train/acc"].item() == 0.75
+    expected = F.cross_entropy(logits[:2].flatten(0, 1), torch.tensor([0, 1, 0, 1]))
+    assert clean["train/loss"].item() == pytest.approx(expected.item())
+    window[2].zero_()
+    fold_window(window, 4, first_step=11)
+    assert window_summary(window, 4, batch_size=2)["bad_step"].item() == 13
+
+
+def test_a_window_longer_than_its_buffer_logs_the_same_values(tmp_path, monkeypatch):
+    whole, _, _ = run(tmp_path, ["train.device=cpu", "train.log_every=5", "train.steps=10"])
+    monkeypatch.setattr(train_mod, "WINDOW_LOGITS", 2 * 32 * 10)  # 2 steps of logits: folded twice per window
+    folded, _, _ = run(tmp_path, ["train.device=cpu", "train.log_every=5", "train.steps=10"])
+    assert folded == pytest.approx(whole, rel=1e-6)
 
 
 def test_loop_with_logging_trains_the_same_weights_as_a_bare_loop(tmp_path):
@@ -142,7 +157,7 @@ def test_loop_with_logging_trains_the_same_weights_as_a_bare_loop(tmp_path):
 @cuda
 def test_channels_last_cnn_on_cuda_matches_contiguous(tmp_path):
     # train() puts a CNN in channels_last on CUDA; the same model without it gives the same losses.
-    cfg = compose([*TINY, *TINY_CNN, "norm=batch", "train.device=cuda"])
+    cfg = compose([*TINY, "model=cnn", "model.hidden=[8,16]", "data.shape=[3,8,8]", "train.device=cuda"])
     device = torch.device("cuda")
     x = torch.randn(32, 3, 8, 8, device=device)
     y = torch.randint(0, 10, (32,), device=device)
@@ -152,7 +167,8 @@ def test_channels_last_cnn_on_cuda_matches_contiguous(tmp_path):
         model = build_model(cfg.model, cfg.norm, (3, 8, 8), 10).to(device).to(memory_format=fmt)
         step = make_train_step(model, make_optimizer(cfg.optim, model), Amp.none, device, compile=False)
         losses[fmt] = [step(x, y)[0].item() for _ in range(4)]
-    assert losses[torch.channels_last] == pytest.approx(losses[torch.contiguous_format], abs=1e-4)
+    # cuDNN may pick other (TF32) conv algorithms for the other layout: close, not bit-equal.
+    assert losses[torch.channels_last] == pytest.approx(losses[torch.contiguous_format], abs=1e-3)
 
 
 @cuda
@@ -171,4 +187,4 @@ def test_amp_on_cuda_stays_close_to_fp32_and_keeps_norms_fp32(tmp_path, amp):
 def test_compile_on_cuda_gives_the_same_losses_as_eager(tmp_path):
     eager, _, _ = run(tmp_path, ["train.device=cuda"])
     compiled, _, _ = run(tmp_path, ["train.device=cuda", "train.compile=true"])
-    assert compiled == pytest.approx(eager, abs=1e-4)
+    assert compiled == pytest.approx(eager, abs=1e-3)
