@@ -10,6 +10,7 @@ a function of (model, batch) returning tagged tensors.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -97,12 +98,25 @@ class ActivationProbe:
         out: dict[str, torch.Tensor] = {}
         for name, a in captured.items():
             a = a.float()
-            everything = torch.quantile(self._values(name, a), self.q)
-            unit0 = torch.quantile(self._values(f"{name}/unit0", a[:, 0]), self.q)
+            everything = quantiles(self._values(name, a), self.q)
+            unit0 = quantiles(self._values(f"{name}/unit0", a[:, 0]), self.q)
             for p, v, u in zip(PERCENTILES, everything, unit0):
                 out[f"act/{name}/p{p}"] = v
                 out[f"act/{name}/unit0/p{p}"] = u
         return out
+
+
+def quantiles(values: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``torch.quantile(values, q)`` (linear interpolation) of a 1-D tensor. On CPU
+    the sort goes through NumPy: ~40 us for 25,600 values, where torch.sort
+    took ~2 ms here, three times per eval step."""
+    if values.device.type == "cpu":
+        ordered = torch.from_numpy(np.sort(values.numpy()))
+    else:
+        ordered = values.sort().values
+    pos = q * (len(ordered) - 1)
+    lo, hi = pos.floor().long(), pos.ceil().long()
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
 def to_host(values: dict[str, torch.Tensor | float]) -> dict[str, float]:

@@ -18,6 +18,7 @@ from bnexp import data as data_mod
 from bnexp.config import Amp, ConfigError, compose, validate
 from bnexp.models import build_model
 from bnexp.norms import _RunningStatsNorm
+from bnexp.probes import quantiles
 from bnexp import train as train_mod
 from bnexp.train import fold_window, make_optimizer, make_train_step, new_window, seed_everything, train, window_summary
 
@@ -188,3 +189,10 @@ def test_compile_on_cuda_gives_the_same_losses_as_eager(tmp_path):
     eager, _, _ = run(tmp_path, ["train.device=cuda"])
     compiled, _, _ = run(tmp_path, ["train.device=cuda", "train.compile=true"])
     assert compiled == pytest.approx(eager, abs=1e-3)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 25_600])
+def test_probe_quantiles_equal_torch_quantile(n):
+    values = torch.randn(n, generator=torch.Generator().manual_seed(n))
+    q = torch.tensor([0.15, 0.5, 0.85])
+    torch.testing.assert_close(quantiles(values, q), torch.quantile(values, q))
