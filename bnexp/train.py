@@ -196,10 +196,13 @@ def new_window(steps: int, batch_size: int, num_classes: int, device: torch.devi
 def fold_window(window: list[torch.Tensor], n: int, first_step: int) -> None:
     """Add the first ``n`` buffered steps (step numbers ``first_step``...) to window[2]."""
     logits, labels, sums = window[0][:n], window[1][:n], window[2]
-    losses = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(n, -1).mean(1)
+    # Cross-entropy written out (logsumexp minus the label's logit) and argmax
+    # via max(): over 10 classes, F.cross_entropy's log_softmax and argmax run
+    # ~4x slower on CPU (0.5 ms a logging step for a 50 x 60 window).
+    losses = (logits.logsumexp(-1) - logits.gather(-1, labels[..., None]).squeeze(-1)).mean(1)
     first_bad = torch.where(torch.isfinite(losses), n, torch.arange(n, device=losses.device)).min()
     sums[0] += losses.sum()
-    sums[1] += (logits.argmax(-1) == labels).sum()
+    sums[1] += (logits.max(-1).indices == labels).sum()
     sums[2] = torch.where((sums[2] == 0) & (first_bad < n), first_bad + first_step, sums[2])
 
 
@@ -323,6 +326,8 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, extra_record: di
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(cfg.optim, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.optim, total))
+    # A constant schedule never changes the lr: skip LambdaLR.step (~8 us, 1% of a small MLP's step on CPU).
+    lr_changes = Schedule(cfg.optim.schedule) != Schedule.constant or cfg.optim.warmup_steps > 0
     sampler = Sampler(len(data.x_train), t.batch_size, cfg.seed, device)
     train_step = make_train_step(model, optimizer, Amp(t.amp), device, t.compile)
     layer_norms = LayerNorms(model)
@@ -389,7 +394,8 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, extra_record: di
                 y = torch.index_select(y_train, 0, idx, out=window[1][col])  # the batch's labels, kept for the window
                 _, logits = train_step(x_train[idx], y)
                 window[0][col] = logits
-                scheduler.step()
+                if lr_changes:
+                    scheduler.step()
                 state.step = step
 
                 log_step = step % log_every == 0 or step == total
