@@ -44,7 +44,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from bnexp import data as data_mod  # noqa: E402
-from bnexp.config import compose  # noqa: E402
+from bnexp.config import Amp, compose  # noqa: E402
 from bnexp.models import build_model  # noqa: E402
 from bnexp import train as train_mod  # noqa: E402
 from bnexp.train import keep_norms_fp32, make_optimizer, seed_everything, train  # noqa: E402
@@ -85,14 +85,34 @@ def fresh_model(cfg, data, device: torch.device):
     model = build_model(cfg.model, cfg.norm, data.input_shape, data.num_classes).to(device)
     if cfg.model.kind == "cnn" and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    if cfg.train.amp != "none":
+    if Amp(cfg.train.amp) != Amp.none:
         keep_norms_fp32(model)
     return model
 
 
-def amp_ctx(cfg, device: torch.device):
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(cfg.train.amp))
-    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+def hand_step(cfg, model, device: torch.device):
+    """One batch of the hand-written loops (b) and (c): zero_grad, forward (under
+    autocast with --amp), loss, backward, update (through a GradScaler with fp16)."""
+    opt = make_optimizer(cfg.optim, model)
+    fwd = torch.compile(model) if cfg.train.compile else model
+    amp = Amp(cfg.train.amp)
+    dtype = {Amp.bf16: torch.bfloat16, Amp.fp16: torch.float16}.get(amp)
+    scaler = torch.amp.GradScaler(device.type) if amp == Amp.fp16 else None
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext():
+            logits = fwd(x)
+        loss = F.cross_entropy(logits.float(), y)
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+
+    return step
 
 
 # --clock cpu times this process's CPU time instead of wall time: on a shared
@@ -124,8 +144,7 @@ def run_bnexp(cfg, data, device) -> tuple[float, dict]:
 
 def run_hand(cfg, data, device) -> tuple[float, dict]:
     model = fresh_model(cfg, data, device)
-    opt = make_optimizer(cfg.optim, model)
-    fwd = torch.compile(model) if cfg.train.compile else model
+    step_fn = hand_step(cfg, model, device)
     x_train, y_train, n, b = data.x_train, data.y_train, len(data.x_train), cfg.train.batch_size
     gen = torch.Generator().manual_seed(cfg.seed)  # bnexp's Sampler draws the same permutations
     per_epoch, steps = n // b, cfg.train.steps
@@ -135,13 +154,7 @@ def run_hand(cfg, data, device) -> tuple[float, dict]:
         if step % per_epoch == 0:
             perm = torch.randperm(n, generator=gen).to(device)
         idx = perm[(step % per_epoch) * b : (step % per_epoch + 1) * b]
-        x, y = x_train[idx], y_train[idx]
-        opt.zero_grad(set_to_none=True)
-        with amp_ctx(cfg, device):
-            logits = fwd(x)
-        loss = F.cross_entropy(logits.float(), y)
-        loss.backward()
-        opt.step()
+        step_fn(x_train[idx], y_train[idx])
     sync(device)
     return steps / (clock() - t0), {k: v.cpu() for k, v in model.state_dict().items()}
 
@@ -150,8 +163,7 @@ def run_dataloader(cfg, data, device) -> tuple[float, dict]:
     from torch.utils.data import DataLoader, TensorDataset
 
     model = fresh_model(cfg, data, device)
-    opt = make_optimizer(cfg.optim, model)
-    fwd = torch.compile(model) if cfg.train.compile else model
+    step_fn = hand_step(cfg, model, device)
     loader = DataLoader(TensorDataset(data.x_train, data.y_train), batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(cfg.seed))
     steps, done = cfg.train.steps, 0
@@ -159,12 +171,7 @@ def run_dataloader(cfg, data, device) -> tuple[float, dict]:
     t0 = clock()
     while done < steps:
         for x, y in loader:
-            opt.zero_grad(set_to_none=True)
-            with amp_ctx(cfg, device):
-                logits = fwd(x)
-            loss = F.cross_entropy(logits.float(), y)
-            loss.backward()
-            opt.step()
+            step_fn(x, y)
             done += 1
             if done == steps:
                 break
