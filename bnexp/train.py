@@ -175,40 +175,52 @@ def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, amp: Amp
     return step
 
 
-# The logging window lives on the device. Each step's logits and labels go
-# into preallocated buffers, window[0] and window[1] (one copy per step: the
-# labels are gathered straight into theirs); at logging steps one batched pass
-# (fold_window) turns them into window[2] = [loss sum, correct count, first
-# step with a non-finite loss (0: none)]. A per-step loss, argmax and sum and
-# running sums cost 5 kernels a step instead: ~10% of the BN-paper MLP's step
-# on an H200 (launch-bound) and ~2% on a 2-core CPU. The buffers hold at most
-# WINDOW_LOGITS logits; a longer window is folded each time they fill up.
+# Logits kept per logging window before it is folded (16 MB of floats).
 WINDOW_LOGITS = 1 << 22
 
 
-def new_window(steps: int, batch_size: int, num_classes: int, device: torch.device) -> list[torch.Tensor]:
-    rows = max(1, min(steps, WINDOW_LOGITS // (batch_size * num_classes)))
-    return [torch.zeros(rows, batch_size, num_classes, device=device),
-            torch.zeros(rows, batch_size, dtype=torch.long, device=device),
-            torch.zeros(3, device=device)]
+class PendingSteps:
+    """The logits and labels of the training steps not yet counted in the logging window.
+
+    A step only keeps references to its logits and labels: no copy, no kernel,
+    no host sync. A per-step loss, argmax and sum into running sums cost 5
+    kernels a step (~10% of the BN-paper MLP's step on an H200, which is
+    launch-bound), and even one copy into a preallocated buffer cost ~2% of it
+    on a 2-core CPU. :meth:`fold` counts them in one batched pass: at logging
+    steps, before a checkpoint, and whenever WINDOW_LOGITS logits are pending.
+    """
+
+    def __init__(self, batch_size: int, num_classes: int):
+        self.limit = max(1, WINDOW_LOGITS // (batch_size * num_classes))
+        self.logits: list[torch.Tensor] = []
+        self.labels: list[torch.Tensor] = []
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor, step: int, sums: torch.Tensor) -> None:
+        self.logits.append(logits)
+        self.labels.append(labels)
+        if len(self.logits) == self.limit:
+            self.fold(sums, step)
+
+    def fold(self, sums: torch.Tensor, last_step: int) -> None:
+        """Add the pending steps (the last is ``last_step``) to ``sums`` = [loss sum,
+        correct count, first step with a non-finite loss (0: none)], on the device."""
+        if not self.logits:
+            return
+        logits, labels, n = torch.stack(self.logits), torch.stack(self.labels), len(self.logits)
+        self.logits, self.labels = [], []
+        # Cross-entropy written out (logsumexp minus the label's logit) and argmax
+        # via max(): over 10 classes, F.cross_entropy's log_softmax and argmax run
+        # ~4x slower on CPU (0.5 ms a logging step for 50 steps of 60).
+        losses = (logits.logsumexp(-1) - logits.gather(-1, labels[..., None]).squeeze(-1)).mean(1)
+        first_bad = torch.where(torch.isfinite(losses), n, torch.arange(n, device=losses.device)).min()
+        sums[0] += losses.sum()
+        sums[1] += (logits.max(-1).indices == labels).sum()
+        sums[2] = torch.where((sums[2] == 0) & (first_bad < n), first_bad + (last_step - n + 1), sums[2])
 
 
-def fold_window(window: list[torch.Tensor], n: int, first_step: int) -> None:
-    """Add the first ``n`` buffered steps (step numbers ``first_step``...) to window[2]."""
-    logits, labels, sums = window[0][:n], window[1][:n], window[2]
-    # Cross-entropy written out (logsumexp minus the label's logit) and argmax
-    # via max(): over 10 classes, F.cross_entropy's log_softmax and argmax run
-    # ~4x slower on CPU (0.5 ms a logging step for a 50 x 60 window).
-    losses = (logits.logsumexp(-1) - logits.gather(-1, labels[..., None]).squeeze(-1)).mean(1)
-    first_bad = torch.where(torch.isfinite(losses), n, torch.arange(n, device=losses.device)).min()
-    sums[0] += losses.sum()
-    sums[1] += (logits.max(-1).indices == labels).sum()
-    sums[2] = torch.where((sums[2] == 0) & (first_bad < n), first_bad + first_step, sums[2])
-
-
-def window_summary(window: list[torch.Tensor], steps: int, batch_size: int) -> dict[str, torch.Tensor]:
+def window_summary(sums: torch.Tensor, steps: int, batch_size: int) -> dict[str, torch.Tensor]:
     """Train tags of a folded window of ``steps`` steps, and ``bad_step`` (-1: none); still on the device."""
-    loss_sum, correct, bad = window[2]
+    loss_sum, correct, bad = sums
     return {"train/loss": loss_sum / steps, "train/acc": correct / (steps * batch_size), "bad_step": torch.where(bad > 0, bad, -1)}
 
 
@@ -335,8 +347,10 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, extra_record: di
     probe = ActivationProbe(model, (data.x_val if has_val else data.x_train)[: t.probe_size])
 
     state = LoopState()
-    window = new_window(min(t.log_every, total), t.batch_size, data.num_classes, device)  # see WINDOW_LOGITS
-    window_rows = len(window[0])
+    # The logging window's [loss sum, correct count, first non-finite step (0: none)],
+    # on the device; the steps since the last fold wait in ``pending``.
+    window = [torch.zeros(3, device=device)]
+    pending = PendingSteps(t.batch_size, data.num_classes)
     cfg_plain = plain(cfg)
     record = {
         "status": "running", "steps": 0, "total_steps": total, "final": {}, "best": {}, "steps_to_target": None,
@@ -370,6 +384,7 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, extra_record: di
 
     def save() -> None:
         state.train_time = time.perf_counter() - t0
+        pending.fold(window[0], state.step)
         save_checkpoint(run_dir, model, optimizer, scheduler, train_step.scaler, sampler, state, window, tracker)
 
     def eval_and_probe(step: int) -> None:
@@ -390,20 +405,17 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, extra_record: di
         with stop_on_signal() as stop:
             for step in range(state.step + 1, total + 1):
                 idx = sampler.next()
-                col = (step - state.window_start_step - 1) % window_rows
-                y = torch.index_select(y_train, 0, idx, out=window[1][col])  # the batch's labels, kept for the window
+                y = y_train[idx]
                 _, logits = train_step(x_train[idx], y)
-                window[0][col] = logits
+                pending.add(logits, y, step, window[0])
                 if lr_changes:
                     scheduler.step()
                 state.step = step
 
-                log_step = step % log_every == 0 or step == total
-                if log_step or col == window_rows - 1:
-                    fold_window(window, col + 1, step - col)
-                if log_step:
+                if step % log_every == 0 or step == total:
+                    pending.fold(window[0], step)
                     n_steps = step - state.window_start_step
-                    values = window_summary(window, n_steps, len(idx))
+                    values = window_summary(window[0], n_steps, len(idx))
                     values.update(layer_norms.grad_norms())
                     values.update(layer_norms.weight_norms())
                     host = to_host(values)
@@ -420,7 +432,7 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, extra_record: di
                                  "time/samples_per_sec": n_steps * t.batch_size / elapsed,
                                  "time/steps_per_sec": n_steps / elapsed, "time/elapsed_sec": time.perf_counter() - t0})
                     tracker.scalars(step, host)
-                    window[2].zero_()
+                    window[0].zero_()
                     state.window_start_step = step
                     window_t0 = time.perf_counter()
                 if step % eval_every == 0 and step != total:

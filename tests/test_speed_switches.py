@@ -20,7 +20,7 @@ from bnexp.models import build_model
 from bnexp.norms import _RunningStatsNorm
 from bnexp.probes import quantiles
 from bnexp import train as train_mod
-from bnexp.train import fold_window, make_optimizer, make_train_step, new_window, seed_everything, train, window_summary
+from bnexp.train import PendingSteps, make_optimizer, make_train_step, seed_everything, train, window_summary
 
 # A small sigmoid MLP with BN before the activation (the BN paper's layout), logged every step.
 TINY = ["data=synthetic", "data.shape=[1,8,8]", "data.n_train=640", "data.n_test=100", "model.hidden=[16,16]",
@@ -111,24 +111,28 @@ def test_fp16_is_refused_on_cpu():
 
 
 def test_window_finds_the_first_non_finite_loss_and_averages_loss_and_accuracy():
-    window = new_window(steps=4, batch_size=2, num_classes=3, device=torch.device("cpu"))
     logits = torch.tensor([[[5.0, 0, 0], [0, 5, 0]], [[5, 0, 0], [5, 0, 0]], [[float("nan"), 0, 0], [0, 0, 1]],
                            [[float("inf"), 0, 0], [0, 0, 1]]])
-    window[0].copy_(logits)
-    window[1].copy_(torch.tensor([[0, 1], [0, 1], [0, 2], [0, 2]]))
-    fold_window(window, 2, first_step=11)
-    clean = window_summary(window, 2, batch_size=2)
+    labels = torch.tensor([[0, 1], [0, 1], [0, 2], [0, 2]])
+    sums = torch.zeros(3)
+    pending = PendingSteps(batch_size=2, num_classes=3)
+    for i in range(2):
+        pending.add(logits[i], labels[i], step=11 + i, sums=sums)
+    pending.fold(sums, last_step=12)
+    clean = window_summary(sums, 2, batch_size=2)
     assert clean["bad_step"].item() == -1 and clean["train/acc"].item() == 0.75
-    expected = F.cross_entropy(logits[:2].flatten(0, 1), torch.tensor([0, 1, 0, 1]))
+    expected = F.cross_entropy(logits[:2].flatten(0, 1), labels[:2].flatten())
     assert clean["train/loss"].item() == pytest.approx(expected.item())
-    window[2].zero_()
-    fold_window(window, 4, first_step=11)
-    assert window_summary(window, 4, batch_size=2)["bad_step"].item() == 13
+    sums.zero_()
+    for i in range(4):
+        pending.add(logits[i], labels[i], step=11 + i, sums=sums)
+    pending.fold(sums, last_step=14)
+    assert window_summary(sums, 4, batch_size=2)["bad_step"].item() == 13
 
 
-def test_a_window_longer_than_its_buffer_logs_the_same_values(tmp_path, monkeypatch):
+def test_a_window_folded_in_parts_logs_the_same_values(tmp_path, monkeypatch):
     whole, _, _ = run(tmp_path, ["train.device=cpu", "train.log_every=5", "train.steps=10"])
-    monkeypatch.setattr(train_mod, "WINDOW_LOGITS", 2 * 32 * 10)  # 2 steps of logits: folded twice per window
+    monkeypatch.setattr(train_mod, "WINDOW_LOGITS", 2 * 32 * 10)  # 2 steps of logits: folded 3 times per window
     folded, _, _ = run(tmp_path, ["train.device=cpu", "train.log_every=5", "train.steps=10"])
     assert folded == pytest.approx(whole, rel=1e-6)
 
