@@ -25,15 +25,17 @@ from bnexp.runs import CONFIG, read_run
 def load_saved_config(run_dir: Path, overrides: list[str] | None = None) -> DictConfig:
     if not (run_dir / CONFIG).is_file():
         raise ConfigError("RUN_DIR", f"{run_dir} is not a run directory (no {CONFIG}); `bnexp runs` lists run directories")
+    def one_line(e: Exception) -> str:
+        return " ".join(str(e).split("\n")[0].split())
+
     try:
-        saved = OmegaConf.load(run_dir / CONFIG)
-        cfg = OmegaConf.merge(OmegaConf.structured(Config), saved)
-        if overrides:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
-    except ConfigError:
-        raise
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(run_dir / CONFIG))
     except Exception as e:  # noqa: BLE001  OmegaConf's validation and YAML errors
-        raise ConfigError(str(run_dir / CONFIG), " ".join(str(e).split("\n")[0].split())) from None
+        raise ConfigError(getattr(e, "full_key", None) or str(run_dir / CONFIG), f"saved config does not fit the schema: {one_line(e)}") from None
+    try:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides or [])))
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(getattr(e, "full_key", None) or " ".join(overrides or []), one_line(e)) from None
     validate(cfg)
     return cfg
 
@@ -98,7 +100,15 @@ def differences_table(rows: list[tuple[str, Any, Any, float | None]], title: str
     for name, justify in (("metric", "left"), ("original", "right"), ("reproduced", "right"), ("difference", "right")):
         table.add_column(name, justify=justify)
     fmt = lambda v: f"{v:.6g}" if isinstance(v, float) else ("-" if v is None else str(v))  # noqa: E731
+    hidden = 0
     for tag, x, y, diff in rows:
+        headline = "/" not in tag or tag.split("/")[0] in ("train", "val", "test")
+        if not headline and x == y:
+            hidden += 1  # probes and norms: listed only when they differ
+            continue
         mark = "" if x == y else "[yellow]"
-        table.add_row(tag, fmt(x), fmt(y), mark + ("0" if x == y else (f"{diff:+.3g}" if diff is not None else "differs")))
+        same = "0" if isinstance(x, (int, float)) else "same"
+        table.add_row(tag, fmt(x), fmt(y), mark + (same if x == y else (f"{diff:+.3g}" if diff is not None else "differs")))
+    if hidden:
+        table.caption = f"identical, not listed: {hidden} more (act/*, grad_norm/*, weight_norm/*, optim/*)"
     return table

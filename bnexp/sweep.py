@@ -31,7 +31,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from bnexp.report import CURVE_TAGS, DEFAULT_METRICS, differing_keys, group_curves, group_runs, seed_band
-from bnexp.runs import AGGREGATE, OVERRIDES, Run, find_run_dirs, read_run
+from bnexp.runs import AGGREGATE, METRICS, OVERRIDES, Run, find_run_dirs, read_run
 
 log = logging.getLogger("bnexp")
 
@@ -90,10 +90,9 @@ def sweep_jobs(sweep_dir: Path, started: float) -> list[Job]:
     """The jobs Hydra launched into ``sweep_dir`` since ``started`` (seconds since the epoch)."""
     jobs = []
     for path in find_run_dirs([sweep_dir]):
-        try:
-            launched = (path / OVERRIDES).stat().st_mtime >= started
-        except OSError:
-            launched = False
+        # .hydra/ is rewritten for every launched job; metrics.json stands in
+        # when hydra.output_subdir=null leaves no .hydra/ behind.
+        launched = any(f.exists() and f.stat().st_mtime >= started for f in (path / OVERRIDES, path / METRICS))
         if not launched:
             continue
         run = read_run(path)
