@@ -116,11 +116,17 @@ def group_runs(runs: list[Run], by: list[str] | None = None) -> list[Group]:
     return sorted(groups.values(), key=lambda g: tuple(_sort_key(v) for v in g.key.values()))
 
 
+def has_best(metric: str) -> bool:
+    # The best of an accuracy over the run's evaluations; test/* is evaluated
+    # once, at the end, so its best is its final value.
+    return metric.endswith("/acc") and not metric.startswith("test/")
+
+
 def column_names(metrics: Iterable[str], best: bool = True) -> list[str]:
     cols = []
     for m in metrics:
         cols.append(m)
-        if best and m.endswith("/acc"):
+        if best and has_best(m):
             cols.append(f"best {m}")
     return cols
 
@@ -132,7 +138,7 @@ def aggregate(groups: list[Group], metrics: Iterable[str] = DEFAULT_METRICS) -> 
         done = g.completed
         for m in metrics:
             g.columns[m] = Stat.of(r.final(m) for r in done)
-            if m.endswith("/acc"):
+            if has_best(m):
                 g.columns[f"best {m}"] = Stat.of(r.best(m) for r in done)
         g.columns["steps to target"] = Stat.of(r.steps_to_target for r in done)
         g.columns["steps/s"] = Stat.of(r.steps_per_sec for r in done)

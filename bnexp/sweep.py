@@ -17,7 +17,6 @@ back from disk instead of trusting in-process results:
 
 from __future__ import annotations
 
-import logging
 import math
 import re
 import shutil
@@ -33,7 +32,6 @@ from omegaconf import DictConfig
 from bnexp.report import CURVE_TAGS, DEFAULT_METRICS, differing_keys, group_curves, group_runs, seed_band
 from bnexp.runs import AGGREGATE, METRICS, OVERRIDES, Run, find_run_dirs, read_run
 
-log = logging.getLogger("bnexp")
 
 SUFFIX = ".bnexp-sweep"  # marks the sweep root's own event file, rewritten at each sweep end
 BAND_TAGS = (*CURVE_TAGS, "test/loss", "test/acc")

@@ -164,6 +164,7 @@ def test_a_sweep_with_one_impossible_job_completes_the_others_reports_it_and_exi
 
 
 def test_optuna_sweeper_gets_val_acc_as_the_objective(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="extra `optuna` not installed")
     r = bnexp("sweep", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.direction=maximize",
               "optim.lr=interval(0.01,0.2)", *TINY, "hydra.sweep.dir=sw", cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
