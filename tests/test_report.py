@@ -17,12 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
-from typer.testing import CliRunner
 
-from bnexp.cli import app
 from bnexp.config import Config
 from bnexp.runs import load_scalars
 from bnexp.train import train
+from tests.conftest import run_inprocess
 
 TINY = {"steps": 30, "eval_every": 10, "log_every": 10, "progress": False, "device": "cpu", "target_acc": 0.5}
 
@@ -48,15 +47,13 @@ def sweep(tmp_path_factory) -> Path:
     return root
 
 
-def report(*args: str):
-    result = CliRunner().invoke(app, ["report", *map(str, args)])
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    return result
+def report(*args: str | Path):
+    return run_inprocess(["report", *map(str, args)], Path.cwd())
 
 
 def test_report_groups_by_the_key_that_differs_and_aggregates_over_seeds(sweep):
     r = report(sweep)
-    assert r.exit_code == 0, r.output
+    assert r.returncode == 0, r.stdout + r.stderr
     rows = {line.split("│")[1].strip(): line for line in r.stdout.splitlines() if "norm.placement=" in line}
     assert set(rows) == {"norm.placement=none", "norm.placement=pre"}
     for label, line in rows.items():
@@ -96,8 +93,8 @@ def test_report_by_key_and_metric_choose_groups_and_columns(sweep):
     assert [g["group"] for g in groups] == ["seed=0", "seed=1"]
     assert "val/loss" in groups[0]["metrics"] and "val/acc" not in groups[0]["metrics"]
     r = report(sweep, "--metric", "val/nope")
-    assert r.exit_code == 2 and "val/acc" in r.output and "val/nope" in r.output
-    assert report(sweep, "--by", "norm.nope").exit_code == 2
+    assert r.returncode == 2 and "val/acc" in r.stderr and "val/nope" in r.stderr
+    assert report(sweep, "--by", "norm.nope").returncode == 2
 
 
 def test_report_lists_broken_and_half_written_runs_and_reports_the_rest(sweep, tmp_path):
@@ -122,7 +119,7 @@ def test_report_lists_broken_and_half_written_runs_and_reports_the_rest(sweep, t
     counts = {g["group"]: g["status"] for g in doc["groups"]}
     assert counts == {"norm.placement=none": {"completed": 2}, "norm.placement=pre": {"completed": 2, "unreadable": 1}}
     r = report(root, "--plot", tmp_path / "curves.png")
-    assert r.exit_code == 0, r.output
+    assert r.returncode == 0, r.stdout + r.stderr
     assert "unreadable: " in r.stdout and (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -130,7 +127,7 @@ def test_report_plot_draws_learning_curves_and_activation_percentiles(sweep, tmp
     import matplotlib.image
 
     r = report(sweep, "--plot", tmp_path / "curves.png")
-    assert r.exit_code == 0, r.output
+    assert r.returncode == 0, r.stdout + r.stderr
     height, width, _ = matplotlib.image.imread(tmp_path / "curves.png").shape
     # Four learning-curve panels in the first row, one act/<layer> panel per hidden layer (3) below.
     assert width > 1.5 * height and height > 500

@@ -4,6 +4,7 @@ sweepers, TensorBoard's own view of a sweep; `bnexp reproduce`, `runs` and `tb`.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import statistics
@@ -17,9 +18,25 @@ import pytest
 import yaml
 
 from bnexp.runs import load_scalars
-from cli_helpers import ENV, TINY, bnexp, job_dirs
+from tests.conftest import REPO, run_cli
 
 PLACEMENTS = ("pre", "post", "none")
+# 20 steps with an eval every 10: enough for curves, seed bands and a test metric.
+TINY = ("train.steps=20", "train.eval_every=10", "train.log_every=10", "train.progress=false")
+ENV = {
+    # One intra-op thread: these networks are too small to gain from torch's
+    # thread pool, which on a small shared CPU costs several times its worth.
+    "OMP_NUM_THREADS": "1",
+    "COLUMNS": "200",  # each Rich table row on one line, easy to search
+}
+
+
+def bnexp(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return run_cli(list(args), cwd, timeout=180, env=ENV)
+
+
+def job_dirs(sweep_dir: Path) -> list[Path]:
+    return sorted(p.parent for p in sweep_dir.glob("*/metrics.json"))
 
 
 # Deterministic on the CPU, so that `bnexp reproduce` of any job must match it exactly.
@@ -101,8 +118,8 @@ def test_tensorboard_started_by_bnexp_tb_lists_every_run_in_its_hparams_plugin(s
     sweep_dir, _ = sweep
     jobs = {d.name: json.loads((d / "metrics.json").read_text()) for d in job_dirs(sweep_dir)}
     port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "bnexp.cli", "tb", str(sweep_dir), "--port", str(port)], env=ENV,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen([sys.executable, "-m", "bnexp.cli", "tb", str(sweep_dir), "--port", str(port)],
+                              env={**os.environ, "PYTHONPATH": str(REPO), **ENV}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     statuses = ["STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING", "STATUS_UNKNOWN"]
     request = {"experimentName": "", "allowedStatuses": statuses, "colParams": [], "startIndex": 0, "sliceSize": 100}
     try:
