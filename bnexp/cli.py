@@ -116,9 +116,18 @@ def sweep(ctx: typer.Context) -> None:
     """
     from bnexp import sweep as sweep_mod
 
+    args = list(ctx.args)
+    if set(args) & {"--cfg", "-c", "--info", "-i", "--hydra-help", "--shell-completion", "-sc"}:
+        _run_hydra(args)  # Hydra's inspection flags exclude --multirun
+        return
     before = len(sweep_mod.STARTED)
-    _run_hydra(["--multirun", *ctx.args])
-    if len(sweep_mod.STARTED) == before:  # --help, --cfg, --info: no sweep ran
+    try:
+        _run_hydra(["--multirun", *args])
+    except typer.Exit as e:
+        if e.exit_code == EXIT_USAGE and len(sweep_mod.STARTED) > before:
+            sweep_mod.STARTED[-1].remove_if_unused()
+        raise
+    if len(sweep_mod.STARTED) == before:
         return
     jobs = sweep_mod.print_summary(sweep_mod.STARTED[-1])
     if any(j.status in ("failed", "unreadable", "dead") for j in jobs):

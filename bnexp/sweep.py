@@ -42,6 +42,13 @@ JOB_COLUMNS = ("val/acc", "test/acc", "train/loss")
 class SweepStart:
     dir: Path
     started: float
+    created: Path | None = None  # the topmost directory this sweep created, if any
+
+    def remove_if_unused(self) -> None:
+        """After a bad override stopped the sweep before any job: take back the
+        directories it created (they hold only Hydra's multirun.yaml)."""
+        if self.created is not None and self.dir.is_dir() and {p.name for p in self.dir.iterdir()} <= {"multirun.yaml"}:
+            shutil.rmtree(self.created, ignore_errors=True)
 
 
 # Sweeps started in this process (the CLI reads them after Hydra returns).
@@ -53,7 +60,9 @@ class SweepCallback(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         HydraConfig.instance().set_config(config)  # the sweep dir interpolates hydra:runtime.choices
-        STARTED.append(SweepStart(Path(config.hydra.sweep.dir).resolve(), time.time()))
+        sweep_dir = Path(config.hydra.sweep.dir).resolve()
+        missing = [p for p in (sweep_dir, *sweep_dir.parents) if not p.exists()]
+        STARTED.append(SweepStart(sweep_dir, time.time(), missing[-1] if missing else None))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if STARTED:
