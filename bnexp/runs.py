@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -135,7 +136,11 @@ def load_scalars(run_dir: Path, tags: Iterable[str] | None = None) -> dict[str, 
     (a resumed run) keeps its last value. A missing or unreadable file gives {}.
     """
     from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+    from tensorboard.util import tb_logging
 
+    # Its directory watcher logs "No path found after <file>" at INFO for every
+    # run read; under Hydra's logging setup that reaches the console.
+    tb_logging.get_logger().setLevel(logging.WARNING)
     try:
         acc = EventAccumulator(str(run_dir), size_guidance={SCALARS: 0})
         acc.Reload()
