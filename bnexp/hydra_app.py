@@ -137,11 +137,15 @@ def _failed(run_dir: Path, error: str, overrides: list[str]) -> dict[str, Any]:
     return {**record, "run_dir": str(run_dir)}
 
 
-def task(cfg: DictConfig) -> None:
+def task(cfg: DictConfig) -> float:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     result = execute(cfg, run_dir, multirun=hc.mode == RunMode.MULTIRUN, overrides=list(hc.overrides.task))
     RESULTS.append(result)
+    # The objective of search sweepers (hydra/sweeper=optuna maximizes it with
+    # hydra.sweeper.direction=maximize); NaN marks a failed job as a failed trial.
+    value = (result.get("final") or {}).get("val/acc") if result.get("status") == "completed" else None
+    return float("nan") if value is None else float(value)
 
 
 def hydra_main(argv: list[str]) -> None:
