@@ -181,6 +181,22 @@ def test_sweep_rerun_after_sigkill_skips_finished_jobs_and_resumes_the_killed_on
         assert_no_duplicated_steps(job(lr))
 
 
+def test_rerun_without_a_checkpoint_starts_over_and_tensorboard_drops_the_first_attempt(tmp_path):
+    args = [*TINY, "train.steps=100", "hydra.run.dir=run"]
+    assert bnexp("train", *args, cwd=tmp_path).returncode == 0
+    run = tmp_path / "run"
+    first = untimed_scalars(run)
+    # As a run that failed before its first checkpoint leaves things: events, no checkpoint.
+    (run / "checkpoint.pt").unlink()
+    (run / "metrics.json").write_text(json.dumps({**metrics(run), "status": "failed"}))
+    again = bnexp("train", *args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert len(list(run.glob("events.out.tfevents.*"))) == 2
+    assert metrics(run)["status"] == "completed" and "resumed_from" not in metrics(run)
+    assert untimed_scalars(run) == first
+    assert_no_duplicated_steps(run)
+
+
 @pytest.mark.parametrize("heartbeat_age, alive", [(1.0, True), (10 * HEARTBEAT_SEC, False)])
 def test_a_run_on_another_host_is_alive_while_its_heartbeat_is_recent(heartbeat_age, alive):
     record = {"status": "running", "process": {"host": "some-other-host", "pid": 1}, "time": {"heartbeat": time.time() - heartbeat_age}}
