@@ -352,3 +352,23 @@ def validate(cfg: DictConfig) -> None:
     from bnexp import data as data_mod
 
     data_mod.check_available(cfg)
+
+
+def compose(overrides: list[str] | None = None) -> DictConfig:
+    """The composed config for ``overrides`` without running anything (tests, benchmarks, notebooks).
+
+    Commands go through ``@hydra.main`` instead (see bnexp.hydra_app), which adds
+    run directories, multirun and launchers; this uses Hydra's Compose API.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from bnexp.hydra_app import register_resolvers
+
+    register_configs()
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
+    return OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg

@@ -202,9 +202,9 @@ def execute(cfg: DictConfig, run_dir: Path, multirun: bool, overrides: list[str]
         return {**result, "run_dir": str(run_dir)}
     except ConfigError as e:
         if not multirun:
-            # A BaseException skips Hydra's "Error executing job" printer; the
-            # CLI undoes what Hydra wrote into the run dir and exits 2.
-            raise RejectedConfig(e) from None
+            # Returned, not raised: Hydra prints a line of its own for a raising job.
+            # The CLI undoes what Hydra wrote into the run dir and exits 2.
+            return {"status": "invalid", "error": e, "run_dir": str(run_dir)}
         return _failed(run_dir, f"invalid config: {e}", overrides)
     except KeyboardInterrupt:
         raise
@@ -220,12 +220,17 @@ def _failed(run_dir: Path, error: str, overrides: list[str]) -> dict[str, Any]:
     return {**record, "run_dir": str(run_dir)}
 
 
-def task(cfg: DictConfig) -> None:
+def task(cfg: DictConfig) -> float:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     result = execute(cfg, run_dir, multirun=hc.mode == RunMode.MULTIRUN, overrides=list(hc.overrides.task))
     RESULTS.append(result)
-    _GUARD[0] = None  # the run stands; nothing to undo any more
+    if result.get("status") != "invalid":
+        _GUARD[0] = None  # the run stands; nothing to undo any more
+    # The objective of search sweepers (hydra/sweeper=optuna maximizes it with
+    # hydra.sweeper.direction=maximize); NaN marks a failed job as a failed trial.
+    value = (result.get("final") or {}).get("val/acc") if result.get("status") == "completed" else None
+    return float("nan") if value is None else float(value)
 
 
 def hydra_main(argv: list[str]) -> None:

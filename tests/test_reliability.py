@@ -365,6 +365,8 @@ def test_a_run_dir_that_is_not_one_exits_2(workdir, cmd, case):
 
     if cmd not in {c.name or c.callback.__name__ for c in app.registered_commands}:
         pytest.skip(f"`bnexp {cmd}` is not in this tree")
+    if cmd == "reproduce" and case == "no metrics.json":
+        pytest.skip("reproduce needs only the saved config: a run that never got to train can be reproduced")
     path = make_not_a_run(workdir, case)
     before = snapshot(workdir)
     out = bnexp(cmd, str(path), cwd=workdir)

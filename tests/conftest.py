@@ -1,0 +1,62 @@
+"""Shared test helpers: composing configs and running the real CLI in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+# Tiny, fast settings shared by CLI tests (data=mnist1d is the default).
+TINY = ["train.steps=30", "train.log_every=10", "train.eval_every=15", "train.progress=false", "model.hidden=[16,16]"]
+
+
+def run_cli(args: list[str], cwd: Path, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``bnexp ARGS`` as a user would, from ``cwd``."""
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    full_env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run([sys.executable, "-m", "bnexp.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """Every path under ``root`` with its size and mtime, to prove nothing was touched."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    return tmp_path
+
+
+def mnist_root(name: str = "mnist") -> Path:
+    path = SHARED_DATA / name
+    if not (path / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"real {name} files not found at {path}")
+    return path
+
+
+class InProcessResult:
+    def __init__(self, returncode: int, stdout: str, stderr: str):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def run_inprocess(args: list[str], cwd: Path) -> InProcessResult:
+    """``bnexp ARGS`` through Typer's test runner in this process: the same code path
+    as the console script, without a new interpreter importing torch each time."""
+    from typer.testing import CliRunner
+
+    from bnexp.cli import app
+
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        result = CliRunner().invoke(app, args)
+    finally:
+        os.chdir(old)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return InProcessResult(result.exit_code, result.stdout, result.stderr)

@@ -1,0 +1,70 @@
+import numpy as np
+import torch
+
+from bnexp import data
+from bnexp.config import Preprocess, compose
+from tests.conftest import mnist_root
+
+
+def test_drug_trial_matches_the_keras_tutorial_design():
+    arrays = data.drug_trial(compose(["data=drug_trial"]).data)
+    x, y = arrays["x_train"][:, 0], arrays["y_train"]
+    assert len(x) == 2100 and len(arrays["x_test"]) == 420
+    assert x.min() >= 13 and x.max() <= 100
+    assert (x < 65).sum() == 1050
+    assert y[x >= 65].mean() == 1000 / 1050  # 95% of the old had side effects
+    assert y[x < 65].mean() == 50 / 1050  # 95% of the young did not
+
+
+def test_preprocessing_statistics_come_from_the_training_split_only():
+    cfg = compose(["data=synthetic", "data.preprocess=standardize", "model=mlp"])
+    arrays = data.synthetic(cfg.data)
+    splits = data.load(cfg, torch.device("cpu"))
+    train_idx, _ = data.split_train_val(len(arrays["x_train"]), cfg.data.val_size, cfg.data.seed)
+    raw_train = arrays["x_train"][train_idx]
+    # training split: exactly mean 0 / std 1 per feature; test split: shifted by the train statistics
+    assert np.allclose(splits.x_train.mean(0).numpy(), 0, atol=1e-4)
+    assert np.allclose(splits.x_train.std(0, unbiased=False).numpy(), 1, atol=1e-3)
+    expected_test = (arrays["x_test"] - raw_train.mean(0)) / raw_train.std(0)
+    assert np.allclose(splits.x_test.numpy(), expected_test, atol=1e-4)
+
+
+def test_minmax_maps_training_split_to_unit_interval():
+    cfg = compose(["data=drug_trial", "data.preprocess=minmax"])
+    splits = data.load(cfg, torch.device("cpu"))
+    assert splits.x_train.min().item() == 0.0 and splits.x_train.max().item() == 1.0
+
+
+def test_validation_split_is_deterministic_and_disjoint():
+    a_train, a_val = data.split_train_val(1000, 0.1, seed=3)
+    b_train, b_val = data.split_train_val(1000, 0.1, seed=3)
+    _, c_val = data.split_train_val(1000, 0.1, seed=4)
+    assert len(a_val) == 100 and len(a_train) == 900
+    assert np.array_equal(a_val, b_val) and not np.array_equal(a_val, c_val)
+    assert not set(a_train) & set(a_val)
+    assert len(data.split_train_val(1000, 250, seed=0)[1]) == 250
+
+
+def test_subset_keeps_only_the_first_training_examples():
+    cfg = compose(["data.subset=500"])
+    splits = data.load(cfg, torch.device("cpu"))
+    assert len(splits.x_train) == 500 and len(splits.x_val) == 400 and len(splits.x_test) == 1000
+
+
+def test_images_are_chw_for_cnn_and_flat_for_mlp_on_real_mnist():
+    root = mnist_root()
+    cnn = data.load(compose(["data=mnist", f"data.root={root}", "model=cnn", "data.subset=1000"]), torch.device("cpu"))
+    mlp = data.load(compose(["data=mnist", f"data.root={root}", "data.subset=1000"]), torch.device("cpu"))
+    assert cnn.input_shape == (1, 28, 28) and mlp.input_shape == (784,)
+    assert len(cnn.x_val) == 5000 and len(cnn.x_test) == 10000
+    # standardize on images: one statistic per channel, from the training part
+    assert abs(cnn.x_train.mean().item()) < 1e-3 and abs(cnn.x_train.std().item() - 1) < 1e-2
+    assert abs(cnn.x_test.mean().item()) < 0.1
+
+
+def test_mnist1d_default_dataset_shapes():
+    splits = data.load(compose([]), torch.device("cpu"))
+    assert splits.input_shape == (40,) and splits.num_classes == 10
+    assert len(splits.x_train) + len(splits.x_val) == 4000 and len(splits.x_test) == 1000
+    cnn = data.load(compose(["model=cnn"]), torch.device("cpu"))
+    assert cnn.input_shape == (1, 40)
