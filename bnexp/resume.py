@@ -1,9 +1,10 @@
-"""Reading a finished or unfinished run directory back, and ``bnexp resume``.
+"""``bnexp resume RUN_DIR``: continue an interrupted or killed run from its checkpoint.
 
 A run directory holds everything needed to continue it: the config Hydra saved
 (``.hydra/config.yaml``), the record (``metrics.json``) and the last checkpoint
 (``checkpoint.pt``). Resuming needs no Hydra composition: the saved config is
-merged onto the typed schema and handed to :func:`bnexp.train.train`.
+merged onto the typed schema (as ``bnexp reproduce`` does) and handed to
+:func:`bnexp.train.train` with ``resume=True``.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from bnexp.config import Config, ConfigError, config_hash, validate
+from bnexp.config import ConfigError, config_hash
 from bnexp.tracking import read_record, run_is_alive
 
 log = logging.getLogger("bnexp")
@@ -22,47 +23,30 @@ log = logging.getLogger("bnexp")
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's job_logging format
 
 
-def read_run(run_dir: str | Path) -> tuple[DictConfig, dict[str, Any]]:
-    """The saved config (typed by :class:`bnexp.config.Config`) and metrics.json of a run.
-
-    Raises ConfigError, naming what is missing, for anything that is not a bnexp run directory.
-    """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise ConfigError("RUN_DIR", f"{run_dir} is not a directory; allowed: a run directory (runs/<name>/<time>/...)")
-    cfg_path = run_dir / ".hydra" / "config.yaml"
-    record = read_record(run_dir)
-    if not cfg_path.is_file() or record is None:
-        missing = [name for name, ok in ((".hydra/config.yaml", cfg_path.is_file()), ("metrics.json", record is not None)) if not ok]
-        raise ConfigError("RUN_DIR", f"{run_dir} is not a bnexp run directory (no readable {' or '.join(missing)})")
-    try:
-        schema = OmegaConf.structured(Config)
-        OmegaConf.set_struct(schema, False)  # keys a run added with +key=value
-        cfg = OmegaConf.merge(schema, OmegaConf.load(cfg_path))
-    except Exception as e:  # noqa: BLE001  yaml and OmegaConf errors alike
-        raise ConfigError("RUN_DIR", f"{cfg_path} is not a valid bnexp config ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    OmegaConf.set_struct(cfg, True)
-    return cfg, record
-
-
 def check_resumable(run_dir: str | Path) -> tuple[DictConfig, dict[str, Any]]:
-    """Everything ``bnexp resume`` checks before it touches the run; ConfigError says what is wrong."""
+    """Everything ``bnexp resume`` checks before it touches the run: returns the
+    saved config and metrics.json, or raises ConfigError saying what is wrong."""
+    from bnexp.reproduce import load_saved_config
     from bnexp.train import CHECKPOINT, load_checkpoint
 
     run_dir = Path(run_dir)
-    cfg, record = read_run(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError("RUN_DIR", f"{run_dir} is not a directory; allowed: a run directory (runs/<name>/<time>/...)")
+    record = read_record(run_dir)
+    if not isinstance(record, dict):
+        raise ConfigError("RUN_DIR", f"{run_dir} is not a bnexp run directory (no readable metrics.json); `bnexp runs` lists run directories")
     status = record.get("status")
     if status in ("completed", "diverged"):
         raise ConfigError("RUN_DIR", f"{run_dir} already finished (status {status}); nothing to resume")
     if run_is_alive(record):
         proc = record.get("process") or {}
         raise ConfigError("RUN_DIR", f"{run_dir} is being trained right now by pid {proc.get('pid')} on {proc.get('host')}; nothing to resume")
+    cfg = load_saved_config(run_dir)  # fits the schema; data files and device still there
     if record.get("config_hash") not in (None, config_hash(cfg)):
         raise ConfigError("RUN_DIR", f"{run_dir}/.hydra/config.yaml no longer matches the run in metrics.json (config hash {record['config_hash']})")
     if not (run_dir / CHECKPOINT).is_file():
         raise ConfigError("RUN_DIR", f"{run_dir} has no {CHECKPOINT} (status {status}); nothing to resume from, train it again instead")
     load_checkpoint(run_dir / CHECKPOINT)  # readable, tensors only, bnexp's format
-    validate(cfg)  # data files still there, device still present
     return cfg, record
 
 

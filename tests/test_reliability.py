@@ -14,7 +14,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,8 +23,8 @@ from omegaconf import OmegaConf
 
 from bnexp.config import Config, config_hash
 from bnexp.tracking import HEARTBEAT_SEC, process_info, run_is_alive
+from tests.conftest import run_cli, snapshot, start_cli
 
-REPO = Path(__file__).resolve().parents[1]
 # A small, fast, deterministic CPU run: a 2x32 MLP on synthetic clusters (about 1000 steps/s).
 TINY = [
     "data=synthetic", "model.hidden=[32,32]", "train.log_every=10", "train.eval_every=50",
@@ -33,23 +32,15 @@ TINY = [
 ]
 
 
-def env() -> dict[str, str]:
-    e = dict(os.environ)
-    e["OMP_NUM_THREADS"] = "1"  # a 2x32 MLP runs fastest on one thread, and steadily on a busy machine
-    e["PYTHONPATH"] = os.pathsep.join([str(REPO), e.get("PYTHONPATH", "")])
-    return e
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # a 2x32 MLP runs fastest on one thread, and steadily on a busy machine
 
 
-def command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "bnexp.cli", *args]
-
-
-def bnexp(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(command(*args), cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
+def bnexp(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return run_cli(list(args), cwd, env=ONE_THREAD)
 
 
 def start(*args: str, cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen(command(*args), cwd=cwd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return start_cli(list(args), cwd, env=ONE_THREAD)
 
 
 def wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 90) -> None:
@@ -92,15 +83,6 @@ def assert_no_duplicated_steps(run_dir: Path) -> None:
     for tag, points in scalars(run_dir).items():
         steps = [s for s, _ in points]
         assert steps == sorted(set(steps)), f"{run_dir.name}: {tag} has duplicated or unordered steps {steps}"
-
-
-def snapshot(root: Path) -> dict[str, tuple[int, int]]:
-    """Every path under ``root`` with its size and mtime: 'nothing touched' means this is unchanged."""
-    out = {}
-    for p in sorted(root.rglob("*")):
-        st = p.lstat()
-        out[str(p.relative_to(root))] = (st.st_size if p.is_file() else 0, st.st_mtime_ns)
-    return out
 
 
 def fake_run(run_dir: Path, status: str = "interrupted", **record) -> Path:
@@ -255,7 +237,7 @@ def test_diverging_run_is_a_result_exit_0_and_the_sweep_goes_on(tmp_path):
 
 
 @pytest.fixture
-def workdir(tmp_path) -> Path:
+def cluttered(tmp_path) -> Path:
     """A working directory with an earlier run and unrelated files in it: bad input must touch none of it."""
     (tmp_path / "empty").mkdir()
     fake_run(tmp_path / "runs" / "old" / "run", status="completed")
@@ -293,39 +275,39 @@ BAD_TRAIN = {
 
 
 @pytest.mark.parametrize("args, names", BAD_TRAIN.values(), ids=BAD_TRAIN.keys())
-def test_bad_input_exits_2_with_one_line_and_no_new_files(workdir, args, names):
-    before = snapshot(workdir)
-    out = bnexp("train", *args, "train.device=cpu", cwd=workdir)
+def test_bad_input_exits_2_with_one_line_and_no_new_files(cluttered, args, names):
+    before = snapshot(cluttered)
+    out = bnexp("train", *args, "train.device=cpu", cwd=cluttered)
     assert_one_line_exit_2(out, *names)
-    assert snapshot(workdir) == before
+    assert snapshot(cluttered) == before
 
 
 @pytest.mark.parametrize("args, names", [(["optim.lr=0"], ["optim.lr"]),  # found before Hydra writes anything
                                          (["data=synthetic", "data.n_train=40", "train.batch_size=64"], ["train.batch_size"])],  # after
                          ids=["before setup", "during setup"])
-def test_bad_input_into_an_existing_directory_leaves_its_files_as_they_were(workdir, args, names):
-    before = snapshot(workdir)
-    out = bnexp("train", *args, "hydra.run.dir=unrelated", "train.device=cpu", cwd=workdir)
+def test_bad_input_into_an_existing_directory_leaves_its_files_as_they_were(cluttered, args, names):
+    before = snapshot(cluttered)
+    out = bnexp("train", *args, "hydra.run.dir=unrelated", "train.device=cpu", cwd=cluttered)
     assert_one_line_exit_2(out, *names)
-    assert snapshot(workdir) == before
+    assert snapshot(cluttered) == before
 
 
-def test_training_into_a_run_of_another_config_is_refused(workdir):
-    before = snapshot(workdir)
-    out = bnexp("train", "optim.lr=0.5", "hydra.run.dir=runs/old/run", "train.device=cpu", cwd=workdir)
+def test_training_into_a_run_of_another_config_is_refused(cluttered):
+    before = snapshot(cluttered)
+    out = bnexp("train", "optim.lr=0.5", "hydra.run.dir=runs/old/run", "train.device=cpu", cwd=cluttered)
     assert_one_line_exit_2(out, "hydra.run.dir", "different config")
-    assert snapshot(workdir) == before
+    assert snapshot(cluttered) == before
 
 
-def test_training_into_a_run_a_live_process_trains_is_refused(workdir):
+def test_training_into_a_run_a_live_process_trains_is_refused(cluttered):
     sleeper = subprocess.Popen(["sleep", "30"])
     try:
-        live = fake_run(workdir / "live", status="running", process={**process_info(), "pid": sleeper.pid, "start_ticks": None})
-        before = snapshot(workdir)
+        live = fake_run(cluttered / "live", status="running", process={**process_info(), "pid": sleeper.pid, "start_ticks": None})
+        before = snapshot(cluttered)
         for args in (["train", "hydra.run.dir=live", "train.device=cpu"], ["resume", str(live)]):
-            out = bnexp(*args, cwd=workdir)
+            out = bnexp(*args, cwd=cluttered)
             assert_one_line_exit_2(out, "being trained right now", str(sleeper.pid))
-        assert snapshot(workdir) == before
+        assert snapshot(cluttered) == before
     finally:
         sleeper.kill()
         sleeper.wait()
@@ -341,10 +323,10 @@ class CodePayload:
         return (os.system, (f"touch {self.marker}",))
 
 
-def make_not_a_run(workdir: Path, case: str) -> Path:
-    path = workdir / "case"
+def make_not_a_run(cluttered: Path, case: str) -> Path:
+    path = cluttered / "case"
     if case == "missing path":
-        return workdir / "no" / "such" / "dir"
+        return cluttered / "no" / "such" / "dir"
     if case == "a file":
         path.write_text("x")
     elif case == "empty dir":
@@ -360,18 +342,18 @@ def make_not_a_run(workdir: Path, case: str) -> Path:
 
 @pytest.mark.parametrize("cmd", ["resume", "reproduce"])
 @pytest.mark.parametrize("case", ["missing path", "a file", "empty dir", "no metrics.json", "unreadable config"])
-def test_a_run_dir_that_is_not_one_exits_2(workdir, cmd, case):
+def test_a_run_dir_that_is_not_one_exits_2(cluttered, cmd, case):
     from bnexp.cli import app
 
     if cmd not in {c.name or c.callback.__name__ for c in app.registered_commands}:
         pytest.skip(f"`bnexp {cmd}` is not in this tree")
     if cmd == "reproduce" and case == "no metrics.json":
         pytest.skip("reproduce needs only the saved config: a run that never got to train can be reproduced")
-    path = make_not_a_run(workdir, case)
-    before = snapshot(workdir)
-    out = bnexp(cmd, str(path), cwd=workdir)
-    assert_one_line_exit_2(out, "RUN_DIR" if cmd == "resume" else "")
-    assert snapshot(workdir) == before
+    path = make_not_a_run(cluttered, case)
+    before = snapshot(cluttered)
+    out = bnexp(cmd, str(path), cwd=cluttered)
+    assert_one_line_exit_2(out, path.name)
+    assert snapshot(cluttered) == before
 
 
 def write_checkpoint(path: Path, case: str, marker: Path) -> None:
@@ -387,22 +369,22 @@ def write_checkpoint(path: Path, case: str, marker: Path) -> None:
 
 
 @pytest.mark.parametrize("case", ["corrupt", "truncated", "not bnexp's", "code payload"])
-def test_resume_refuses_a_bad_checkpoint_and_never_runs_its_code(workdir, case):
-    run = fake_run(workdir / "run", status="interrupted")
-    marker = workdir / "PWNED"
+def test_resume_refuses_a_bad_checkpoint_and_never_runs_its_code(cluttered, case):
+    run = fake_run(cluttered / "run", status="interrupted")
+    marker = cluttered / "PWNED"
     write_checkpoint(run / "checkpoint.pt", case, marker)
-    before = snapshot(workdir)
-    out = bnexp("resume", str(run), cwd=workdir)
+    before = snapshot(cluttered)
+    out = bnexp("resume", str(run), cwd=cluttered)
     assert_one_line_exit_2(out, "checkpoint")
     assert not marker.exists()
-    assert snapshot(workdir) == before
+    assert snapshot(cluttered) == before
 
 
 @pytest.mark.parametrize("status, message", [("completed", "already finished"), ("diverged", "already finished"),
                                              ("interrupted", "no checkpoint.pt")])
-def test_resume_refuses_finished_runs_and_runs_without_a_checkpoint(workdir, status, message):
-    run = fake_run(workdir / "run", status=status)
-    before = snapshot(workdir)
-    out = bnexp("resume", str(run), cwd=workdir)
+def test_resume_refuses_finished_runs_and_runs_without_a_checkpoint(cluttered, status, message):
+    run = fake_run(cluttered / "run", status=status)
+    before = snapshot(cluttered)
+    out = bnexp("resume", str(run), cwd=cluttered)
     assert_one_line_exit_2(out, message)
-    assert snapshot(workdir) == before
+    assert snapshot(cluttered) == before
