@@ -152,6 +152,9 @@ class DataConfig:
 class OptimConfig:
     name: OptimName = OptimName.sgd
     lr: float = 0.1
+    # Linear scaling rule (Goyal et al. 2017; Wu & He 2018 use 0.1 x B/32):
+    # when set, the learning rate is lr * train.batch_size / base_batch_size.
+    base_batch_size: Optional[int] = None
     momentum: float = 0.9
     weight_decay: float = 0.0
     nesterov: bool = False
@@ -323,6 +326,7 @@ def validate(cfg: DictConfig) -> None:
     for key in ("data.n_train", "data.n_test", "data.cluster_std"):
         _positive(cfg, key)
     _positive(cfg, "optim.lr")
+    _positive(cfg, "optim.base_batch_size", allow_none=True)
     _positive(cfg, "optim.momentum", allow_zero=True)
     _positive(cfg, "optim.weight_decay", allow_zero=True)
     _positive(cfg, "optim.warmup_steps", allow_zero=True)

@@ -79,13 +79,20 @@ def total_steps(cfg: DictConfig, n_train: int) -> int:
     return int(cfg.train.steps)
 
 
-def make_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
+def base_lr(cfg: DictConfig, batch_size: int | None) -> float:
+    """optim.lr, scaled by batch_size / optim.base_batch_size when that is set (linear scaling rule)."""
+    if cfg.get("base_batch_size") is None or batch_size is None:
+        return float(cfg.lr)
+    return float(cfg.lr) * batch_size / cfg.base_batch_size
+
+
+def make_optimizer(cfg: DictConfig, model: nn.Module, batch_size: int | None = None) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
-    name = OptimName(cfg.name)
+    name, lr = OptimName(cfg.name), base_lr(cfg, batch_size)
     if name == OptimName.sgd:
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov and cfg.momentum > 0)
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov and cfg.momentum > 0)
     cls = torch.optim.Adam if name == OptimName.adam else torch.optim.AdamW
-    return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    return cls(params, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
 
 
 def lr_factor(cfg: DictConfig, total: int) -> Callable[[int], float]:
@@ -292,7 +299,7 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, extra_record: di
     model = build_model(cfg.model, cfg.norm, data.input_shape, data.num_classes).to(device)
     if ModelKind(cfg.model.kind) == ModelKind.cnn and device.type == "cuda" and data.x_train.dim() == 4:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(cfg.optim, model)
+    optimizer = make_optimizer(cfg.optim, model, t.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.optim, total))
     sampler = Sampler(len(data.x_train), t.batch_size, cfg.seed, device)
     train_step = make_train_step(model, optimizer, Amp(t.amp), device, t.compile)
