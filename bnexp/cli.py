@@ -7,6 +7,7 @@ commands that need them, so ``bnexp --help`` stays fast.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from enum import Enum
 from pathlib import Path
@@ -62,6 +63,28 @@ def _hydra_error_line(e: BaseException) -> str:
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
+def _sigterm_interrupts() -> None:
+    """SIGTERM (a scheduler's preemption notice, ``kill``) stops bnexp like Ctrl-C:
+    the training loop finishes its step and checkpoints; elsewhere it unwinds
+    through the same ``finally`` blocks, so the run's status is written."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, handler)
+
+
+def _interrupted(e: KeyboardInterrupt, again: str) -> typer.Exit:
+    from bnexp.train import RunInterrupted
+
+    if isinstance(e, RunInterrupted):
+        typer.echo(f"interrupted: {e}; {again}", err=True)
+    else:
+        typer.echo(f"interrupted; {again}", err=True)
+    return typer.Exit(EXIT_INTERRUPTED)
+
+
 def _run_hydra(argv: list[str]) -> list[dict]:
     """Run Hydra with ``argv``; map errors to exit codes. Returns the in-process job results."""
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let exceptions reach us instead of Hydra's printer
@@ -72,20 +95,25 @@ def _run_hydra(argv: list[str]) -> list[dict]:
     from bnexp.config import ConfigError
 
     hydra_app.RESULTS.clear()
+    _sigterm_interrupts()
     try:
         hydra_app.hydra_main(argv)
     except (ConfigError, hydra_app.RejectedConfig) as e:
-        hydra_app._remove_created_run_dir()
+        hydra_app.undo_run_dir()
         raise fail(str(e)) from None
     except (HydraException, OmegaConfBaseException) as e:
         raise fail(_hydra_error_line(e)) from None
-    except KeyboardInterrupt:
-        typer.echo("interrupted: checkpoint saved; `bnexp resume RUN_DIR` continues", err=True)
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except KeyboardInterrupt as e:
+        if hydra_app.SWEEP_DIRS:
+            again = f"rerun the same sweep with hydra.sweep.dir={hydra_app.SWEEP_DIRS[-1]} to continue it"
+        else:
+            again = "`bnexp resume RUN_DIR` continues a run from its checkpoint"
+        raise _interrupted(e, again) from None
     except SystemExit as e:  # argparse inside Hydra: bad flag, or --help
         raise typer.Exit(e.code if isinstance(e.code, int) else EXIT_USAGE) from None
     for r in hydra_app.RESULTS:
         if r.get("status") == "invalid":
+            hydra_app.undo_run_dir()
             raise fail(str(r["error"]))
     return list(hydra_app.RESULTS)
 
@@ -132,6 +160,35 @@ def sweep(ctx: typer.Context) -> None:
     jobs = sweep_mod.print_summary(sweep_mod.STARTED[-1])
     if any(j.status in ("failed", "unreadable", "dead") for j in jobs):
         raise typer.Exit(EXIT_FAILED)
+
+
+@app.command()
+def resume(run_dir: Path = typer.Argument(..., help="the run directory (holds .hydra/, metrics.json and checkpoint.pt)")) -> None:
+    """Continue an interrupted or killed run from its checkpoint.pt, into the same directory.
+
+    The result is the one an uninterrupted run gives: bit-identical on CPU with
+    train.deterministic=true; TensorBoard curves continue without duplicated
+    steps. Completed or diverged runs, runs a live process is training, and
+    directories without a readable checkpoint are refused (exit 2, nothing touched).
+    """
+    import logging
+    import traceback
+
+    from bnexp.config import ConfigError
+    from bnexp.resume import resume as resume_run
+
+    _sigterm_interrupts()
+    try:
+        record = resume_run(run_dir)
+    except ConfigError as e:
+        raise fail(str(e)) from None
+    except KeyboardInterrupt as e:
+        raise _interrupted(e, f"`bnexp resume {run_dir}` continues it") from None
+    except Exception as e:  # noqa: BLE001  the run is marked failed; the log has the traceback
+        logging.getLogger("bnexp").error("run failed: %s\n%s", e, traceback.format_exc())
+        raise fail(f"run failed: {type(e).__name__}: {e} (see {run_dir}/bnexp.log)", EXIT_FAILED) from None
+    if record.get("status") == "failed":
+        raise fail(f"run failed: {record.get('error')} (see {run_dir})", EXIT_FAILED)
 
 
 class Format(str, Enum):

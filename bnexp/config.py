@@ -286,6 +286,9 @@ def steps_per_epoch(n_train: int, batch_size: int) -> int:
 def validate(cfg: DictConfig) -> None:
     """Checks the types cannot express; raises ConfigError with one clear line."""
     m, n, d, o, t = cfg.model, cfg.norm, cfg.data, cfg.optim, cfg.train
+    targets = [k for k in flatten(plain(cfg)) if k.rsplit(".", 1)[-1] == "_target_"]
+    if targets:  # bnexp never calls hydra.utils.instantiate on a user's config
+        raise ConfigError(targets[0], "bnexp builds everything from its own registries and never imports a _target_; allowed: the keys `bnexp show` lists")
     if len(m.hidden) == 0:
         raise ConfigError("model.hidden", "is empty; allowed: a non-empty list of positive widths, e.g. [100,100,100]")
     if any(w <= 0 for w in m.hidden):

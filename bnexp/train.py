@@ -31,11 +31,21 @@ from bnexp import data as data_mod
 from bnexp.config import Amp, ConfigError, ModelKind, OptimName, Schedule, config_hash, flatten, plain
 from bnexp.models import Net, build_model
 from bnexp.probes import ActivationProbe, LayerNorms, to_host
-from bnexp.tracking import Tracker, env_info, print_summary
+from bnexp.tracking import Tracker, env_info, print_summary, process_info
 
 log = logging.getLogger("bnexp")
 
 CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_FORMAT = 1
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "sampler", "rng", "state", "window", "final", "best")
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM stopped the run after a whole step, and its checkpoint is saved."""
+
+    def __init__(self, run_dir: Path, step: int):
+        super().__init__(f"{run_dir} interrupted after step {step}; checkpoint saved")
+        self.run_dir, self.step = run_dir, step
 
 
 # --------------------------------------------------------------------------- setup
@@ -218,6 +228,7 @@ class LoopState:
     diverged: dict[str, Any] | None = None
     train_time: float = 0.0  # seconds spent in this run's loop, over all resumes
     last_finite: dict[str, float] = field(default_factory=dict)
+    done: bool = False  # the final eval and test are logged; only the status is left to write
 
 
 def rng_state() -> dict[str, Any]:
@@ -243,7 +254,7 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, scaler, sampler,
     from bnexp.io import atomic_write
 
     ckpt = {
-        "format": 1,
+        "format": CHECKPOINT_FORMAT,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
@@ -259,11 +270,15 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, scaler, sampler,
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """weights_only=True: a checkpoint can hold tensors and plain containers, never code."""
+    """weights_only=True: a checkpoint can hold tensors and plain containers, never code
+    (a pickle that would import or call anything is refused, not run)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  torch raises many types for a bad file
         raise ConfigError("checkpoint", f"{path} is not a readable bnexp checkpoint ({type(e).__name__}); delete it to start over") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or not all(k in ckpt for k in CHECKPOINT_KEYS):
+        raise ConfigError("checkpoint", f"{path} is not a bnexp checkpoint (format {CHECKPOINT_FORMAT} with {', '.join(CHECKPOINT_KEYS)})")
+    return ckpt
 
 
 # --------------------------------------------------------------------------- the loop
@@ -301,24 +316,29 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, extra_record: di
     record = {
         "status": "running", "steps": 0, "total_steps": total, "final": {}, "best": {}, "steps_to_target": None,
         "time": {"started_at": time.time()}, "env": env_info(device), "config_hash": config_hash(cfg),
-        "num_params": sum(p.numel() for p in model.parameters()), **(extra_record or {}),
+        "num_params": sum(p.numel() for p in model.parameters()), "process": process_info(), **(extra_record or {}),
     }
     purge_step = None
     ckpt_path = run_dir / CHECKPOINT
     if resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        train_step.scaler.load_state_dict(ckpt["scaler"])
-        sampler.load_state_dict(ckpt["sampler"])
-        set_rng_state(ckpt["rng"])
-        state = LoopState(**ckpt["state"])
-        for w, saved in zip(window, ckpt["window"]):
-            w.copy_(saved)
-        record.update(final=ckpt["final"], best=ckpt["best"], steps_to_target=state.steps_to_target, resumed_from=state.step)
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            train_step.scaler.load_state_dict(ckpt["scaler"])
+            sampler.load_state_dict(ckpt["sampler"])
+            set_rng_state(ckpt["rng"])
+            state = LoopState(**ckpt["state"])
+            for w, saved in zip(window, ckpt["window"], strict=True):
+                w.copy_(saved)
+        except (RuntimeError, KeyError, TypeError, ValueError) as e:
+            raise ConfigError("checkpoint", f"{ckpt_path} does not fit this run's config ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        record.update(final=ckpt["final"], best=ckpt["best"], steps_to_target=state.steps_to_target, resumed_from=state.step, steps=state.step)
         purge_step = state.step + 1  # drop events logged after the checkpoint by the dead run
         log.info("resuming %s from step %d", run_dir, state.step)
+    elif any(run_dir.glob("events.out.tfevents.*")):
+        purge_step = 0  # a restart from scratch: TensorBoard drops the earlier attempt's events
 
     hparams = flatten(cfg_plain)
     tracker = Tracker(run_dir, cfg_plain, hparams, total, device, record, purge_step=purge_step)
@@ -329,7 +349,11 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, extra_record: di
     window_t0 = time.perf_counter()
 
     def save() -> None:
+        # Events first, then the checkpoint: a run killed later resumes from
+        # here, and purge_step drops only events logged after this step.
         state.train_time = time.perf_counter() - t0
+        tracker.writer.flush()
+        tracker.record.write(steps=state.step, final=tracker.final, best=tracker.best, steps_to_target=state.steps_to_target)
         save_checkpoint(run_dir, model, optimizer, scheduler, train_step.scaler, sampler, state, window, tracker)
 
     def eval_and_probe(step: int) -> None:
@@ -361,8 +385,12 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, extra_record: di
                     values.update(layer_norms.weight_norms())
                     host = to_host(values)
                     bad_step = int(host.pop("bad_step"))
-                    if bad_step >= 0 or not math.isfinite(host["grad_norm/total"]):
-                        state.diverged = {"step": bad_step if bad_step >= 0 else step,
+                    # fp16's GradScaler skips steps with inf gradients by design; its loss check suffices.
+                    bad_grad = not math.isfinite(host["grad_norm/total"]) and not train_step.scaler.is_enabled()
+                    if bad_step >= 0 or bad_grad:
+                        # The values of the last logging step before it (none if it broke within the first window).
+                        state.diverged = {"step": bad_step if bad_step >= 0 else step, "detected_at": step,
+                                          "last_finite_step": state.window_start_step or None,
                                           "last_finite": {k: v for k, v in tracker.final.items()}}
                         tracker.scalars(step, host)
                         status = "diverged"
@@ -389,10 +417,11 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, extra_record: di
             else:
                 status = "completed"
 
-        if status == "completed":
+        if status == "completed" and not state.done:
             eval_and_probe(total)
             test = evaluate(model, data.x_test, data.y_test, t.eval_batch_size)
             tracker.scalars(total, to_host({f"test/{k}": v for k, v in test.items()}), is_eval=True)
+            state.done = True
         if status in ("completed", "interrupted"):
             save()
     except BaseException as e:
@@ -409,5 +438,5 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, extra_record: di
         tracker.close(status)
     print_summary(tracker.record.data, run_dir)
     if status == "interrupted":
-        raise KeyboardInterrupt
+        raise RunInterrupted(run_dir, state.step)
     return tracker.record.data
