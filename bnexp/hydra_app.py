@@ -48,7 +48,9 @@ def _first_non_empty(*values: Any) -> str:
 def _job_subdir(override_dirname: str, seed: Any) -> str:
     # Hydra sorts overrides alphabetically in override_dirname; seed is excluded
     # there and appended last so that one config's seeds sit next to each other.
-    return f"{override_dirname},seed={seed}" if override_dirname else f"seed={seed}"
+    # A path in an override (data.root=/x/y) must not nest the job's directory.
+    name = f"{override_dirname},seed={seed}" if override_dirname else f"seed={seed}"
+    return name.replace("/", "_")
 
 
 def register_resolvers() -> None:
