@@ -7,7 +7,9 @@ commands that need them, so ``bnexp --help`` stays fast.
 from __future__ import annotations
 
 import os
+import signal
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import List, Optional
 
@@ -61,6 +63,28 @@ def _hydra_error_line(e: BaseException) -> str:
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
+def _sigterm_interrupts() -> None:
+    """SIGTERM (a scheduler's preemption notice, ``kill``) stops bnexp like Ctrl-C:
+    the training loop finishes its step and checkpoints; elsewhere it unwinds
+    through the same ``finally`` blocks, so the run's status is written."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, handler)
+
+
+def _interrupted(e: KeyboardInterrupt, again: str) -> typer.Exit:
+    from bnexp.train import RunInterrupted
+
+    if isinstance(e, RunInterrupted):
+        typer.echo(f"interrupted: {e}; {again}", err=True)
+    else:
+        typer.echo(f"interrupted; {again}", err=True)
+    return typer.Exit(EXIT_INTERRUPTED)
+
+
 def _run_hydra(argv: list[str]) -> list[dict]:
     """Run Hydra with ``argv``; map errors to exit codes. Returns the in-process job results."""
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let exceptions reach us instead of Hydra's printer
@@ -71,20 +95,25 @@ def _run_hydra(argv: list[str]) -> list[dict]:
     from bnexp.config import ConfigError
 
     hydra_app.RESULTS.clear()
+    _sigterm_interrupts()
     try:
         hydra_app.hydra_main(argv)
     except (ConfigError, hydra_app.RejectedConfig) as e:
-        hydra_app._remove_created_run_dir()
+        hydra_app.undo_run_dir()
         raise fail(str(e)) from None
     except (HydraException, OmegaConfBaseException) as e:
         raise fail(_hydra_error_line(e)) from None
-    except KeyboardInterrupt:
-        typer.echo("interrupted: checkpoint saved; `bnexp resume RUN_DIR` continues", err=True)
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except KeyboardInterrupt as e:
+        if hydra_app.SWEEP_DIRS:
+            again = f"rerun the same sweep with hydra.sweep.dir={hydra_app.SWEEP_DIRS[-1]} to continue it"
+        else:
+            again = "`bnexp resume RUN_DIR` continues a run from its checkpoint"
+        raise _interrupted(e, again) from None
     except SystemExit as e:  # argparse inside Hydra: bad flag, or --help
         raise typer.Exit(e.code if isinstance(e.code, int) else EXIT_USAGE) from None
     for r in hydra_app.RESULTS:
         if r.get("status") == "invalid":
+            hydra_app.undo_run_dir()
             raise fail(str(r["error"]))
     return list(hydra_app.RESULTS)
 
@@ -106,11 +135,204 @@ def sweep(ctx: typer.Context) -> None:
     """Run a Hydra multirun: comma lists (a=x,y), range(), glob(), any sweeper/launcher plugin.
 
     Example: bnexp sweep norm.placement=pre,post,none seed=0,1,2 train.steps=200
+
+    Jobs go to runs/<experiment or "sweep">/<timestamp>/<overrides,seed=N>; a job
+    that completed earlier with the same config in the same hydra.sweep.dir is
+    skipped. Ends with a table of every job and the seed-aggregated comparison;
+    exits 1 if a job failed. Parallel: hydra/launcher=joblib. Search:
+    hydra/sweeper=optuna hydra.sweeper.direction=maximize (the objective is val/acc).
     """
-    results = _run_hydra(["--multirun", *ctx.args])
-    failed = [r for r in results if r.get("status") == "failed"]
-    if failed:
+    from bnexp import sweep as sweep_mod
+
+    args = list(ctx.args)
+    if set(args) & {"--cfg", "-c", "--info", "-i", "--hydra-help", "--shell-completion", "-sc"}:
+        _run_hydra(args)  # Hydra's inspection flags exclude --multirun
+        return
+    before = len(sweep_mod.STARTED)
+    try:
+        _run_hydra(["--multirun", *args])
+    except typer.Exit as e:
+        if e.exit_code == EXIT_USAGE and len(sweep_mod.STARTED) > before:
+            sweep_mod.STARTED[-1].remove_if_unused()
+        raise
+    if len(sweep_mod.STARTED) == before:
+        return
+    jobs = sweep_mod.print_summary(sweep_mod.STARTED[-1])
+    if any(j.status in ("failed", "unreadable", "dead") for j in jobs):
         raise typer.Exit(EXIT_FAILED)
+
+
+@app.command()
+def resume(run_dir: Path = typer.Argument(..., help="the run directory (holds .hydra/, metrics.json and checkpoint.pt)")) -> None:
+    """Continue an interrupted or killed run from its checkpoint.pt, into the same directory.
+
+    The result is the one an uninterrupted run gives: bit-identical on CPU with
+    train.deterministic=true; TensorBoard curves continue without duplicated
+    steps. Completed or diverged runs, runs a live process is training, and
+    directories without a readable checkpoint are refused (exit 2, nothing touched).
+    """
+    import logging
+    import traceback
+
+    from bnexp.config import ConfigError
+    from bnexp.resume import resume as resume_run
+
+    _sigterm_interrupts()
+    try:
+        record = resume_run(run_dir)
+    except ConfigError as e:
+        raise fail(str(e)) from None
+    except KeyboardInterrupt as e:
+        raise _interrupted(e, f"`bnexp resume {run_dir}` continues it") from None
+    except Exception as e:  # noqa: BLE001  the run is marked failed; the log has the traceback
+        logging.getLogger("bnexp").error("run failed: %s\n%s", e, traceback.format_exc())
+        raise fail(f"run failed: {type(e).__name__}: {e} (see {run_dir}/bnexp.log)", EXIT_FAILED) from None
+    if record.get("status") == "failed":
+        raise fail(f"run failed: {record.get('error')} (see {run_dir})", EXIT_FAILED)
+
+
+class Format(str, Enum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+    markdown = "markdown"
+
+
+@app.command()
+def report(
+    paths: List[Path] = typer.Argument(None, help="Run or sweep directories to search for runs (default: runs/)."),
+    by: List[str] = typer.Option(None, "--by", help="Group by this config key (repeatable); default: every key that differs except seed."),
+    metric: List[str] = typer.Option(None, "--metric", "-m", help="Metric tag to show (repeatable); default: val/acc, test/acc, train/loss."),
+    format: Format = typer.Option(Format.table, "--format", "-f", help="Output format."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write learning curves with seed bands and act/* percentiles to this PNG."),
+    tensorboard: bool = typer.Option(False, "--tensorboard", help="Also (re)write the HParams config, custom-scalars layout and aggregate/ seed bands into the one sweep directory given."),
+) -> None:
+    """Compare runs: group by the config keys that differ (except seed), mean ± std (n) over seeds.
+
+    Example: bnexp report runs/placement_ablation/2024-05-01_12-00-00 --format markdown --plot curves.png
+    """
+    from bnexp import report as rep
+    from bnexp.runs import find_runs
+
+    paths = paths or [Path("runs")]
+    for p in paths:
+        if not p.exists():
+            raise fail(f"{p} does not exist; allowed: run or sweep directories (default: runs/)")
+    runs = find_runs(paths)
+    unreadable = [r for r in runs if r.config is None or r.metrics is None]
+    usable = [r for r in runs if r.config is not None]
+    if not usable:
+        raise fail(f"no runs under {', '.join(map(str, paths))} (a run directory holds metrics.json and .hydra/config.yaml)")
+    keys = {k for r in usable for k in r.config}
+    for k in by or []:
+        if k not in keys:
+            raise fail(f"--by {k}: not a config key of these runs; keys that differ: {', '.join(rep.differing_keys(usable)) or 'none'}")
+    metrics = list(metric) if metric else list(rep.DEFAULT_METRICS)
+    known = rep.available_metrics(usable)
+    for m in metrics:
+        if m not in known:
+            raise fail(f"--metric {m}: no run has it; allowed: {', '.join(known)}")
+    groups = rep.aggregate(rep.group_runs(usable, by), metrics)
+    console = rep.console()
+    problems = [f"unreadable: {r.path}: {r.problem}" for r in unreadable]
+    if format == Format.table:
+        console.print(rep.to_rich(groups, metrics, title=f"{len(usable)} runs in {len(groups)} groups (mean ± std over seeds)"))
+        for line in problems:
+            console.print(line, style="yellow", highlight=False, soft_wrap=True)
+    else:
+        out = {Format.csv: lambda: rep.to_csv(groups, metrics), Format.json: lambda: rep.to_json(groups, metrics, unreadable),
+               Format.markdown: lambda: rep.to_markdown(groups, metrics)}[format]()
+        typer.echo(out.rstrip("\n"))
+        if format != Format.json:
+            for line in problems:
+                typer.echo(line, err=True)
+    if plot is not None:
+        try:
+            typer.echo(f"plot: {rep.plot(groups, plot)}", err=format != Format.table)
+        except ValueError as e:
+            raise fail(f"--plot: {e}") from None
+    if tensorboard:
+        from bnexp.sweep import write_tensorboard_extras
+
+        if len(paths) != 1 or not paths[0].is_dir():
+            raise fail("--tensorboard writes into one sweep directory; give exactly one")
+        written = write_tensorboard_extras(paths[0])
+        typer.echo(f"tensorboard: HParams over {', '.join(written.get('hparams', []))}; aggregate/ runs for {len(written.get('groups', []))} groups", err=format != Format.table)
+
+
+@app.command(context_settings=PASSTHROUGH)
+def reproduce(
+    ctx: typer.Context,
+    run_dir: Path = typer.Argument(..., help="The run directory whose .hydra/config.yaml is trained again."),
+    out: Optional[Path] = typer.Option(None, "--out", help="New run directory (default: runs/reproduce/<timestamp>/<RUN_DIR's name>)."),
+) -> None:
+    """Train a run's saved config again into a new run dir and print the metric differences.
+
+    Extra key=value arguments change the saved config (e.g. train.device=cpu).
+    With train.deterministic=true on CPU the metrics are identical.
+    """
+    import logging
+
+    from bnexp import reproduce as rp
+    from bnexp.config import ConfigError
+    from bnexp.runs import read_run
+
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    overrides = list(ctx.args)
+    if any("=" not in o or o.startswith(("+", "~", "-")) for o in overrides):
+        raise fail(f"reproduce takes key=value changes to the saved config; got {' '.join(overrides)}")
+    original = read_run(run_dir).metrics or {}
+    try:
+        new_dir, record = rp.reproduce(run_dir, out, overrides)
+    except ConfigError as e:
+        raise fail(str(e)) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    rows = rp.differences(original, record)
+    from bnexp.report import console as make_console
+
+    console = make_console()
+    console.print(rp.differences_table(rows, f"{run_dir} -> {new_dir}"))
+    verdict = "identical: every metric matches exactly" if rp.identical(rows) else "differs (see the difference column)"
+    console.print(f"{verdict}; timing (time/*) is not compared", highlight=False)
+    if record.get("status") == "failed":
+        raise typer.Exit(EXIT_FAILED)
+
+
+@app.command("runs")
+def list_runs(path: Path = typer.Argument(Path("runs"), help="Where to look (default: runs/).")) -> None:
+    """List runs with status (a running run whose heartbeat stopped shows as dead), overrides and headline metrics."""
+    from bnexp.report import console
+    from bnexp.runs import find_runs, runs_table
+
+    if not path.exists():
+        raise fail(f"{path} does not exist; allowed: a directory of runs (default: runs/)")
+    runs = find_runs([path])
+    if not runs:
+        typer.echo(f"no runs under {path}")
+        return
+    console().print(runs_table(runs, path))
+
+
+@app.command(context_settings=PASSTHROUGH)
+def tb(
+    ctx: typer.Context,
+    logdir: Path = typer.Argument(Path("runs"), help="Directory of runs (default: runs/); a sweep dir shows its HParams and seed bands best."),
+    port: int = typer.Option(6006, "--port", help="Port; 0 picks a free one."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; 0.0.0.0 for every interface."),
+) -> None:
+    """Start TensorBoard on runs/ (or LOGDIR). Other TensorBoard flags pass through (e.g. --reload_interval 5)."""
+    if not logdir.exists():
+        raise fail(f"{logdir} does not exist; allowed: a directory of runs (default: runs/)")
+    from tensorboard import program
+
+    board = program.TensorBoard()
+    try:
+        board.configure(argv=["tensorboard", "--logdir", str(logdir), "--port", str(port), "--host", host, *ctx.args])
+    except (SystemExit, ValueError) as e:
+        raise fail(f"tensorboard: {e}") from None
+    raise typer.Exit(board.main() or 0)
 
 
 @app.command(context_settings=PASSTHROUGH)

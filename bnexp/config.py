@@ -152,6 +152,9 @@ class DataConfig:
 class OptimConfig:
     name: OptimName = OptimName.sgd
     lr: float = 0.1
+    # Linear scaling rule (Goyal et al. 2017; Wu & He 2018 use 0.1 x B/32):
+    # when set, the learning rate is lr * train.batch_size / base_batch_size.
+    base_batch_size: Optional[int] = None
     momentum: float = 0.9
     weight_decay: float = 0.0
     nesterov: bool = False
@@ -288,6 +291,9 @@ def steps_per_epoch(n_train: int, batch_size: int) -> int:
 def validate(cfg: DictConfig) -> None:
     """Checks the types cannot express; raises ConfigError with one clear line."""
     m, n, d, o, t = cfg.model, cfg.norm, cfg.data, cfg.optim, cfg.train
+    targets = [k for k in flatten(plain(cfg)) if k.rsplit(".", 1)[-1] == "_target_"]
+    if targets:  # bnexp never calls hydra.utils.instantiate on a user's config
+        raise ConfigError(targets[0], "bnexp builds everything from its own registries and never imports a _target_; allowed: the keys `bnexp show` lists")
     if len(m.hidden) == 0:
         raise ConfigError("model.hidden", "is empty; allowed: a non-empty list of positive widths, e.g. [100,100,100]")
     if any(w <= 0 for w in m.hidden):
@@ -325,6 +331,7 @@ def validate(cfg: DictConfig) -> None:
     for key in ("data.n_train", "data.n_test", "data.cluster_std"):
         _positive(cfg, key)
     _positive(cfg, "optim.lr")
+    _positive(cfg, "optim.base_batch_size", allow_none=True)
     _positive(cfg, "optim.momentum", allow_zero=True)
     _positive(cfg, "optim.weight_decay", allow_zero=True)
     _positive(cfg, "optim.warmup_steps", allow_zero=True)

@@ -9,6 +9,7 @@ point, so every Hydra flag, override form, sweeper and launcher works.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import sys
 import traceback
@@ -32,9 +33,9 @@ log = logging.getLogger("bnexp")
 RESULTS: list[dict[str, Any]] = []
 # The sweep directories of multiruns started in this process.
 SWEEP_DIRS: list[Path] = []
-# For `bnexp train`: the topmost directory the run created, removed again if the
-# config turns out to be invalid (nothing that existed before is touched).
-_CREATED_ROOT: list[Path | None] = [None]
+# For `bnexp train`: what to undo if the config turns out to be invalid after
+# Hydra wrote into the run directory (see RunDirGuard).
+_GUARD: list["RunDirGuard | None"] = [None]
 
 
 def _first_non_empty(*values: Any) -> str:
@@ -47,7 +48,9 @@ def _first_non_empty(*values: Any) -> str:
 def _job_subdir(override_dirname: str, seed: Any) -> str:
     # Hydra sorts overrides alphabetically in override_dirname; seed is excluded
     # there and appended last so that one config's seeds sit next to each other.
-    return f"{override_dirname},seed={seed}" if override_dirname else f"seed={seed}"
+    # A path in an override (data.root=/x/y) must not nest the job's directory.
+    name = f"{override_dirname},seed={seed}" if override_dirname else f"seed={seed}"
+    return name.replace("/", "_")
 
 
 def register_resolvers() -> None:
@@ -69,36 +72,111 @@ class RejectedConfig(BaseException):
         self.error = error
 
 
+class RunDirGuard:
+    """Lets `bnexp train` leave the file system as it found it when a config is
+    rejected after Hydra has written ``.hydra/`` and its log into the run dir
+    (problems only found while setting up, e.g. a batch larger than the data).
+
+    A run dir that did not exist is removed with every parent the run created;
+    in one that existed, new entries are removed and the small files Hydra
+    rewrites (``.hydra/*``, the job log) get their bytes and times back.
+    """
+
+    def __init__(self, run_dir: Path, job_name: str):
+        self.run_dir = run_dir
+        self.root: Path | None = None  # the topmost directory this run creates
+        for p in [run_dir, *run_dir.parents]:
+            if p.exists():
+                break
+            self.root = p
+        self.names: set[str] = set()
+        self.files: dict[Path, bytes] = {}  # the small files Hydra rewrites
+        self.times: dict[Path, tuple[int, int]] = {}  # their times and their directories'
+        if self.root is not None:  # removing it again restores its parent's listing; give back its time too
+            st = self.root.parent.stat()
+            self.times[self.root.parent] = (st.st_atime_ns, st.st_mtime_ns)
+        elif run_dir.is_dir():
+            hydra_dir = run_dir / ".hydra"
+            self.names = {str(p.relative_to(run_dir)) for p in run_dir.rglob("*")}
+            self.files = {p: p.read_bytes() for p in [*hydra_dir.glob("*"), run_dir / f"{job_name}.log"] if p.is_file()}
+            for p in [*self.files, hydra_dir, run_dir]:
+                if p.exists():
+                    st = p.stat()
+                    self.times[p] = (st.st_atime_ns, st.st_mtime_ns)
+
+    def undo(self) -> None:
+        root_logger = logging.getLogger()  # close Hydra's log file before removing or restoring it
+        for h in list(root_logger.handlers):
+            if isinstance(h, logging.FileHandler):
+                h.close()
+                root_logger.removeHandler(h)
+        if self.root is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
+        elif self.run_dir.is_dir():
+            self._undo_inside()
+        for p, ns in self.times.items():  # files first, then .hydra, then the run dir
+            if p.exists():
+                os.utime(p, ns=ns)
+
+    def _undo_inside(self) -> None:
+        for p in sorted(self.run_dir.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+            if str(p.relative_to(self.run_dir)) not in self.names:
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+        for p, data in self.files.items():
+            p.write_bytes(data)
+
+
+def undo_run_dir() -> None:
+    """Undo what a rejected `bnexp train` wrote (idempotent)."""
+    guard, _GUARD[0] = _GUARD[0], None
+    if guard is not None:
+        guard.undo()
+
+
+def existing_run_problem(run_dir: Path, cfg: DictConfig) -> str | None:
+    """Why ``cfg`` must not be trained into ``run_dir`` as things stand, or None.
+
+    Another live process trains it, or it holds a run of a different config
+    (training over it would mix two runs' event files and lose the first).
+    """
+    existing = read_record(run_dir)
+    if existing is None or existing.get("config_hash") is None:
+        return None
+    if run_is_alive(existing):
+        proc = existing.get("process") or {}
+        who = f"pid {proc.get('pid')} on {proc.get('host')}" if proc else "another process (its heartbeat is recent)"
+        return f"{run_dir} is being trained right now by {who}; wait for it, or choose another directory"
+    if existing["config_hash"] != config_hash(cfg):
+        return (f"{run_dir} holds a run of a different config (status {existing.get('status')}); "
+                "choose another directory, or delete that run to reuse its name")
+    return None
+
+
 class ValidateCallback(Callback):
     """Checks a config before Hydra creates the run directory (``on_run_start`` runs before ``run_job``)."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         HydraConfig.instance().set_config(config)  # run.dir interpolates hydra:runtime.choices
+        _GUARD[0] = None
         run_dir = Path(config.hydra.run.dir).resolve()
-        root: Path | None = None
-        for p in [run_dir, *run_dir.parents]:
-            if p.exists():
-                break
-            root = p
-        _CREATED_ROOT[0] = root
         cfg = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
         try:
             validate(cfg)
+            problem = existing_run_problem(run_dir, cfg)
+            if problem:
+                raise ConfigError("hydra.run.dir", problem)
         except ConfigError as e:
             raise RejectedConfig(e) from None
+        _GUARD[0] = RunDirGuard(run_dir, str(config.hydra.job.name))
 
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         # hydra.sweep.dir interpolates hydra:runtime.choices, which needs HydraConfig set.
         HydraConfig.instance().set_config(config)
         SWEEP_DIRS.append(Path(config.hydra.sweep.dir).resolve())
-
-
-def _remove_created_run_dir() -> None:
-    root = _CREATED_ROOT[0]
-    if root is not None and root.exists():
-        logging.shutdown()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def execute(cfg: DictConfig, run_dir: Path, multirun: bool, overrides: list[str]) -> dict[str, Any]:
@@ -109,18 +187,25 @@ def execute(cfg: DictConfig, run_dir: Path, multirun: bool, overrides: list[str]
         validate(cfg)
         existing = read_record(run_dir)
         same = existing is not None and existing.get("config_hash") == config_hash(cfg)
-        if same and existing.get("status") == "completed":
-            log.info("skipping %s: completed earlier with the same config", run_dir)
+        if same and existing.get("status") in ("completed", "diverged"):
+            log.info("skipping %s: %s earlier with the same config", run_dir, existing["status"])
             return {**existing, "skipped": True, "run_dir": str(run_dir)}
-        if same and run_is_alive(existing):
-            raise ConfigError("hydra.run.dir", f"{run_dir} is being trained by another live process (heartbeat is recent)")
+        problem = existing_run_problem(run_dir, cfg)
+        if problem and same:  # live elsewhere: leave it to that process, touch nothing
+            log.warning("skipping: %s", problem)
+            return {**existing, "skipped": True, "run_dir": str(run_dir)}
+        if problem:  # a different run lives here: report, touch nothing
+            if not multirun:
+                raise ConfigError("hydra.run.dir", problem)
+            log.error("not run: %s", problem)
+            return {"status": "failed", "error": problem, "steps": 0, "final": {}, "best": {}, "overrides": overrides, "run_dir": str(run_dir)}
         resume = same and (run_dir / CHECKPOINT).exists() and existing.get("status") in ("running", "interrupted", "failed")
         result = train(cfg, run_dir, resume=resume, extra_record={"overrides": overrides})
         return {**result, "run_dir": str(run_dir)}
     except ConfigError as e:
         if not multirun:
             # Returned, not raised: Hydra prints a line of its own for a raising job.
-            _remove_created_run_dir()
+            # The CLI undoes what Hydra wrote into the run dir and exits 2.
             return {"status": "invalid", "error": e, "run_dir": str(run_dir)}
         return _failed(run_dir, f"invalid config: {e}", overrides)
     except KeyboardInterrupt:
@@ -137,11 +222,17 @@ def _failed(run_dir: Path, error: str, overrides: list[str]) -> dict[str, Any]:
     return {**record, "run_dir": str(run_dir)}
 
 
-def task(cfg: DictConfig) -> None:
+def task(cfg: DictConfig) -> float:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     result = execute(cfg, run_dir, multirun=hc.mode == RunMode.MULTIRUN, overrides=list(hc.overrides.task))
     RESULTS.append(result)
+    if result.get("status") != "invalid":
+        _GUARD[0] = None  # the run stands; nothing to undo any more
+    # The objective of search sweepers (hydra/sweeper=optuna maximizes it with
+    # hydra.sweeper.direction=maximize); NaN marks a failed job as a failed trial.
+    value = (result.get("final") or {}).get("val/acc") if result.get("status") == "completed" else None
+    return float("nan") if value is None else float(value)
 
 
 def hydra_main(argv: list[str]) -> None:

@@ -31,11 +31,21 @@ from bnexp import data as data_mod
 from bnexp.config import Amp, ConfigError, ModelKind, OptimName, Schedule, config_hash, flatten, plain
 from bnexp.models import Net, build_model
 from bnexp.probes import ActivationProbe, LayerNorms, to_host
-from bnexp.tracking import Tracker, env_info, print_summary
+from bnexp.tracking import Tracker, env_info, print_summary, process_info
 
 log = logging.getLogger("bnexp")
 
 CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_FORMAT = 1
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "sampler", "rng", "state", "window", "final", "best")
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM stopped the run after a whole step, and its checkpoint is saved."""
+
+    def __init__(self, run_dir: Path, step: int):
+        super().__init__(f"{run_dir} interrupted after step {step}; checkpoint saved")
+        self.run_dir, self.step = run_dir, step
 
 
 # --------------------------------------------------------------------------- setup
@@ -69,13 +79,20 @@ def total_steps(cfg: DictConfig, n_train: int) -> int:
     return int(cfg.train.steps)
 
 
-def make_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
+def base_lr(cfg: DictConfig, batch_size: int | None) -> float:
+    """optim.lr, scaled by batch_size / optim.base_batch_size when that is set (linear scaling rule)."""
+    if cfg.get("base_batch_size") is None or batch_size is None:
+        return float(cfg.lr)
+    return float(cfg.lr) * batch_size / cfg.base_batch_size
+
+
+def make_optimizer(cfg: DictConfig, model: nn.Module, batch_size: int | None = None) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
-    name = OptimName(cfg.name)
+    name, lr = OptimName(cfg.name), base_lr(cfg, batch_size)
     if name == OptimName.sgd:
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov and cfg.momentum > 0)
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov and cfg.momentum > 0)
     cls = torch.optim.Adam if name == OptimName.adam else torch.optim.AdamW
-    return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    return cls(params, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
 
 
 def lr_factor(cfg: DictConfig, total: int) -> Callable[[int], float]:
@@ -149,8 +166,8 @@ def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, amp: Amp
     if dtype is not None:
         keep_norms_fp32(model)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == Amp.fp16)
-    # Entering torch.autocast costs ~5 us per step on CPU even when disabled
-    # (a few % of a small MLP's step): without amp, don't enter it at all.
+    # Entering torch.autocast costs 10-40 us a step on CPU even when disabled
+    # (2-7% of the BN-paper MLP's step): without amp, don't enter it at all.
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else nullcontext
 
     def forward_loss(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,19 +192,20 @@ def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, amp: Amp
     return step
 
 
-# Logits kept per logging window before it is folded (16 MB of floats).
+# Logits kept pending before they are folded (16 MB of floats).
 WINDOW_LOGITS = 1 << 22
 
 
 class PendingSteps:
-    """The logits and labels of the training steps not yet counted in the logging window.
+    """The logits and labels of the training steps not yet folded into the logging window.
 
     A step only keeps references to its logits and labels: no copy, no kernel,
     no host sync. A per-step loss, argmax and sum into running sums cost 5
     kernels a step (~10% of the BN-paper MLP's step on an H200, which is
     launch-bound), and even one copy into a preallocated buffer cost ~2% of it
-    on a 2-core CPU. :meth:`fold` counts them in one batched pass: at logging
-    steps, before a checkpoint, and whenever WINDOW_LOGITS logits are pending.
+    on a 2-core CPU. :meth:`fold` computes their losses and correct counts in
+    one batched pass: at logging steps, before a checkpoint, and whenever
+    WINDOW_LOGITS logits are pending.
     """
 
     def __init__(self, batch_size: int, num_classes: int):
@@ -195,15 +213,17 @@ class PendingSteps:
         self.logits: list[torch.Tensor] = []
         self.labels: list[torch.Tensor] = []
 
-    def add(self, logits: torch.Tensor, labels: torch.Tensor, step: int, sums: torch.Tensor) -> None:
+    def add(self, logits: torch.Tensor, labels: torch.Tensor, window: list[torch.Tensor], col: int) -> None:
         self.logits.append(logits)
         self.labels.append(labels)
         if len(self.logits) == self.limit:
-            self.fold(sums, step)
+            self.fold(window, col)
 
-    def fold(self, sums: torch.Tensor, last_step: int) -> None:
-        """Add the pending steps (the last is ``last_step``) to ``sums`` = [loss sum,
-        correct count, first step with a non-finite loss (0: none)], on the device."""
+    def fold(self, window: list[torch.Tensor], last_col: int) -> None:
+        """Write the pending steps' losses and correct counts into window[0] and
+        window[1] at columns ``last_col - n + 1 .. last_col`` (column 0: the
+        window's first step). Each step's values are the same whichever steps
+        are folded together, so a run resumed mid-window logs bit-identical values."""
         if not self.logits:
             return
         logits, labels, n = torch.stack(self.logits), torch.stack(self.labels), len(self.logits)
@@ -212,16 +232,17 @@ class PendingSteps:
         # via max(): over 10 classes, F.cross_entropy's log_softmax and argmax run
         # ~4x slower on CPU (0.5 ms a logging step for 50 steps of 60).
         losses = (logits.logsumexp(-1) - logits.gather(-1, labels[..., None]).squeeze(-1)).mean(1)
-        first_bad = torch.where(torch.isfinite(losses), n, torch.arange(n, device=losses.device)).min()
-        sums[0] += losses.sum()
-        sums[1] += (logits.max(-1).indices == labels).sum()
-        sums[2] = torch.where((sums[2] == 0) & (first_bad < n), first_bad + (last_step - n + 1), sums[2])
+        window[0][last_col - n + 1 : last_col + 1] = losses
+        window[1][last_col - n + 1 : last_col + 1] = (logits.max(-1).indices == labels).sum(1)
 
 
-def window_summary(sums: torch.Tensor, steps: int, batch_size: int) -> dict[str, torch.Tensor]:
-    """Train tags of a folded window of ``steps`` steps, and ``bad_step`` (-1: none); still on the device."""
-    loss_sum, correct, bad = sums
-    return {"train/loss": loss_sum / steps, "train/acc": correct / (steps * batch_size), "bad_step": torch.where(bad > 0, bad, -1)}
+def window_summary(window: list[torch.Tensor], steps: int, batch_size: int, first_step: int) -> dict[str, torch.Tensor]:
+    """Train tags of the window's first ``steps`` steps (the first is ``first_step``),
+    and ``bad_step``: the first step whose loss is not finite (-1: none); still on the device."""
+    losses, correct = window[0][:steps], window[1][:steps]
+    first_bad = torch.where(torch.isfinite(losses), steps, torch.arange(steps, device=losses.device)).min()
+    return {"train/loss": losses.sum() / steps, "train/acc": correct.sum() / (steps * batch_size),
+            "bad_step": torch.where(first_bad < steps, first_bad + first_step, -1)}
 
 
 @torch.inference_mode()
@@ -270,6 +291,7 @@ class LoopState:
     diverged: dict[str, Any] | None = None
     train_time: float = 0.0  # seconds spent in this run's loop, over all resumes
     last_finite: dict[str, float] = field(default_factory=dict)
+    done: bool = False  # the final eval and test are logged; only the status is left to write
 
 
 def rng_state() -> dict[str, Any]:
@@ -295,7 +317,7 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, scaler, sampler,
     from bnexp.io import atomic_write
 
     ckpt = {
-        "format": 1,
+        "format": CHECKPOINT_FORMAT,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
@@ -311,11 +333,15 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, scaler, sampler,
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """weights_only=True: a checkpoint can hold tensors and plain containers, never code."""
+    """weights_only=True: a checkpoint can hold tensors and plain containers, never code
+    (a pickle that would import or call anything is refused, not run)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  torch raises many types for a bad file
         raise ConfigError("checkpoint", f"{path} is not a readable bnexp checkpoint ({type(e).__name__}); delete it to start over") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or not all(k in ckpt for k in CHECKPOINT_KEYS):
+        raise ConfigError("checkpoint", f"{path} is not a bnexp checkpoint (format {CHECKPOINT_FORMAT} with {', '.join(CHECKPOINT_KEYS)})")
+    return ckpt
 
 
 # --------------------------------------------------------------------------- the loop
@@ -336,7 +362,7 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, extra_record: di
     model = build_model(cfg.model, cfg.norm, data.input_shape, data.num_classes).to(device)
     if ModelKind(cfg.model.kind) == ModelKind.cnn and device.type == "cuda" and data.x_train.dim() == 4:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(cfg.optim, model)
+    optimizer = make_optimizer(cfg.optim, model, t.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.optim, total))
     # A constant schedule never changes the lr: skip LambdaLR.step (~8 us, 1% of a small MLP's step on CPU).
     lr_changes = Schedule(cfg.optim.schedule) != Schedule.constant or cfg.optim.warmup_steps > 0
@@ -347,32 +373,38 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, extra_record: di
     probe = ActivationProbe(model, (data.x_val if has_val else data.x_train)[: t.probe_size])
 
     state = LoopState()
-    # The logging window's [loss sum, correct count, first non-finite step (0: none)],
-    # on the device; the steps since the last fold wait in ``pending``.
-    window = [torch.zeros(3, device=device)]
+    # The logging window on the device: each step's loss and correct count
+    # (column 0: the first step since the last logging step). Steps not yet
+    # folded in wait in ``pending``.
+    window = [torch.zeros(min(t.log_every, total), device=device) for _ in range(2)]
     pending = PendingSteps(t.batch_size, data.num_classes)
     cfg_plain = plain(cfg)
     record = {
         "status": "running", "steps": 0, "total_steps": total, "final": {}, "best": {}, "steps_to_target": None,
         "time": {"started_at": time.time()}, "env": env_info(device), "config_hash": config_hash(cfg),
-        "num_params": sum(p.numel() for p in model.parameters()), **(extra_record or {}),
+        "num_params": sum(p.numel() for p in model.parameters()), "process": process_info(), **(extra_record or {}),
     }
     purge_step = None
     ckpt_path = run_dir / CHECKPOINT
     if resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        train_step.scaler.load_state_dict(ckpt["scaler"])
-        sampler.load_state_dict(ckpt["sampler"])
-        set_rng_state(ckpt["rng"])
-        state = LoopState(**ckpt["state"])
-        for w, saved in zip(window, ckpt["window"]):
-            w.copy_(saved)
-        record.update(final=ckpt["final"], best=ckpt["best"], steps_to_target=state.steps_to_target, resumed_from=state.step)
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            train_step.scaler.load_state_dict(ckpt["scaler"])
+            sampler.load_state_dict(ckpt["sampler"])
+            set_rng_state(ckpt["rng"])
+            state = LoopState(**ckpt["state"])
+            for w, saved in zip(window, ckpt["window"], strict=True):
+                w.copy_(saved)
+        except (RuntimeError, KeyError, TypeError, ValueError) as e:
+            raise ConfigError("checkpoint", f"{ckpt_path} does not fit this run's config ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        record.update(final=ckpt["final"], best=ckpt["best"], steps_to_target=state.steps_to_target, resumed_from=state.step, steps=state.step)
         purge_step = state.step + 1  # drop events logged after the checkpoint by the dead run
         log.info("resuming %s from step %d", run_dir, state.step)
+    elif any(run_dir.glob("events.out.tfevents.*")):
+        purge_step = 0  # a restart from scratch: TensorBoard drops the earlier attempt's events
 
     hparams = flatten(cfg_plain)
     tracker = Tracker(run_dir, cfg_plain, hparams, total, device, record, purge_step=purge_step)
@@ -383,8 +415,12 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, extra_record: di
     window_t0 = time.perf_counter()
 
     def save() -> None:
+        # Events first, then the checkpoint: a run killed later resumes from
+        # here, and purge_step drops only events logged after this step.
         state.train_time = time.perf_counter() - t0
-        pending.fold(window[0], state.step)
+        pending.fold(window, state.step - state.window_start_step - 1)  # into the checkpointed window
+        tracker.writer.flush()
+        tracker.record.write(steps=state.step, final=tracker.final, best=tracker.best, steps_to_target=state.steps_to_target)
         save_checkpoint(run_dir, model, optimizer, scheduler, train_step.scaler, sampler, state, window, tracker)
 
     def eval_and_probe(step: int) -> None:
@@ -407,21 +443,25 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, extra_record: di
                 idx = sampler.next()
                 y = y_train[idx]
                 _, logits = train_step(x_train[idx], y)
-                pending.add(logits, y, step, window[0])
+                pending.add(logits, y, window, step - state.window_start_step - 1)
                 if lr_changes:
                     scheduler.step()
                 state.step = step
 
                 if step % log_every == 0 or step == total:
-                    pending.fold(window[0], step)
                     n_steps = step - state.window_start_step
-                    values = window_summary(window[0], n_steps, len(idx))
+                    pending.fold(window, n_steps - 1)
+                    values = window_summary(window, n_steps, len(idx), state.window_start_step + 1)
                     values.update(layer_norms.grad_norms())
                     values.update(layer_norms.weight_norms())
                     host = to_host(values)
                     bad_step = int(host.pop("bad_step"))
-                    if bad_step >= 0 or not math.isfinite(host["grad_norm/total"]):
-                        state.diverged = {"step": bad_step if bad_step >= 0 else step,
+                    # fp16's GradScaler skips steps with inf gradients by design; its loss check suffices.
+                    bad_grad = not math.isfinite(host["grad_norm/total"]) and not train_step.scaler.is_enabled()
+                    if bad_step >= 0 or bad_grad:
+                        # The values of the last logging step before it (none if it broke within the first window).
+                        state.diverged = {"step": bad_step if bad_step >= 0 else step, "detected_at": step,
+                                          "last_finite_step": state.window_start_step or None,
                                           "last_finite": {k: v for k, v in tracker.final.items()}}
                         tracker.scalars(step, host)
                         status = "diverged"
@@ -432,7 +472,6 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, extra_record: di
                                  "time/samples_per_sec": n_steps * t.batch_size / elapsed,
                                  "time/steps_per_sec": n_steps / elapsed, "time/elapsed_sec": time.perf_counter() - t0})
                     tracker.scalars(step, host)
-                    window[0].zero_()
                     state.window_start_step = step
                     window_t0 = time.perf_counter()
                 if step % eval_every == 0 and step != total:
@@ -446,10 +485,11 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, extra_record: di
             else:
                 status = "completed"
 
-        if status == "completed":
+        if status == "completed" and not state.done:
             eval_and_probe(total)
             test = evaluate(model, data.x_test, data.y_test, t.eval_batch_size)
             tracker.scalars(total, to_host({f"test/{k}": v for k, v in test.items()}), is_eval=True)
+            state.done = True
         if status in ("completed", "interrupted"):
             save()
     except BaseException as e:
@@ -466,5 +506,5 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, extra_record: di
         tracker.close(status)
     print_summary(tracker.record.data, run_dir)
     if status == "interrupted":
-        raise KeyboardInterrupt
+        raise RunInterrupted(run_dir, state.step)
     return tracker.record.data

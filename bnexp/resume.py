@@ -1,0 +1,75 @@
+"""``bnexp resume RUN_DIR``: continue an interrupted or killed run from its checkpoint.
+
+A run directory holds everything needed to continue it: the config Hydra saved
+(``.hydra/config.yaml``), the record (``metrics.json``) and the last checkpoint
+(``checkpoint.pt``). Resuming needs no Hydra composition: the saved config is
+merged onto the typed schema (as ``bnexp reproduce`` does) and handed to
+:func:`bnexp.train.train` with ``resume=True``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from bnexp.config import ConfigError, config_hash
+from bnexp.tracking import read_record, run_is_alive
+
+log = logging.getLogger("bnexp")
+
+LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's job_logging format
+
+
+def check_resumable(run_dir: str | Path) -> tuple[DictConfig, dict[str, Any]]:
+    """Everything ``bnexp resume`` checks before it touches the run: returns the
+    saved config and metrics.json, or raises ConfigError saying what is wrong."""
+    from bnexp.reproduce import load_saved_config
+    from bnexp.train import CHECKPOINT, load_checkpoint
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError("RUN_DIR", f"{run_dir} is not a directory; allowed: a run directory (runs/<name>/<time>/...)")
+    record = read_record(run_dir)
+    if not isinstance(record, dict):
+        raise ConfigError("RUN_DIR", f"{run_dir} is not a bnexp run directory (no readable metrics.json); `bnexp runs` lists run directories")
+    status = record.get("status")
+    if status in ("completed", "diverged"):
+        raise ConfigError("RUN_DIR", f"{run_dir} already finished (status {status}); nothing to resume")
+    if run_is_alive(record):
+        proc = record.get("process") or {}
+        raise ConfigError("RUN_DIR", f"{run_dir} is being trained right now by pid {proc.get('pid')} on {proc.get('host')}; nothing to resume")
+    cfg = load_saved_config(run_dir)  # fits the schema; data files and device still there
+    if record.get("config_hash") not in (None, config_hash(cfg)):
+        raise ConfigError("RUN_DIR", f"{run_dir}/.hydra/config.yaml no longer matches the run in metrics.json (config hash {record['config_hash']})")
+    if not (run_dir / CHECKPOINT).is_file():
+        raise ConfigError("RUN_DIR", f"{run_dir} has no {CHECKPOINT} (status {status}); nothing to resume from, train it again instead")
+    load_checkpoint(run_dir / CHECKPOINT)  # readable, tensors only, bnexp's format
+    return cfg, record
+
+
+def _log_to(run_dir: Path) -> None:
+    """Log like a Hydra job: to the console and, appended, to the run's own log file."""
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    formatter = logging.Formatter(LOG_FORMAT)
+    # delay=True: the file is opened on the first record, so a resume refused while setting up leaves it alone.
+    for handler in (logging.StreamHandler(), logging.FileHandler(run_dir / "bnexp.log", mode="a", delay=True)):
+        handler.setFormatter(formatter)
+        root.addHandler(handler)
+
+
+def resume(run_dir: str | Path) -> dict[str, Any]:
+    """Continue ``run_dir`` from its checkpoint; returns the final metrics.json record.
+
+    Raises ConfigError before anything is written if the run cannot be resumed;
+    RunInterrupted (a KeyboardInterrupt) if it is interrupted again.
+    """
+    from bnexp.train import train
+
+    run_dir = Path(run_dir).resolve()
+    cfg, record = check_resumable(run_dir)
+    _log_to(run_dir)
+    return train(cfg, run_dir, resume=True, extra_record={"overrides": record.get("overrides", [])})

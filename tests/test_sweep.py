@@ -1,0 +1,242 @@
+"""`bnexp sweep` end to end: run dirs, skip-done, failure isolation, launchers and
+sweepers, TensorBoard's own view of a sweep; `bnexp reproduce`, `runs` and `tb`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bnexp.runs import load_scalars
+from tests.conftest import REPO, run_cli
+
+PLACEMENTS = ("pre", "post", "none")
+# 20 steps with an eval every 10: enough for curves, seed bands and a test metric.
+TINY = ("train.steps=20", "train.eval_every=10", "train.log_every=10", "train.progress=false")
+ENV = {
+    # One intra-op thread: these networks are too small to gain from torch's
+    # thread pool, which on a small shared CPU costs several times its worth.
+    "OMP_NUM_THREADS": "1",
+    "COLUMNS": "200",  # each Rich table row on one line, easy to search
+}
+
+
+def bnexp(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return run_cli(list(args), cwd, timeout=180, env=ENV)
+
+
+def job_dirs(sweep_dir: Path) -> list[Path]:
+    return sorted(p.parent for p in sweep_dir.glob("*/metrics.json"))
+
+
+# Deterministic on the CPU, so that `bnexp reproduce` of any job must match it exactly.
+EXACT = ("train.deterministic=true", "train.device=cpu")
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """norm.placement=pre,post,none x seed=0,1,2: nine tiny jobs in sw/."""
+    cwd = tmp_path_factory.mktemp("sweep")
+    r = bnexp("sweep", "norm.placement=pre,post,none", "seed=0,1,2", *TINY, *EXACT, "hydra.sweep.dir=sw", cwd=cwd)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return cwd / "sw", r
+
+
+def test_sweep_makes_one_run_dir_per_job_named_by_its_overrides_with_seed_last(sweep):
+    sweep_dir, r = sweep
+    dirs = job_dirs(sweep_dir)
+    expected = {f"norm.placement={p},train.deterministic=True,train.device=cpu,train.eval_every=10,train.log_every=10,train.steps=20,seed={s}"
+                for p in PLACEMENTS for s in range(3)}
+    assert {d.name for d in dirs} == expected
+    for d in dirs:
+        record = json.loads((d / "metrics.json").read_text())
+        assert record["status"] == "completed" and record["steps"] == 20
+        assert (d / ".hydra" / "config.yaml").is_file() and list(d.glob("events.out.tfevents.*"))
+    assert "9 jobs: 9 completed" in r.stdout
+    assert "norm.placement=pre seed=2" in r.stdout  # the job column: what varies, seed last
+    assert "comparison (mean ± std over seeds)" in r.stdout
+
+
+def test_rerunning_a_sweep_into_the_same_sweep_dir_skips_every_completed_job(sweep):
+    sweep_dir, _ = sweep
+    before = {d.name: (d / "metrics.json").read_text() for d in job_dirs(sweep_dir)}
+    r = bnexp("sweep", "norm.placement=pre,post,none", "seed=0,1,2", *TINY, *EXACT, f"hydra.sweep.dir={sweep_dir}", cwd=sweep_dir.parent)
+    assert r.returncode == 0, r.stderr
+    assert "9 jobs: 9 skipped" in r.stdout
+    assert {d.name: (d / "metrics.json").read_text() for d in job_dirs(sweep_dir)} == before
+
+
+def test_report_on_the_sweep_shows_three_placement_groups_of_three_seeds(sweep):
+    sweep_dir, _ = sweep
+    r = bnexp("report", str(sweep_dir), "--format", "json", cwd=sweep_dir.parent)
+    assert r.returncode == 0, r.stderr
+    groups = json.loads(r.stdout)["groups"]
+    assert [g["group"] for g in groups] == ["norm.placement=none", "norm.placement=post", "norm.placement=pre"]
+    for g in groups:
+        assert g["n"] == 3 and g["status"] == {"completed": 3}
+        finals = [json.loads((Path(p) / "metrics.json").read_text())["final"]["val/acc"] for p in g["runs"]]
+        assert g["metrics"]["val/acc"]["n"] == 3
+        assert g["metrics"]["val/acc"]["mean"] == pytest.approx(statistics.mean(finals))
+        assert g["metrics"]["val/acc"]["std"] == pytest.approx(statistics.stdev(finals))
+
+
+def test_aggregate_runs_hold_the_seed_mean_and_mean_plus_minus_std_per_step(sweep):
+    sweep_dir, _ = sweep
+    assert sorted(p.name for p in (sweep_dir / "aggregate").iterdir()) == [f"norm.placement={p}" for p in sorted(PLACEMENTS)]
+    band = load_scalars(sweep_dir / "aggregate" / "norm.placement=pre")
+    seeds = [dict(load_scalars(d)["val/acc"]) for d in job_dirs(sweep_dir) if "placement=pre," in d.name]
+    assert [s for s, _ in band["val/acc"]] == [10, 20]
+    for (step, mean), (_, lo), (_, hi) in zip(band["val/acc"], band["val/acc/mean-std"], band["val/acc/mean+std"]):
+        values = [s[step] for s in seeds]
+        assert mean == pytest.approx(statistics.mean(values), abs=1e-6)
+        assert hi - mean == pytest.approx(statistics.stdev(values), abs=1e-6)
+        assert mean - lo == pytest.approx(statistics.stdev(values), abs=1e-6)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(port: int, route: str, body: dict) -> dict:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{route}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    return json.loads(urllib.request.urlopen(req, timeout=10).read())
+
+
+def test_tensorboard_started_by_bnexp_tb_lists_every_run_in_its_hparams_plugin(sweep):
+    sweep_dir, _ = sweep
+    jobs = {d.name: json.loads((d / "metrics.json").read_text()) for d in job_dirs(sweep_dir)}
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "bnexp.cli", "tb", str(sweep_dir), "--port", str(port)],
+                              env={**os.environ, "PYTHONPATH": str(REPO), **ENV}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    statuses = ["STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING", "STATUS_UNKNOWN"]
+    request = {"experimentName": "", "allowedStatuses": statuses, "colParams": [], "startIndex": 0, "sliceSize": 100}
+    try:
+        deadline, groups = time.monotonic() + 60, []
+        while time.monotonic() < deadline:
+            try:
+                groups = _post(port, "/data/plugin/hparams/session_groups", request).get("sessionGroups", [])
+                if sum(len(g["sessions"]) for g in groups) == len(jobs):
+                    break
+            except OSError:
+                pass
+            time.sleep(0.3)
+        experiment = _post(port, "/data/plugin/hparams/experiment", {"experimentName": ""})
+        runs = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/data/runs", timeout=10).read())
+        layout = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/data/plugin/custom_scalars/layout", timeout=10).read())
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+    # The sweep root's experiment config: every swept key with its values, and the metrics.
+    infos = {h["name"]: h for h in experiment["hparamInfos"]}
+    assert infos["norm.placement"]["domainDiscrete"] == ["none", "post", "pre"]
+    assert infos["seed"]["domainDiscrete"] == [0, 1, 2]
+    assert {"val/acc", "val/loss", "test/acc", "test/loss", "train/loss"} <= {m["name"]["tag"] for m in experiment["metricInfos"]}
+    # Every job is one session with its hparams, status and final metrics.
+    sessions = {s["name"]: (g, s) for g in groups for s in g["sessions"]}
+    assert set(sessions) == set(jobs)
+    for name, (group, session) in sessions.items():
+        assert session["status"] == "STATUS_SUCCESS"
+        assert group["hparams"]["norm.placement"] == name.split(",")[0].removeprefix("norm.placement=")
+        values = {m["name"]["tag"]: m["value"] for m in session["metricValues"]}
+        assert values["val/acc"] == pytest.approx(jobs[name]["final"]["val/acc"])
+        assert values["test/acc"] == pytest.approx(jobs[name]["final"]["test/acc"])
+    # No stray sub-run per job: the jobs, the seed bands and the sweep root ("."), nothing else.
+    assert set(runs) == set(jobs) | {f"aggregate/norm.placement={p}" for p in PLACEMENTS} | {"."}
+    charts = {c["title"]: c for cat in layout["category"] for c in cat["chart"] if "margin" in c}
+    assert charts["val/acc"]["margin"]["series"] == [{"value": "val/acc", "lower": "val/acc/mean-std", "upper": "val/acc/mean+std"}]
+
+
+def test_a_sweep_with_one_impossible_job_completes_the_others_reports_it_and_exits_1(tmp_path):
+    # norm.groups=7 divides no hidden width (100): only the norm=group job is impossible.
+    # Through the joblib launcher, so the jobs run in worker processes and the
+    # summary must come from what they left on disk.
+    r = bnexp("sweep", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "norm=batch,group", "norm.groups=7", *TINY,
+              "hydra.sweep.dir=sw", cwd=tmp_path)
+    assert r.returncode == 1, r.stdout + r.stderr
+    records = {d.name.split(",")[1]: json.loads((d / "metrics.json").read_text()) for d in job_dirs(tmp_path / "sw")}
+    assert records["norm=batch"]["status"] == "completed"
+    assert records["norm=group"]["status"] == "failed" and "norm.groups" in records["norm=group"]["error"]
+    assert "2 jobs: 1 completed, 1 failed" in r.stdout
+    assert "does not divide hidden layer 0's width 100" in r.stdout
+    # Event files are named events.out.tfevents.<time>.<host>.<pid>.<n>: the job
+    # ran in a worker process, the sweep root's records were written by the main one.
+    pid = lambda event_file: event_file.name.split(".")[5]  # noqa: E731
+    (root,) = (tmp_path / "sw").glob("events.out.tfevents.*.bnexp-sweep")
+    job_pids = {pid(f) for d in job_dirs(tmp_path / "sw") for f in d.glob("events.out.tfevents.*")}
+    assert job_pids and pid(root) not in job_pids
+    assert [p.name for p in (tmp_path / "sw" / "aggregate").iterdir()] == ["norm.kind=batch"]
+
+
+def test_optuna_sweeper_gets_val_acc_as_the_objective(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="extra `optuna` not installed")
+    r = bnexp("sweep", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.direction=maximize",
+              "optim.lr=interval(0.01,0.2)", *TINY, "hydra.sweep.dir=sw", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    best = yaml.safe_load((tmp_path / "sw" / "optimization_results.yaml").read_text())["best_value"]
+    accs = [json.loads((d / "metrics.json").read_text())["final"]["val/acc"] for d in job_dirs(tmp_path / "sw")]
+    assert len(accs) == 2 and best == pytest.approx(max(accs))
+
+
+def test_reproduce_of_a_deterministic_cpu_run_gives_identical_metrics(sweep, tmp_path):
+    orig = job_dirs(sweep[0])[0]
+    r = bnexp("reproduce", str(orig), "--out", "again", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "identical: every metric matches exactly" in r.stdout
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (orig, tmp_path / "again"))
+    untimed = lambda final: {k: v for k, v in final.items() if not k.startswith("time/")}  # noqa: E731
+    assert untimed(b["final"]) == untimed(a["final"]) and b["best"] == a["best"]
+    assert b["reproduce_of"] == str(orig.resolve()) and b["config_hash"] == a["config_hash"]
+    assert (tmp_path / "again" / ".hydra" / "config.yaml").read_text() == (orig / ".hydra" / "config.yaml").read_text()
+
+
+def test_reproduce_writes_next_to_runs_reproduce_by_default(sweep, tmp_path):
+    orig = job_dirs(sweep[0])[0]
+    r = bnexp("reproduce", str(orig), "train.steps=10", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (new,) = (tmp_path / "runs" / "reproduce").glob(f"*/{orig.name}")
+    assert json.loads((new / "metrics.json").read_text())["steps"] == 10
+    assert (new / ".hydra" / "overrides.yaml").read_text().rstrip().endswith("- train.steps=10")
+    assert "differs" in r.stdout
+
+
+def test_reproduce_of_a_directory_that_is_not_a_run_exits_2_with_one_line(tmp_path):
+    r = bnexp("reproduce", str(tmp_path), cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "is not a run directory" in r.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_runs_lists_each_run_and_shows_a_running_run_without_heartbeat_as_dead(sweep, tmp_path):
+    sweep_dir, _ = sweep
+    src = job_dirs(sweep_dir)[0]
+    shutil.copytree(src, tmp_path / "runs" / "crashed")
+    record = json.loads((src / "metrics.json").read_text())
+    record["status"] = "running"
+    record["time"]["heartbeat"] = time.time() - 3600
+    (tmp_path / "runs" / "crashed" / "metrics.json").write_text(json.dumps(record))
+    shutil.copytree(src, tmp_path / "runs" / "fine")
+    r = bnexp("runs", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    lines = {line.split()[1]: line for line in r.stdout.splitlines() if line.startswith("│")}
+    assert "dead (no heartbeat)" in lines["crashed"]
+    assert "completed" in lines["fine"] and "20/20" in lines["fine"]
+
+
+def test_a_bad_override_exits_2_with_the_allowed_values_and_leaves_no_sweep_directory(tmp_path):
+    r = bnexp("sweep", "norm.placement=pre,bogus", *TINY, cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip() == "error: norm.placement: Invalid value 'bogus', expected one of [pre, post, none]"
+    assert list(tmp_path.iterdir()) == []
