@@ -200,7 +200,7 @@ def execute(cfg: DictConfig, run_dir: Path, multirun: bool, overrides: list[str]
             log.error("not run: %s", problem)
             return {"status": "failed", "error": problem, "steps": 0, "final": {}, "best": {}, "overrides": overrides, "run_dir": str(run_dir)}
         resume = same and (run_dir / CHECKPOINT).exists() and existing.get("status") in ("running", "interrupted", "failed")
-        result = train(cfg, run_dir, resume=resume, extra_record={"overrides": overrides})
+        result = train(cfg, run_dir, resume=resume, extra_record={"overrides": overrides}, summary=not multirun)
         return {**result, "run_dir": str(run_dir)}
     except ConfigError as e:
         if not multirun:

@@ -347,7 +347,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------- the loop
 
 
-def train(cfg: DictConfig, run_dir: Path, resume: bool = False, extra_record: dict[str, Any] | None = None) -> dict[str, Any]:
+def train(cfg: DictConfig, run_dir: Path, resume: bool = False, extra_record: dict[str, Any] | None = None,
+          summary: bool = True) -> dict[str, Any]:
     """Train ``cfg`` into ``run_dir``; returns the metrics.json record.
 
     Raises ConfigError for problems found while setting up (data, sizes), before
@@ -504,7 +505,8 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, extra_record: di
             time={**tracker.record.data["time"], "wall_sec": wall, "steps_per_sec": state.step / max(wall, 1e-9), "finished_at": time.time()},
         )
         tracker.close(status)
-    print_summary(tracker.record.data, run_dir)
+    if summary:  # a sweep prints one table of all its jobs instead
+        print_summary(tracker.record.data, run_dir)
     if status == "interrupted":
         raise RunInterrupted(run_dir, state.step)
     return tracker.record.data
