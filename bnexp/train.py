@@ -67,7 +67,9 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
     else:
-        torch.use_deterministic_algorithms(False)
+        # Only switch it off when on: the call imports torch._dynamo (~1.2 s of startup).
+        if torch.are_deterministic_algorithms_enabled():
+            torch.use_deterministic_algorithms(False)
         torch.backends.cudnn.benchmark = True
 
 
