@@ -29,7 +29,13 @@ def load_saved_config(run_dir: Path, overrides: list[str] | None = None) -> Dict
         return " ".join(str(e).split("\n")[0].split())
 
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(run_dir / CONFIG))
+        # Keys a run added with Hydra's `+key=value` are part of its saved config:
+        # accept them here (types of known keys are still checked), then close
+        # the config again so that a mistyped override below is rejected.
+        schema = OmegaConf.structured(Config)
+        OmegaConf.set_struct(schema, False)
+        cfg = OmegaConf.merge(schema, OmegaConf.load(run_dir / CONFIG))
+        OmegaConf.set_struct(cfg, True)
     except Exception as e:  # noqa: BLE001  OmegaConf's validation and YAML errors
         raise ConfigError(getattr(e, "full_key", None) or str(run_dir / CONFIG), f"saved config does not fit the schema: {one_line(e)}") from None
     try:

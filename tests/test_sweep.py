@@ -240,3 +240,14 @@ def test_a_bad_override_exits_2_with_the_allowed_values_and_leaves_no_sweep_dire
     assert r.returncode == 2
     assert r.stderr.strip() == "error: norm.placement: Invalid value 'bogus', expected one of [pre, post, none]"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_reproduce_accepts_a_run_made_with_an_added_key_but_rejects_unknown_overrides(tmp_path):
+    made = bnexp("train", "+notes_extra=hello", "train.steps=10", "train.log_every=5", "train.eval_every=5",
+                 "model.hidden=[8]", "train.progress=false", "hydra.run.dir=orig", cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    again = bnexp("reproduce", "orig", "--out", "again", cwd=tmp_path)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "hello" in (tmp_path / "again" / ".hydra" / "config.yaml").read_text()
+    typo = bnexp("reproduce", "orig", "--out", "typo", "train.stepz=5", cwd=tmp_path)
+    assert typo.returncode == 2 and "train.stepz" in typo.stderr and not (tmp_path / "typo").exists()
