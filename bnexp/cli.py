@@ -104,8 +104,10 @@ def _run_hydra(argv: list[str]) -> list[dict]:
     except (HydraException, OmegaConfBaseException) as e:
         raise fail(_hydra_error_line(e)) from None
     except KeyboardInterrupt as e:
-        if hydra_app.SWEEP_DIRS:
-            again = f"rerun the same sweep with hydra.sweep.dir={hydra_app.SWEEP_DIRS[-1]} to continue it"
+        from bnexp.sweep import STARTED
+
+        if "--multirun" in argv and STARTED:
+            again = f"rerun the same sweep with hydra.sweep.dir={STARTED[-1].dir} to continue it"
         else:
             again = "`bnexp resume RUN_DIR` continues a run from its checkpoint"
         raise _interrupted(e, again) from None
@@ -171,24 +173,30 @@ def resume(run_dir: Path = typer.Argument(..., help="the run directory (holds .h
     steps. Completed or diverged runs, runs a live process is training, and
     directories without a readable checkpoint are refused (exit 2, nothing touched).
     """
+    from bnexp.resume import resume as resume_run
+
+    _train_outside_hydra(lambda: resume_run(run_dir), run_dir, f"`bnexp resume {run_dir}` continues it")
+
+
+def _train_outside_hydra(call, run_dir: Path, again: str):
+    """Run ``call()``, a training that bypasses Hydra (resume, reproduce), and map
+    its outcome to exit codes the way `bnexp train` does: 2 bad input, 130
+    interrupted (saying how to continue), 1 failed (the traceback goes to the log)."""
     import logging
     import traceback
 
     from bnexp.config import ConfigError
-    from bnexp.resume import resume as resume_run
 
     _sigterm_interrupts()
     try:
-        record = resume_run(run_dir)
+        return call()
     except ConfigError as e:
         raise fail(str(e)) from None
     except KeyboardInterrupt as e:
-        raise _interrupted(e, f"`bnexp resume {run_dir}` continues it") from None
+        raise _interrupted(e, again) from None
     except Exception as e:  # noqa: BLE001  the run is marked failed; the log has the traceback
         logging.getLogger("bnexp").error("run failed: %s\n%s", e, traceback.format_exc())
         raise fail(f"run failed: {type(e).__name__}: {e} (see {run_dir}/bnexp.log)", EXIT_FAILED) from None
-    if record.get("status") == "failed":
-        raise fail(f"run failed: {record.get('error')} (see {run_dir})", EXIT_FAILED)
 
 
 class Format(str, Enum):
@@ -227,11 +235,12 @@ def report(
     for k in by or []:
         if k not in keys:
             raise fail(f"--by {k}: not a config key of these runs; keys that differ: {', '.join(rep.differing_keys(usable)) or 'none'}")
-    metrics = list(metric) if metric else list(rep.DEFAULT_METRICS)
     known = rep.available_metrics(usable)
-    for m in metrics:
+    for m in metric or []:
         if m not in known:
             raise fail(f"--metric {m}: no run has it; allowed: {', '.join(known)}")
+    # Defaults no run has yet (no test/acc while every run is still running) are left out.
+    metrics = list(metric) if metric else [m for m in rep.DEFAULT_METRICS if m in known]
     groups = rep.aggregate(rep.group_runs(usable, by), metrics)
     console = rep.console()
     problems = [f"unreadable: {r.path}: {r.problem}" for r in unreadable]
@@ -274,21 +283,17 @@ def reproduce(
     import logging
 
     from bnexp import reproduce as rp
-    from bnexp.config import ConfigError
-    from bnexp.runs import read_run
+    from bnexp.record import read_record
+    from bnexp.resume import LOG_FORMAT
 
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     overrides = list(ctx.args)
     if any("=" not in o or o.startswith(("+", "~", "-")) for o in overrides):
         raise fail(f"reproduce takes key=value changes to the saved config; got {' '.join(overrides)}")
-    original = read_run(run_dir).metrics or {}
-    try:
-        new_dir, record = rp.reproduce(run_dir, out, overrides)
-    except ConfigError as e:
-        raise fail(str(e)) from None
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+    original = read_record(run_dir) or {}
+    out = out or rp.default_out_dir(run_dir)
+    new_dir, record = _train_outside_hydra(lambda: rp.reproduce(run_dir, out, overrides), out,
+                                           f"`bnexp resume {out}` continues the new run")
     rows = rp.differences(original, record)
     from bnexp.report import console as make_console
 
@@ -296,8 +301,6 @@ def reproduce(
     console.print(rp.differences_table(rows, f"{run_dir} -> {new_dir}"))
     verdict = "identical: every metric matches exactly" if rp.identical(rows) else "differs (see the difference column)"
     console.print(f"{verdict}; timing (time/*) is not compared", highlight=False)
-    if record.get("status") == "failed":
-        raise typer.Exit(EXIT_FAILED)
 
 
 @app.command("runs")

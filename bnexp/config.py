@@ -235,13 +235,21 @@ def plain(cfg: DictConfig) -> dict:
     return json.loads(json.dumps(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)))
 
 
+# Keys that change what a run logs or shows, never its results: config_hash
+# ignores them, and reports never group runs by them.
+NON_RESULT_KEYS = ("notes", "train.progress", "train.log_every", "train.eval_every", "train.checkpoint_every")
+
+
 def config_hash(cfg: DictConfig | dict) -> str:
-    """A stable hash of the composed config, ignoring keys that change no result."""
+    """A stable hash of the composed config, ignoring NON_RESULT_KEYS."""
     d = plain(cfg) if not isinstance(cfg, dict) else dict(cfg)
     d = json.loads(json.dumps(d))
-    for key in ("progress", "log_every", "eval_every", "checkpoint_every"):
-        d.get("train", {}).pop(key, None)
-    d.pop("notes", None)
+    for key in NON_RESULT_KEYS:
+        *parents, leaf = key.split(".")
+        node = d
+        for p in parents:
+            node = node.get(p, {})
+        node.pop(leaf, None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -286,6 +294,12 @@ def hidden_norm_indices(norm_layers: Any, n_hidden: int) -> list[int]:
 
 def steps_per_epoch(n_train: int, batch_size: int) -> int:
     return max(1, n_train // batch_size)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def validate(cfg: DictConfig) -> None:
@@ -353,11 +367,11 @@ def validate(cfg: DictConfig) -> None:
     if dev.startswith("cuda"):
         import torch
 
-        if not torch.cuda.is_available():
+        if not _cuda_available():
             raise ConfigError("train.device", f"{dev} asked for, but no CUDA device is available here; allowed: auto or cpu")
         if ":" in dev and int(dev[5:]) >= torch.cuda.device_count():
             raise ConfigError("train.device", f"{dev} asked for, but this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if t.amp == Amp.fp16 and dev == "cpu":
+    if t.amp == Amp.fp16 and (dev == "cpu" or (dev == "auto" and not _cuda_available())):
         raise ConfigError("train.amp", "fp16 autocast needs a GPU; allowed on CPU: none, bf16")
     from bnexp import data as data_mod
 

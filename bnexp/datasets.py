@@ -153,11 +153,8 @@ def load_arrays(name: str, root: str, download: bool) -> dict:
 def _md5(path: Path) -> str:
     import hashlib
 
-    h = hashlib.md5()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "md5").hexdigest()
 
 
 def _ensure_file(name: str, folder: Path, fname: str, download: bool) -> Path:
@@ -192,14 +189,15 @@ def _ensure_file(name: str, folder: Path, fname: str, download: bool) -> Path:
 def _download(name: str, folder: Path, fname: str) -> None:
     """Fetch fname into folder from the first mirror that serves it with the right MD5.
 
-    Streams into a hidden temporary file in the same folder and renames it into place
-    only once the MD5 matches, so an interrupted or corrupt download never looks like
-    a real file. The temporary name is unique, so parallel runs (Hydra multirun) that
-    download the same file at once do not clobber each other; os.replace is atomic.
+    Streams through bnexp.io.atomic_write (a unique hidden temporary file in the same
+    folder, renamed into place only if writing succeeds), and fails the write when the
+    MD5 differs, so an interrupted or corrupt download never looks like a real file and
+    parallel runs (Hydra multirun) downloading the same file do not clobber each other.
     """
     import hashlib
-    import tempfile
     import urllib.request
+
+    from bnexp.io import atomic_write
 
     expected = CHECKSUMS[name][fname]
     try:
@@ -209,27 +207,25 @@ def _download(name: str, folder: Path, fname: str) -> None:
     mirrors = MIRRORS.get(name) or []
     if not mirrors:
         raise DataError(f"no download mirror configured for {_DISPLAY[name]}; put {fname} in {folder} yourself")
+
     failures = []
     for base in mirrors:
         url = base.rstrip("/") + "/" + fname
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{fname}.", suffix=".part", dir=folder)
-        tmp = Path(tmp_name)
-        try:
+
+        def fetch(out) -> None:
             h = hashlib.md5()
-            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as resp:
+            with urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as resp:
                 for chunk in iter(lambda: resp.read(1 << 20), b""):
                     h.update(chunk)
                     out.write(chunk)
-            actual = h.hexdigest()
-            if actual != expected:
-                failures.append(f"{url} gave MD5 {actual}, expected {expected}")
-                continue
-            os.replace(tmp, folder / fname)
+            if h.hexdigest() != expected:
+                raise ValueError(f"gave MD5 {h.hexdigest()}, expected {expected}")
+
+        try:
+            atomic_write(folder / fname, fetch, mode="wb")
             return
-        except Exception as e:  # network, HTTP, disk: try the next mirror, report them all
+        except Exception as e:  # network, HTTP, disk, checksum: try the next mirror, report them all
             failures.append(f"{url}: {e}")
-        finally:
-            tmp.unlink(missing_ok=True)  # no-op after a successful os.replace
     raise DataError(
         f"could not download {fname} for {_DISPLAY[name]} into {folder}: {'; '.join(failures)}; "
         f"check the network, or put the file there yourself"

@@ -24,15 +24,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from bnexp.config import ConfigError, config_dir, config_hash, register_configs, validate
 from bnexp.io import write_json
-from bnexp.tracking import read_record, run_is_alive
+from bnexp.record import read_record, run_is_alive
 
 log = logging.getLogger("bnexp")
 
 # Results of the jobs run in this process (the basic launcher, `bnexp train`).
 # Jobs in other processes (joblib, SLURM) are read back from their metrics.json.
 RESULTS: list[dict[str, Any]] = []
-# The sweep directories of multiruns started in this process.
-SWEEP_DIRS: list[Path] = []
 # For `bnexp train`: what to undo if the config turns out to be invalid after
 # Hydra wrote into the run directory (see RunDirGuard).
 _GUARD: list["RunDirGuard | None"] = [None]
@@ -136,13 +134,13 @@ def undo_run_dir() -> None:
         guard.undo()
 
 
-def existing_run_problem(run_dir: Path, cfg: DictConfig) -> str | None:
+def existing_run_problem(run_dir: Path, cfg: DictConfig, existing: dict[str, Any] | None = None) -> str | None:
     """Why ``cfg`` must not be trained into ``run_dir`` as things stand, or None.
 
     Another live process trains it, or it holds a run of a different config
     (training over it would mix two runs' event files and lose the first).
     """
-    existing = read_record(run_dir)
+    existing = existing if existing is not None else read_record(run_dir)
     if existing is None or existing.get("config_hash") is None:
         return None
     if run_is_alive(existing):
@@ -173,12 +171,6 @@ class ValidateCallback(Callback):
         _GUARD[0] = RunDirGuard(run_dir, str(config.hydra.job.name))
 
 
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        # hydra.sweep.dir interpolates hydra:runtime.choices, which needs HydraConfig set.
-        HydraConfig.instance().set_config(config)
-        SWEEP_DIRS.append(Path(config.hydra.sweep.dir).resolve())
-
-
 def execute(cfg: DictConfig, run_dir: Path, multirun: bool, overrides: list[str]) -> dict[str, Any]:
     """Run one job into ``run_dir``: skip it if done, resume it if unfinished, else train."""
     from bnexp.train import CHECKPOINT, train
@@ -190,7 +182,7 @@ def execute(cfg: DictConfig, run_dir: Path, multirun: bool, overrides: list[str]
         if same and existing.get("status") in ("completed", "diverged"):
             log.info("skipping %s: %s earlier with the same config", run_dir, existing["status"])
             return {**existing, "skipped": True, "run_dir": str(run_dir)}
-        problem = existing_run_problem(run_dir, cfg)
+        problem = existing_run_problem(run_dir, cfg, existing)
         if problem and same:  # live elsewhere: leave it to that process, touch nothing
             log.warning("skipping: %s", problem)
             return {**existing, "skipped": True, "run_dir": str(run_dir)}

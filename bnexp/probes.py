@@ -33,24 +33,24 @@ class LayerNorms:
         self.names = list(layers)
         self.params = [p for ps in layers.values() for p in ps]
         # Parameter i belongs to layer owner[i]; per-layer norm = sqrt(sum of squared param norms).
-        owner = [i for i, ps in enumerate(layers.values()) for _ in ps]
-        self._owner = torch.tensor(owner)
+        # Built once on the parameters' device: no host-to-device copy per logging step.
+        self._owner = torch.tensor([i for i, ps in enumerate(layers.values()) for _ in ps], device=self.params[0].device)
 
-    def _per_layer(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+    def _per_layer(self, tensors: list[torch.Tensor], owner: torch.Tensor) -> torch.Tensor:
         norms = torch.stack(torch._foreach_norm(tensors)).float()
-        owner = self._owner.to(norms.device)
-        sq = torch.zeros(len(self.names), device=norms.device).index_add_(0, owner, norms.square())
-        return sq
+        return torch.zeros(len(self.names), device=norms.device).index_add_(0, owner, norms.square())
 
     def grad_norms(self) -> dict[str, torch.Tensor]:
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        sq = self._per_layer(grads)
+        # A parameter without a gradient (unused this step) adds nothing to its layer's norm.
+        have = [i for i, p in enumerate(self.params) if p.grad is not None]
+        owner = self._owner if len(have) == len(self.params) else self._owner[have]
+        sq = self._per_layer([self.params[i].grad for i in have], owner)
         out = {f"grad_norm/{n}": v for n, v in zip(self.names, sq.sqrt())}
         out["grad_norm/total"] = sq.sum().sqrt()
         return out
 
     def weight_norms(self) -> dict[str, torch.Tensor]:
-        sq = self._per_layer([p.detach() for p in self.params])
+        sq = self._per_layer([p.detach() for p in self.params], self._owner)
         return {f"weight_norm/{n}": v for n, v in zip(self.names, sq.sqrt())}
 
 

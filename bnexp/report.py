@@ -23,12 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from bnexp.runs import Run, format_value, load_scalars
+from bnexp.config import NON_RESULT_KEYS
+from bnexp.runs import HEADLINE, Run, format_value, load_scalars
 
 # Keys that never separate two runs' results: the seed is what a group averages
-# over; the rest change logging, not training (the same list config_hash ignores).
-IGNORED_KEYS = {"seed", "notes", "train.progress", "train.log_every", "train.eval_every", "train.checkpoint_every"}
-DEFAULT_METRICS = ("val/acc", "test/acc", "train/loss")
+# over; the rest change logging, not training.
+IGNORED_KEYS = {"seed", *NON_RESULT_KEYS}
+DEFAULT_METRICS = HEADLINE
 CURVE_TAGS = ("train/loss", "val/loss", "train/acc", "val/acc")
 PERCENTILES = ("p15", "p50", "p85")
 

@@ -16,7 +16,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from bnexp.config import ConfigError, config_hash
-from bnexp.tracking import read_record, run_is_alive
+from bnexp.record import read_record, run_is_alive
 
 log = logging.getLogger("bnexp")
 

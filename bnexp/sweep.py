@@ -30,12 +30,11 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from bnexp.report import CURVE_TAGS, DEFAULT_METRICS, differing_keys, group_curves, group_runs, seed_band
-from bnexp.runs import AGGREGATE, METRICS, OVERRIDES, Run, find_run_dirs, read_run
+from bnexp.runs import AGGREGATE, HEADLINE, METRICS, OVERRIDES, Run, find_run_dirs, read_run
 
 
 SUFFIX = ".bnexp-sweep"  # marks the sweep root's own event file, rewritten at each sweep end
 BAND_TAGS = (*CURVE_TAGS, "test/loss", "test/acc")
-JOB_COLUMNS = ("val/acc", "test/acc", "train/loss")
 
 
 @dataclass
@@ -126,13 +125,13 @@ def jobs_table(jobs: list[Job], sweep_dir: Path):
     table.add_column("#", justify="right")
     table.add_column("job", overflow="fold")
     table.add_column("status")
-    for tag in JOB_COLUMNS:
+    for tag in HEADLINE:
         table.add_column(tag, justify="right")
     table.add_column("steps/s", justify="right")
     style = {"failed": "red", "diverged": "yellow", "skipped": "dim", "dead": "red", "unreadable": "red"}
     for j, overrides in zip(jobs, shown):
         r = j.run
-        cells = [f"{r.final(t):.4f}" if r.final(t) is not None else "-" for t in JOB_COLUMNS]
+        cells = [f"{r.final(t):.4f}" if r.final(t) is not None else "-" for t in HEADLINE]
         sps = f"{r.steps_per_sec:.0f}" if r.steps_per_sec is not None and not j.skipped else "-"
         status = j.status
         table.add_row(str(j.num), " ".join(overrides) or r.path.name, f"[{style[status]}]{status}[/]" if status in style else status, *cells, sps)

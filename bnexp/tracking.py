@@ -8,7 +8,6 @@ import logging
 import math
 import os
 import platform
-import socket
 import subprocess
 import sys
 import time
@@ -23,13 +22,12 @@ from tensorboard.compat.proto.summary_pb2 import Summary
 from torch.utils.tensorboard import SummaryWriter
 
 import bnexp
-from bnexp.io import read_json, write_json
+from bnexp.io import write_json
+from bnexp.record import HEARTBEAT_SEC, process_info, read_record, run_is_alive  # noqa: F401  (re-exported)
 
 log = logging.getLogger("bnexp")
 
-HEADLINE = ("val/acc", "test/acc", "test/loss", "train/loss")
 HPARAM_METRICS = ("val/acc", "val/loss", "test/acc", "test/loss", "train/loss", "train/acc")
-HEARTBEAT_SEC = 10.0
 
 
 def env_info(device: torch.device) -> dict[str, Any]:
@@ -43,7 +41,11 @@ def env_info(device: torch.device) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
     }
     try:
+        # Only a source checkout of bnexp has a commit: for an installed wheel the
+        # parent is site-packages, and git would report whatever repo holds the venv.
         repo = Path(bnexp.__file__).resolve().parent.parent
+        if not (repo / ".git").exists():
+            return info
         commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
         if commit.returncode == 0:
             info["git_commit"] = commit.stdout.strip()
@@ -97,57 +99,6 @@ class RunRecord:
         """Cheap to call every step: rewrites the file at most every HEARTBEAT_SEC seconds."""
         if time.monotonic() - self._last_beat > HEARTBEAT_SEC:
             self.write()
-
-
-def _proc_start_ticks(pid: int) -> int | None:
-    """When process ``pid`` started (clock ticks since boot, Linux /proc); None where unknown."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    # fields[0] is field 3 (state); starttime is field 22 of proc(5).
-    return None if fields[0] == "Z" else int(fields[19])
-
-
-def process_info() -> dict[str, Any]:
-    """Who is training this run: recorded in metrics.json so that a rerun can
-    tell a dead ``running`` run (SIGKILL, OOM killer) from a live one."""
-    pid = os.getpid()
-    return {"host": socket.gethostname(), "pid": pid, "start_ticks": _proc_start_ticks(pid)}
-
-
-def _process_alive(pid: int, start_ticks: int | None) -> bool:
-    if pid == os.getpid():
-        return False  # this process runs its jobs one at a time: the run is not being trained now
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # exists, owned by someone else
-    ticks = _proc_start_ticks(pid)
-    if ticks is None:
-        # On Linux: a zombie (killed, not yet reaped) or gone by now. Without /proc: the pid exists.
-        return not Path("/proc/self").exists()
-    return start_ticks is None or ticks == start_ticks  # a different start time: the pid was reused
-
-
-def run_is_alive(metrics: dict[str, Any], now: float | None = None) -> bool:
-    """Whether a ``running`` run is being trained by a live process right now.
-
-    On the host that trains it, the recorded pid decides at once (a SIGKILLed
-    run is dead the moment its process is gone, whatever its heartbeat says).
-    From another host only the heartbeat is visible: it is rewritten every
-    HEARTBEAT_SEC seconds, so one older than six of those means the run died.
-    """
-    if metrics.get("status") != "running":
-        return False
-    proc = metrics.get("process") or {}
-    if proc.get("host") == socket.gethostname() and isinstance(proc.get("pid"), int):
-        return _process_alive(proc["pid"], proc.get("start_ticks"))
-    beat = (metrics.get("time") or {}).get("heartbeat", 0)
-    return (now or time.time()) - beat < 6 * HEARTBEAT_SEC
 
 
 class Console_:
@@ -204,20 +155,18 @@ def summary_table(title: str, record: dict[str, Any]) -> Table:
 
 
 class Tracker:
-    """Everything a training run writes, behind three calls: ``scalars``, ``checkpoint_state``, ``close``."""
+    """Everything a training run writes: ``scalars`` (events, final/best values, console),
+    ``record`` (metrics.json) and ``close``."""
 
-    def __init__(self, run_dir: Path, cfg_plain: dict[str, Any], hparams: dict[str, Any], total_steps: int,
-                 device: torch.device, base_record: dict[str, Any], purge_step: int | None = None):
-        self.run_dir = run_dir
+    def __init__(self, run_dir: Path, hparams: dict[str, Any], total_steps: int, progress: bool,
+                 base_record: dict[str, Any], purge_step: int | None = None):
         self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step, flush_secs=30)
         self.record = RunRecord(run_dir, base_record)
         self.final: dict[str, float] = dict(base_record.get("final", {}))
         self.best: dict[str, float] = dict(base_record.get("best", {}))
-        self.console = Console_(total_steps, bool(cfg_plain["train"].get("progress", True)), title=run_dir.name)
-        self.hparams = hparams
-        self.start_time = time.time()
+        self.console = Console_(total_steps, progress, title=run_dir.name)
         if not purge_step:  # None: a new run; 0: a restart from scratch (a resume continues the session)
-            self.writer.file_writer.add_summary(hparams_session_start(hparams, self.start_time))
+            self.writer.file_writer.add_summary(hparams_session_start(hparams, time.time()))
 
     def scalars(self, step: int, values: dict[str, float], is_eval: bool = False) -> None:
         # One event holding every value of the step, not add_scalar's event per
@@ -241,10 +190,6 @@ class Tracker:
         self.writer.file_writer.add_summary(hparams_session_end(status, time.time()))
         self.writer.flush()
         self.writer.close()
-
-
-def read_record(run_dir: str | os.PathLike) -> dict[str, Any] | None:
-    return read_json(Path(run_dir) / "metrics.json")
 
 
 def print_summary(record: dict[str, Any], run_dir: Path) -> None:

@@ -17,7 +17,7 @@ import signal
 import threading
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from bnexp import data as data_mod
-from bnexp.config import Amp, ConfigError, ModelKind, OptimName, Schedule, config_hash, flatten, plain
+from bnexp.config import Amp, ConfigError, ModelKind, OptimName, Schedule, config_hash, flatten, plain, steps_per_epoch
 from bnexp.models import Net, build_model
 from bnexp.probes import ActivationProbe, LayerNorms, to_host
 from bnexp.tracking import Tracker, env_info, print_summary, process_info
@@ -77,7 +77,7 @@ def total_steps(cfg: DictConfig, n_train: int) -> int:
     if n_train < cfg.train.batch_size:
         raise ConfigError("train.batch_size", f"{cfg.train.batch_size} is larger than the {n_train} training examples; allowed: <= {n_train}")
     if cfg.train.epochs is not None:
-        return int(cfg.train.epochs) * (n_train // cfg.train.batch_size)
+        return int(cfg.train.epochs) * steps_per_epoch(n_train, cfg.train.batch_size)
     return int(cfg.train.steps)
 
 
@@ -122,7 +122,7 @@ class Sampler:
 
     def __init__(self, n: int, batch_size: int, seed: int, device: torch.device):
         self.n, self.batch_size, self.device = n, batch_size, device
-        self.per_epoch = n // batch_size
+        self.per_epoch = steps_per_epoch(n, batch_size)
         self.gen = torch.Generator().manual_seed(seed)
         self.perm: torch.Tensor | None = None
         self.pos = 0
@@ -292,7 +292,6 @@ class LoopState:
     window_start_step: int = 0
     diverged: dict[str, Any] | None = None
     train_time: float = 0.0  # seconds spent in this run's loop, over all resumes
-    last_finite: dict[str, float] = field(default_factory=dict)
     done: bool = False  # the final eval and test are logged; only the status is left to write
 
 
@@ -410,7 +409,7 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, extra_record: di
         purge_step = 0  # a restart from scratch: TensorBoard drops the earlier attempt's events
 
     hparams = flatten(cfg_plain)
-    tracker = Tracker(run_dir, cfg_plain, hparams, total, device, record, purge_step=purge_step)
+    tracker = Tracker(run_dir, hparams, total, bool(t.progress), record, purge_step=purge_step)
     tracker.record.write(status="running")
     tracker.console.start(state.step)
     status = "running"
@@ -438,7 +437,7 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, extra_record: di
 
     # Plain ints for the per-step checks: a DictConfig lookup costs ~8 us.
     log_every, checkpoint_every = int(t.log_every), int(t.checkpoint_every)
-    eval_every = int(t.eval_every) if t.eval_every is not None else len(data.x_train) // t.batch_size  # null: once per epoch
+    eval_every = int(t.eval_every) if t.eval_every is not None else steps_per_epoch(len(data.x_train), t.batch_size)  # null: once per epoch
     x_train, y_train = data.x_train, data.y_train
     try:
         with stop_on_signal() as stop:

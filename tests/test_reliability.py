@@ -22,7 +22,7 @@ import torch
 from omegaconf import OmegaConf
 
 from bnexp.config import Config, config_hash
-from bnexp.tracking import HEARTBEAT_SEC, process_info, run_is_alive
+from bnexp.record import HEARTBEAT_SEC, process_info, run_is_alive
 from tests.conftest import run_cli, snapshot, start_cli
 
 # A small, fast, deterministic CPU run: a 2x32 MLP on synthetic clusters (about 1000 steps/s).
@@ -192,7 +192,7 @@ def test_a_run_on_this_host_is_alive_exactly_while_its_process_is():
         info["start_ticks"] = None
         record = {"status": "running", "process": info, "time": {"heartbeat": 0}}  # heartbeat long gone: pid decides
         assert run_is_alive(record)
-        from bnexp.tracking import _proc_start_ticks
+        from bnexp.record import _proc_start_ticks
 
         if _proc_start_ticks(sleeper.pid) is not None:  # Linux: a reused pid has another start time
             assert run_is_alive({**record, "process": {**info, "start_ticks": _proc_start_ticks(sleeper.pid)}})

@@ -110,6 +110,12 @@ def test_fp16_is_refused_on_cpu():
         validate(compose([*TINY, "train.device=cpu", "train.amp=fp16"]))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="device=auto resolves to CUDA here")
+def test_fp16_is_refused_when_auto_resolves_to_cpu():
+    with pytest.raises(ConfigError, match="train.amp"):
+        validate(compose([*TINY, "train.device=auto", "train.amp=fp16"]))
+
+
 def test_window_finds_the_first_non_finite_loss_and_averages_loss_and_accuracy():
     logits = torch.tensor([[[5.0, 0, 0], [0, 5, 0]], [[5, 0, 0], [5, 0, 0]], [[float("nan"), 0, 0], [0, 0, 1]],
                            [[float("inf"), 0, 0], [0, 0, 1]]])
