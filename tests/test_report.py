@@ -141,3 +141,20 @@ def test_load_scalars_reads_every_point_not_tensorboards_default_sample(tmp_path
             w.add_scalar("train/loss", float(step), step)
     points = load_scalars(tmp_path)["train/loss"]
     assert len(points) == 12_000 and points[-1] == (11_999, 11_999.0)
+
+
+def test_report_of_runs_without_test_metrics_yet_leaves_that_default_column_out(sweep, tmp_path):
+    # Runs still running (or interrupted) have val/* but no test/* yet: a report on them
+    # must not fail on its own default columns; a --metric the user names still must exist.
+    for src in sweep.glob("norm.placement=pre,seed=*"):
+        dst = tmp_path / "live" / src.name
+        shutil.copytree(src, dst)
+        m = json.loads((dst / "metrics.json").read_text())
+        m["final"] = {k: v for k, v in m["final"].items() if not k.startswith("test/")}
+        m["status"] = "interrupted"
+        (dst / "metrics.json").write_text(json.dumps(m))
+    r = report(tmp_path / "live", "--format", "csv")
+    assert r.returncode == 0, r.stdout + r.stderr
+    header = next(csv.reader(io.StringIO(r.stdout)))
+    assert any("val/acc" in h for h in header) and not any("test/acc" in h for h in header)
+    assert report(tmp_path / "live", "--metric", "test/acc").returncode == 2
