@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--compile", action="store_true", help="train.compile=true (and torch.compile in (b), (c))")
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
     p.add_argument("--cnn-batch", type=int, default=None, help="CNN batch size (default: 64 on CPU, 512 on CUDA)")
-    p.add_argument("--cnn-n-train", type=int, default=None, help="CNN training examples (default: 4000 on CPU, 50000 on CUDA)")
+    p.add_argument("--cnn-n-train", type=int, default=None, help="CNN training examples (default: 50000, as CIFAR-10)")
     p.add_argument("--synthetic", action="store_true", help="MNIST-shaped synthetic data even if MNIST files are found")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: PyTorch's, one per core)")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
         clock = time.process_time
     cuda = args.device.startswith("cuda")
     args.cnn_batch = args.cnn_batch or (512 if cuda else 64)
-    args.cnn_n_train = args.cnn_n_train or (50000 if cuda else 4000)
+    args.cnn_n_train = args.cnn_n_train or 50000  # CIFAR-10's training-set size: epochs (and evals) as long as on the real data
     args.steps = {"mlp": args.steps or 1000, "cnn": args.steps or (1000 if cuda else 200)}
     results = []
     for which in (["mlp", "cnn"] if args.which == "all" else [args.which]):

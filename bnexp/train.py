@@ -16,7 +16,7 @@ import random
 import signal
 import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -163,34 +163,52 @@ def keep_norms_fp32(model: nn.Module) -> None:
 
 
 def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, amp: Amp, device: torch.device, compile: bool):
-    """The step: forward, loss, backward, update. Returns (loss, logits), detached, on the device."""
-    dtype = {Amp.bf16: torch.bfloat16, Amp.fp16: torch.float16}.get(amp)
-    if dtype is not None:
-        keep_norms_fp32(model)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == Amp.fp16)
-    # Entering torch.autocast costs 10-40 us a step on CPU even when disabled
-    # (2-7% of the BN-paper MLP's step): without amp, don't enter it at all.
-    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else nullcontext
+    """The step: forward, loss, backward, update. Returns (loss, logits) on the device.
 
-    def forward_loss(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with autocast():
+    They still carry their autograd history (already freed by backward, apart
+    from the node objects): detaching them costs ~1 us each a step, so whoever
+    computes with them does so under ``torch.no_grad()``."""
+    dtype = {Amp.bf16: torch.bfloat16, Amp.fp16: torch.float16}.get(amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == Amp.fp16)
+
+    if dtype is None:
+        # The plain step, exactly as written by hand: without amp, entering even a
+        # disabled autocast costs 10-40 us on CPU, and the disabled GradScaler's
+        # scale/step/update calls with detaches and casts another ~6 us (together
+        # 2-7% of the BN-paper MLP's ~0.7 ms step on a 2-core CPU).
+        def forward_loss(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             logits = model(x)
-        return F.cross_entropy(logits.float(), y), logits.detach()
+            return F.cross_entropy(logits, y), logits
+    else:
+        keep_norms_fp32(model)
+
+        def forward_loss(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            with torch.autocast(device.type, dtype=dtype):
+                logits = model(x)
+            return F.cross_entropy(logits.float(), y), logits
 
     # train.compile compiles forward + loss as one graph (backward is compiled
     # with it by AOTAutograd), so the loss fuses into the forward's kernels;
     # the optimizer step stays eager (foreach on CUDA).
     forward_loss_ = torch.compile(forward_loss) if compile else forward_loss
 
-    def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        optimizer.zero_grad(set_to_none=True)
-        loss, logits = forward_loss_(x, y)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        return loss.detach(), logits
+    if scaler.is_enabled():
+        def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            optimizer.zero_grad(set_to_none=True)
+            loss, logits = forward_loss_(x, y)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            return loss, logits
+    else:
+        def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            optimizer.zero_grad(set_to_none=True)
+            loss, logits = forward_loss_(x, y)
+            loss.backward()
+            optimizer.step()
+            return loss, logits
 
-    step.scaler = scaler  # type: ignore[attr-defined]
+    step.scaler = scaler  # type: ignore[attr-defined]  (checkpointed; a no-op one without fp16)
     return step
 
 
@@ -199,52 +217,58 @@ WINDOW_LOGITS = 1 << 22
 
 
 class PendingSteps:
-    """The logits and labels of the training steps not yet folded into the logging window.
+    """The losses, logits and labels of the training steps not yet folded into the logging window.
 
-    A step only keeps references to its logits and labels: no copy, no kernel,
-    no host sync. A per-step loss, argmax and sum into running sums cost 5
-    kernels a step (~10% of the BN-paper MLP's step on an H200, which is
-    launch-bound), and even one copy into a preallocated buffer cost ~2% of it
-    on a 2-core CPU. :meth:`fold` computes their losses and correct counts in
-    one batched pass: at logging steps, before a checkpoint, and whenever
-    WINDOW_LOGITS logits are pending.
+    A step only keeps references to its loss, logits and labels: no copy, no
+    kernel, no host sync. A per-step argmax and sums into running totals cost
+    several kernels a step (~10% of the BN-paper MLP's step on an H200, which
+    is launch-bound), and even one copy into a preallocated buffer cost ~1.4% of
+    it on a 2-core CPU, where keeping the references costs ~0.5%. :meth:`fold`
+    stacks the losses and counts correct predictions in one batched pass: at
+    logging steps, before a checkpoint, and whenever WINDOW_LOGITS logits are
+    pending.
     """
 
     def __init__(self, batch_size: int, num_classes: int):
         self.limit = max(1, WINDOW_LOGITS // (batch_size * num_classes))
+        self.losses: list[torch.Tensor] = []
         self.logits: list[torch.Tensor] = []
         self.labels: list[torch.Tensor] = []
 
-    def add(self, logits: torch.Tensor, labels: torch.Tensor, window: list[torch.Tensor], col: int) -> None:
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, window: torch.Tensor, col: int) -> None:
+        self.losses.append(loss)
         self.logits.append(logits)
         self.labels.append(labels)
         if len(self.logits) == self.limit:
             self.fold(window, col)
 
-    def fold(self, window: list[torch.Tensor], last_col: int) -> None:
+    @torch.no_grad()
+    def fold(self, window: torch.Tensor, last_col: int) -> None:
         """Write the pending steps' losses and correct counts into window[0] and
         window[1] at columns ``last_col - n + 1 .. last_col`` (column 0: the
-        window's first step). Each step's values are the same whichever steps
+        window's first step). Each step's values are its own, whichever steps
         are folded together, so a run resumed mid-window logs bit-identical values."""
         if not self.logits:
             return
-        logits, labels, n = torch.stack(self.logits), torch.stack(self.labels), len(self.logits)
-        self.logits, self.labels = [], []
-        # Cross-entropy written out (logsumexp minus the label's logit) and argmax
-        # via max(): over 10 classes, F.cross_entropy's log_softmax and argmax run
-        # ~4x slower on CPU (0.5 ms a logging step for 50 steps of 60).
-        losses = (logits.logsumexp(-1) - logits.gather(-1, labels[..., None]).squeeze(-1)).mean(1)
-        window[0][last_col - n + 1 : last_col + 1] = losses
-        window[1][last_col - n + 1 : last_col + 1] = (logits.max(-1).indices == labels).sum(1)
+        n = len(self.logits)
+        window[0][last_col - n + 1 : last_col + 1] = torch.stack(self.losses).float()
+        # argmax via max(): over 10 classes argmax runs ~4x slower on CPU.
+        correct = torch.stack(self.logits).max(-1).indices == torch.stack(self.labels)
+        window[1][last_col - n + 1 : last_col + 1] = correct.sum(1)
+        self.losses, self.logits, self.labels = [], [], []
 
 
-def window_summary(window: list[torch.Tensor], steps: int, batch_size: int, first_step: int) -> dict[str, torch.Tensor]:
-    """Train tags of the window's first ``steps`` steps (the first is ``first_step``),
-    and ``bad_step``: the first step whose loss is not finite (-1: none); still on the device."""
-    losses, correct = window[0][:steps], window[1][:steps]
-    first_bad = torch.where(torch.isfinite(losses), steps, torch.arange(steps, device=losses.device)).min()
-    return {"train/loss": losses.sum() / steps, "train/acc": correct.sum() / (steps * batch_size),
-            "bad_step": torch.where(first_bad < steps, first_bad + first_step, -1)}
+def window_values(window: torch.Tensor, sums: list[float], steps: int, batch_size: int, first_step: int) -> tuple[dict[str, float], int | None]:
+    """``train/loss`` and ``train/acc`` of the window's first ``steps`` steps from
+    ``sums`` (its summed losses and correct counts, already on the host), and the
+    first step whose loss is not finite (None: none; the window's first step is
+    ``first_step``). Only a non-finite sum looks at single steps."""
+    loss_sum, correct = sums
+    bad_step = None
+    if not math.isfinite(loss_sum):
+        bad = (~torch.isfinite(window[0, :steps])).nonzero().flatten().tolist()
+        bad_step = first_step + (bad[0] if bad else steps - 1)  # no single bad step: the sum overflowed
+    return {"train/loss": loss_sum / steps, "train/acc": correct / (steps * batch_size)}, bad_step
 
 
 @torch.inference_mode()
@@ -326,7 +350,7 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, scaler, sampler,
         "sampler": sampler.state_dict(),
         "rng": rng_state(),
         "state": state.__dict__.copy(),
-        "window": [w.cpu() for w in window],
+        "window": list(window.cpu()),  # two rows, losses and correct counts
         "final": dict(tracker.final),
         "best": dict(tracker.best),
     }
@@ -375,10 +399,10 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, extra_record: di
     probe = ActivationProbe(model, (data.x_val if has_val else data.x_train)[: t.probe_size])
 
     state = LoopState()
-    # The logging window on the device: each step's loss and correct count
-    # (column 0: the first step since the last logging step). Steps not yet
-    # folded in wait in ``pending``.
-    window = [torch.zeros(min(t.log_every, total), device=device) for _ in range(2)]
+    # The logging window on the device: row 0 each step's loss, row 1 its
+    # correct count (column 0: the first step since the last logging step).
+    # Steps not yet folded in wait in ``pending``.
+    window = torch.zeros(2, min(t.log_every, total), device=device)
     pending = PendingSteps(t.batch_size, data.num_classes)
     cfg_plain = plain(cfg)
     record = {
@@ -398,8 +422,7 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, extra_record: di
             sampler.load_state_dict(ckpt["sampler"])
             set_rng_state(ckpt["rng"])
             state = LoopState(**ckpt["state"])
-            for w, saved in zip(window, ckpt["window"], strict=True):
-                w.copy_(saved)
+            window.copy_(torch.stack(ckpt["window"]))
         except (RuntimeError, KeyError, TypeError, ValueError) as e:
             raise ConfigError("checkpoint", f"{ckpt_path} does not fit this run's config ({type(e).__name__}: {str(e).splitlines()[0]})") from None
         record.update(final=ckpt["final"], best=ckpt["best"], steps_to_target=state.steps_to_target, resumed_from=state.step, steps=state.step)
@@ -444,8 +467,8 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, extra_record: di
             for step in range(state.step + 1, total + 1):
                 idx = sampler.next()
                 y = y_train[idx]
-                _, logits = train_step(x_train[idx], y)
-                pending.add(logits, y, window, step - state.window_start_step - 1)
+                loss, logits = train_step(x_train[idx], y)
+                pending.add(loss, logits, y, window, step - state.window_start_step - 1)
                 if lr_changes:
                     scheduler.step()
                 state.step = step
@@ -453,27 +476,26 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, extra_record: di
                 if step % log_every == 0 or step == total:
                     n_steps = step - state.window_start_step
                     pending.fold(window, n_steps - 1)
-                    values = window_summary(window, n_steps, len(idx), state.window_start_step + 1)
-                    values.update(layer_norms.grad_norms())
-                    values.update(layer_norms.weight_norms())
-                    host = to_host(values)
-                    bad_step = int(host.pop("bad_step"))
+                    # Everything the step logs in one device->host copy: window sums and per-parameter norms.
+                    host = torch.cat([window[:, :n_steps].sum(1), layer_norms()]).tolist()
+                    values, bad_step = window_values(window, host[:2], n_steps, len(idx), state.window_start_step + 1)
+                    values.update(layer_norms.tags(host[2:]))
                     # fp16's GradScaler skips steps with inf gradients by design; its loss check suffices.
-                    bad_grad = not math.isfinite(host["grad_norm/total"]) and not train_step.scaler.is_enabled()
-                    if bad_step >= 0 or bad_grad:
+                    bad_grad = not math.isfinite(values["grad_norm/total"]) and not train_step.scaler.is_enabled()
+                    if bad_step is not None or bad_grad:
                         # The values of the last logging step before it (none if it broke within the first window).
-                        state.diverged = {"step": bad_step if bad_step >= 0 else step, "detected_at": step,
+                        state.diverged = {"step": bad_step if bad_step is not None else step, "detected_at": step,
                                           "last_finite_step": state.window_start_step or None,
                                           "last_finite": {k: v for k, v in tracker.final.items()}}
-                        tracker.scalars(step, host)
+                        tracker.scalars(step, values)
                         status = "diverged"
                         log.warning("diverged: non-finite loss or gradient at step %d", state.diverged["step"])
                         break
                     elapsed = time.perf_counter() - window_t0
-                    host.update({"optim/lr": scheduler.get_last_lr()[0], "time/step_ms": 1000 * elapsed / n_steps,
-                                 "time/samples_per_sec": n_steps * t.batch_size / elapsed,
-                                 "time/steps_per_sec": n_steps / elapsed, "time/elapsed_sec": time.perf_counter() - t0})
-                    tracker.scalars(step, host)
+                    values.update({"optim/lr": scheduler.get_last_lr()[0], "time/step_ms": 1000 * elapsed / n_steps,
+                                   "time/samples_per_sec": n_steps * t.batch_size / elapsed,
+                                   "time/steps_per_sec": n_steps / elapsed, "time/elapsed_sec": time.perf_counter() - t0})
+                    tracker.scalars(step, values)
                     state.window_start_step = step
                     window_t0 = time.perf_counter()
                 if step % eval_every == 0 and step != total:

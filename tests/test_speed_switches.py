@@ -20,7 +20,7 @@ from bnexp.models import build_model
 from bnexp.norms import _RunningStatsNorm
 from bnexp.probes import quantiles
 from bnexp import train as train_mod
-from bnexp.train import PendingSteps, make_optimizer, make_train_step, seed_everything, train, window_summary
+from bnexp.train import PendingSteps, make_optimizer, make_train_step, seed_everything, train, window_values
 
 # A small sigmoid MLP with BN before the activation (the BN paper's layout), logged every step.
 TINY = ["data=synthetic", "data.shape=[1,8,8]", "data.n_train=640", "data.n_test=100", "model.hidden=[16,16]",
@@ -120,16 +120,16 @@ def test_window_finds_the_first_non_finite_loss_and_averages_loss_and_accuracy()
     logits = torch.tensor([[[5.0, 0, 0], [0, 5, 0]], [[5, 0, 0], [5, 0, 0]], [[float("nan"), 0, 0], [0, 0, 1]],
                            [[float("inf"), 0, 0], [0, 0, 1]]])
     labels = torch.tensor([[0, 1], [0, 1], [0, 2], [0, 2]])
-    window = [torch.zeros(4), torch.zeros(4)]
+    window = torch.zeros(2, 4)
     pending = PendingSteps(batch_size=2, num_classes=3)
     for col in range(4):
-        pending.add(logits[col], labels[col], window, col)
+        pending.add(F.cross_entropy(logits[col], labels[col]), logits[col], labels[col], window, col)
     pending.fold(window, 3)
-    clean = window_summary(window, 2, batch_size=2, first_step=11)
-    assert clean["bad_step"].item() == -1 and clean["train/acc"].item() == 0.75
+    clean, bad = window_values(window, window[:, :2].sum(1).tolist(), 2, batch_size=2, first_step=11)
+    assert bad is None and clean["train/acc"] == 0.75
     expected = F.cross_entropy(logits[:2].flatten(0, 1), labels[:2].flatten())
-    assert clean["train/loss"].item() == pytest.approx(expected.item())
-    assert window_summary(window, 4, batch_size=2, first_step=11)["bad_step"].item() == 13
+    assert clean["train/loss"] == pytest.approx(expected.item())
+    assert window_values(window, window.sum(1).tolist(), 4, batch_size=2, first_step=11)[1] == 13
 
 
 def test_a_window_folded_in_parts_holds_the_same_bits(tmp_path, monkeypatch):
@@ -138,15 +138,15 @@ def test_a_window_folded_in_parts_holds_the_same_bits(tmp_path, monkeypatch):
     logits, labels = torch.randn(10, 32, 10, generator=gen), torch.randint(0, 10, (10, 32), generator=gen)
     windows = []
     for parts in ([10], [4, 6], [1, 2, 3, 4]):
-        window, pending, col = [torch.zeros(10), torch.zeros(10)], PendingSteps(32, 10), 0
+        window, pending, col = torch.zeros(2, 10), PendingSteps(32, 10), 0
         for size in parts:
             for _ in range(size):
-                pending.add(logits[col], labels[col], window, col)
+                pending.add(F.cross_entropy(logits[col], labels[col]), logits[col], labels[col], window, col)
                 col += 1
             pending.fold(window, col - 1)
         windows.append(window)
     for window in windows[1:]:
-        assert torch.equal(window[0], windows[0][0]) and torch.equal(window[1], windows[0][1])
+        assert torch.equal(window, windows[0])
     whole, _, _ = run(tmp_path, ["train.device=cpu", "train.log_every=5", "train.steps=10"])
     monkeypatch.setattr(train_mod, "WINDOW_LOGITS", 2 * 32 * 10)  # 2 steps of logits: folded 3 times per window
     folded, _, _ = run(tmp_path, ["train.device=cpu", "train.log_every=5", "train.steps=10"])
