@@ -279,6 +279,7 @@ def main(argv: list[str] | None = None) -> None:
         results.append(bench(which, args))
     print_table(results)
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))
 
 

@@ -250,11 +250,13 @@ class PendingSteps:
         are folded together, so a run resumed mid-window logs bit-identical values."""
         if not self.logits:
             return
-        n = len(self.logits)
-        window[0][last_col - n + 1 : last_col + 1] = torch.stack(self.losses).float()
+        cols = slice(last_col - len(self.logits) + 1, last_col + 1)
+        # Written in place (out=): this runs once per window with cold caches,
+        # where each op saved is ~20 us on CPU. Losses are fp32 (amp casts logits first).
+        torch.stack(self.losses, out=window[0, cols])
         # argmax via max(): over 10 classes argmax runs ~4x slower on CPU.
         correct = torch.stack(self.logits).max(-1).indices == torch.stack(self.labels)
-        window[1][last_col - n + 1 : last_col + 1] = correct.sum(1)
+        torch.sum(correct, 1, dtype=window.dtype, out=window[1, cols])
         self.losses, self.logits, self.labels = [], [], []
 
 
