@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import io
 import json
 import os
@@ -195,6 +196,7 @@ def bench(which: str, args: argparse.Namespace) -> dict:
         order = names[r % 3:] + names[: r % 3]  # rotate who goes first
         states, this_round = {}, {}
         for k in order:
+            gc.collect()  # each contender starts with no garbage of the last one's to collect mid-run
             sps, states[k] = CONTENDERS[k][1](cfg, data, device)
             this_round[k] = sps
             if r < args.warmup:

@@ -9,6 +9,7 @@ evaluation runs under ``inference_mode`` in large batches.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
@@ -464,6 +465,16 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, extra_record: di
     log_every, checkpoint_every = int(t.log_every), int(t.checkpoint_every)
     eval_every = int(t.eval_every) if t.eval_every is not None else steps_per_epoch(len(data.x_train), t.batch_size)  # null: once per epoch
     x_train, y_train = data.x_train, data.y_train
+    # Hide everything made before the loop (imports, Hydra's config, data,
+    # model: ~300k objects) from the cyclic garbage collector until the run
+    # ends. A full collection otherwise scans them all (~100 ms on this
+    # project's 2-core CPU) and lands in whichever step happens to trigger it:
+    # 15% of a 1000-step BN-paper MLP run on CPU, and more in a sweep's
+    # process, where each finished run leaves more behind. The young
+    # generations are collected first (a few ms), so that setup's fresh
+    # garbage is not kept for the whole run.
+    gc.collect(1)
+    gc.freeze()
     try:
         with stop_on_signal() as stop:
             for step in range(state.step + 1, total + 1):
@@ -523,6 +534,7 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, extra_record: di
         tracker.record.data["error"] = f"{type(e).__name__}: {e}"
         raise
     finally:
+        gc.unfreeze()  # back to the oldest generation: collectable once this run lets go of them
         wall = time.perf_counter() - t0
         tracker.record.write(
             status=status, steps=state.step, final=tracker.final, best=tracker.best, steps_to_target=state.steps_to_target,

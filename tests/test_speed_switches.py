@@ -175,6 +175,25 @@ def test_loop_with_logging_trains_the_same_weights_as_a_bare_loop(tmp_path):
         assert torch.equal(logged[k], v), k
 
 
+def test_the_loop_hides_setup_objects_from_the_collector_and_gives_them_back(tmp_path, monkeypatch):
+    # gc.freeze() for the loop, gc.unfreeze() when the run ends, whether it completes or fails.
+    import gc
+
+    seen = []
+    scalars = train_mod.Tracker.scalars
+    monkeypatch.setattr(train_mod.Tracker, "scalars", lambda self, *a, **k: (seen.append(gc.get_freeze_count()), scalars(self, *a, **k)))
+    run(tmp_path, ["train.device=cpu"])
+    assert seen and min(seen) > 1000 and gc.get_freeze_count() == 0
+
+    def boom(*_a, **_k):
+        raise RuntimeError("a bug in a probe")
+
+    monkeypatch.setattr(train_mod.ActivationProbe, "__call__", boom)
+    with pytest.raises(RuntimeError, match="a bug in a probe"):
+        run(tmp_path, ["train.device=cpu"])
+    assert gc.get_freeze_count() == 0
+
+
 @cuda
 def test_channels_last_cnn_on_cuda_matches_contiguous(tmp_path):
     # train() puts a CNN in channels_last on CUDA; the same model without it gives the same losses.
