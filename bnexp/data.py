@@ -9,6 +9,7 @@ datasets live in :mod:`bnexp.datasets`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -124,8 +125,49 @@ def fit_preprocess(x_train: np.ndarray, how: Preprocess) -> tuple[np.ndarray, np
     return shift[0:1], scale[0:1]
 
 
+# The last load's key and result; see load().
+_last: tuple[tuple, Splits] | None = None
+
+
+def _cache_key(cfg: DictConfig, device: torch.device) -> tuple:
+    """Everything load() depends on: the data config, the model kind (flat or not),
+    the device, and each dataset file's path, size and mtime (a file replaced
+    on disk is read again)."""
+    from omegaconf import OmegaConf
+
+    files: list[tuple] = []
+    name = DataName(cfg.data.name)
+    if name not in (DataName.synthetic, DataName.drug_trial):
+        from bnexp import datasets
+
+        folder = Path(cfg.data.root).expanduser().resolve()
+        for f in datasets.required_files(name.value):
+            st = (folder / f).stat() if (folder / f).is_file() else None
+            files.append((str(folder / f), st and st.st_size, st and st.st_mtime_ns))
+    return OmegaConf.to_yaml(cfg.data, resolve=True), str(cfg.model.kind), str(device), tuple(files)
+
+
 def load(cfg: DictConfig, device: torch.device) -> Splits:
-    """Load ``cfg.data``, split, preprocess with training statistics, move to ``device``."""
+    """Load ``cfg.data``, split, preprocess with training statistics, move to ``device``.
+
+    The last result is kept and returned again for the same key
+    (:func:`_cache_key`): the jobs of a sweep that share a process (Hydra's
+    basic launcher, a joblib worker) then read, split and preprocess their
+    data once, not once per job (~0.4 s a job for MNIST on the 2-core CPU,
+    against ~1.3 s for the 2000 training steps of a placement-ablation job).
+    Nothing writes to these tensors: the loop only indexes them.
+    """
+    global _last
+    key = _cache_key(cfg, device)
+    if _last is not None and _last[0] == key:
+        return _last[1]
+    _last = None  # let the previous job's tensors go before loading the next
+    splits = _load(cfg, device)
+    _last = (key, splits)
+    return splits
+
+
+def _load(cfg: DictConfig, device: torch.device) -> Splits:
     arrays = load_arrays(cfg)
     x_all, y_all = arrays["x_train"], arrays["y_train"]
     train_idx, val_idx = split_train_val(len(x_all), cfg.data.val_size, cfg.data.seed)

@@ -68,3 +68,29 @@ def test_mnist1d_default_dataset_shapes():
     assert len(splits.x_train) + len(splits.x_val) == 4000 and len(splits.x_test) == 1000
     cnn = data.load(compose(["model=cnn"]), torch.device("cpu"))
     assert cnn.input_shape == (1, 40)
+
+
+def test_the_last_load_is_reused_until_the_config_or_the_files_change(tmp_path, monkeypatch):
+    # A sweep's jobs in one process share their data; any change to what load() reads loads again.
+    import os
+    import shutil
+
+    from bnexp import datasets
+
+    root = tmp_path / "mnist"
+    shutil.copytree(mnist_root(), root)
+    reads = []
+    read_idx = datasets._read_idx
+    monkeypatch.setattr(datasets, "_read_idx", lambda *a, **k: (reads.append(a[0]), read_idx(*a, **k))[1])
+    base = ["data=mnist", f"data.root={root}", "data.subset=1000"]
+    cpu = torch.device("cpu")
+    first = data.load(compose(base), cpu)
+    assert len(reads) == 4
+    assert data.load(compose(base), cpu) is first and len(reads) == 4  # the next job of a sweep
+    other = data.load(compose([*base, "data.val_size=2000"]), cpu)
+    assert len(other.x_val) == 2000 and len(reads) == 8
+    assert data.load(compose([*base, "model=cnn"]), cpu).input_shape == (1, 28, 28) and len(reads) == 12
+    again = data.load(compose([*base, "model=cnn"]), cpu)
+    labels = root / "train-labels-idx1-ubyte.gz"
+    os.utime(labels, ns=(labels.stat().st_atime_ns, labels.stat().st_mtime_ns + 10**9))  # the file was replaced
+    assert data.load(compose([*base, "model=cnn"]), cpu) is not again and len(reads) == 16
