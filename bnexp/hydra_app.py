@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from bnexp.config import ConfigError, config_dir, config_hash, register_configs, validate
 from bnexp.io import write_json
-from bnexp.record import read_record, run_is_alive
+from bnexp.record import RunLocked, acquire_run_lock, read_record, release_run_lock, run_is_alive, run_lock
 
 log = logging.getLogger("bnexp")
 
@@ -34,6 +34,9 @@ RESULTS: list[dict[str, Any]] = []
 # For `bnexp train`: what to undo if the config turns out to be invalid after
 # Hydra wrote into the run directory (see RunDirGuard).
 _GUARD: list["RunDirGuard | None"] = [None]
+# For `bnexp train`: the run dir whose lock ValidateCallback took before Hydra
+# wrote into it; held until the job is done (or its files are undone).
+_LOCKED: list[Path | None] = [None]
 
 
 def _first_non_empty(*values: Any) -> str:
@@ -131,7 +134,14 @@ def undo_run_dir() -> None:
     """Undo what a rejected `bnexp train` wrote (idempotent)."""
     guard, _GUARD[0] = _GUARD[0], None
     if guard is not None:
-        guard.undo()
+        guard.undo()  # a lock file it created goes too: removed while still locked, so nobody else holds it
+    _release_train_lock()
+
+
+def _release_train_lock() -> None:
+    locked, _LOCKED[0] = _LOCKED[0], None
+    if locked is not None:
+        release_run_lock(locked)
 
 
 def existing_run_problem(run_dir: Path, cfg: DictConfig, existing: dict[str, Any] | None = None) -> str | None:
@@ -145,7 +155,7 @@ def existing_run_problem(run_dir: Path, cfg: DictConfig, existing: dict[str, Any
         return None
     if run_is_alive(existing):
         proc = existing.get("process") or {}
-        who = f"pid {proc.get('pid')} on {proc.get('host')}" if proc else "another process (its heartbeat is recent)"
+        who = f"pid {proc.get('pid')} on host {proc.get('host')}" if proc else "another process (its heartbeat is recent)"
         return f"{run_dir} is being trained right now by {who}; wait for it, or choose another directory"
     if existing["config_hash"] != config_hash(cfg):
         return (f"{run_dir} holds a run of a different config (status {existing.get('status')}); "
@@ -159,6 +169,7 @@ class ValidateCallback(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         HydraConfig.instance().set_config(config)  # run.dir interpolates hydra:runtime.choices
         _GUARD[0] = None
+        _release_train_lock()
         run_dir = Path(config.hydra.run.dir).resolve()
         cfg = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
         try:
@@ -168,20 +179,67 @@ class ValidateCallback(Callback):
                 raise ConfigError("hydra.run.dir", problem)
         except ConfigError as e:
             raise RejectedConfig(e) from None
-        _GUARD[0] = RunDirGuard(run_dir, str(config.hydra.job.name))
+        guard = RunDirGuard(run_dir, str(config.hydra.job.name))  # before the lock file: undo removes it if new
+        if _finished(read_record(run_dir), cfg):
+            _GUARD[0] = guard  # skipped by execute(); nothing will train, so no lock
+            return
+        try:
+            # Taken before Hydra writes .hydra/ and its log: a second `bnexp train`
+            # into this run dir is refused with nothing touched.
+            acquire_run_lock(run_dir)
+        except RunLocked as e:
+            raise RejectedConfig(e) from None
+        _LOCKED[0], _GUARD[0] = run_dir, guard
+        problem = existing_run_problem(run_dir, cfg)  # again, under the lock: another process may have trained it since
+        if problem:
+            undo_run_dir()
+            raise RejectedConfig(ConfigError("hydra.run.dir", problem))
+
+
+def _finished(existing: dict[str, Any] | None, cfg: DictConfig) -> bool:
+    """Whether ``existing`` (a metrics.json) is a finished run of ``cfg``: a rerun skips it."""
+    if existing is None or existing.get("status") not in ("completed", "diverged"):
+        return False
+    try:
+        return existing.get("config_hash") == config_hash(cfg)
+    except Exception:  # noqa: BLE001  a config that does not resolve is not that run's; validate() says why
+        return False
+
+
+def _skip_finished(run_dir: Path, existing: dict[str, Any]) -> dict[str, Any]:
+    log.info("skipping %s: %s earlier with the same config", run_dir, existing["status"])
+    return {**existing, "skipped": True, "run_dir": str(run_dir)}
 
 
 def execute(cfg: DictConfig, run_dir: Path, multirun: bool, overrides: list[str]) -> dict[str, Any]:
-    """Run one job into ``run_dir``: skip it if done, resume it if unfinished, else train."""
+    """Run one job into ``run_dir``: skip it if done, resume it if unfinished, else train.
+
+    Everything but skipping a finished run happens under the run dir's lock. A
+    run dir another process holds is refused like an invalid config in a single
+    run (exit 2) and skipped, untouched, in a sweep.
+    """
+    try:
+        existing = read_record(run_dir)
+        if _finished(existing, cfg):  # a finished run stays finished: skipping it needs no lock and writes nothing
+            return _skip_finished(run_dir, existing)
+        with run_lock(run_dir):  # until the job's last write, _failed() included
+            return _execute_locked(cfg, run_dir, multirun, overrides)
+    except RunLocked as e:
+        if not multirun:
+            return {"status": "invalid", "error": e, "run_dir": str(run_dir)}
+        log.warning("skipping: %s", e)
+        return {**(read_record(run_dir) or {}), "skipped": True, "run_dir": str(run_dir)}
+
+
+def _execute_locked(cfg: DictConfig, run_dir: Path, multirun: bool, overrides: list[str]) -> dict[str, Any]:
     from bnexp.train import CHECKPOINT, train
 
     try:
         validate(cfg)
         existing = read_record(run_dir)
         same = existing is not None and existing.get("config_hash") == config_hash(cfg)
-        if same and existing.get("status") in ("completed", "diverged"):
-            log.info("skipping %s: %s earlier with the same config", run_dir, existing["status"])
-            return {**existing, "skipped": True, "run_dir": str(run_dir)}
+        if _finished(existing, cfg):  # finished by another process since execute() looked
+            return _skip_finished(run_dir, existing)
         problem = existing_run_problem(run_dir, cfg, existing)
         if problem and same:  # live elsewhere: leave it to that process, touch nothing
             log.warning("skipping: %s", problem)
@@ -217,10 +275,15 @@ def _failed(run_dir: Path, error: str, overrides: list[str]) -> dict[str, Any]:
 def task(cfg: DictConfig) -> float:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
-    result = execute(cfg, run_dir, multirun=hc.mode == RunMode.MULTIRUN, overrides=list(hc.overrides.task))
+    try:
+        result = execute(cfg, run_dir, multirun=hc.mode == RunMode.MULTIRUN, overrides=list(hc.overrides.task))
+    except BaseException:
+        _release_train_lock()
+        raise
     RESULTS.append(result)
     if result.get("status") != "invalid":
         _GUARD[0] = None  # the run stands; nothing to undo any more
+        _release_train_lock()  # else undo_run_dir() releases it, after removing what it must
     # The objective of search sweepers (hydra/sweeper=optuna maximizes it with
     # hydra.sweeper.direction=maximize); NaN marks a failed job as a failed trial.
     value = (result.get("final") or {}).get("val/acc") if result.get("status") == "completed" else None

@@ -32,6 +32,7 @@ from bnexp import data as data_mod
 from bnexp.config import Amp, ConfigError, ModelKind, OptimName, Schedule, config_hash, flatten, plain, steps_per_epoch
 from bnexp.models import Net, build_model
 from bnexp.probes import ActivationProbe, LayerNorms, to_host
+from bnexp.record import run_lock
 from bnexp.tracking import Tracker, env_info, print_summary, process_info
 
 log = logging.getLogger("bnexp")
@@ -376,12 +377,25 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def train(cfg: DictConfig, run_dir: Path, resume: bool = False, extra_record: dict[str, Any] | None = None,
-          summary: bool = True) -> dict[str, Any]:
+          summary: bool = True, checkpoint: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train ``cfg`` into ``run_dir``; returns the metrics.json record.
 
-    Raises ConfigError for problems found while setting up (data, sizes), before
-    anything is written; KeyboardInterrupt after an interruption was saved.
+    With ``resume``, continues from ``checkpoint`` (as :func:`load_checkpoint`
+    returned it; ``bnexp resume`` has checked it already) or else from
+    ``run_dir/checkpoint.pt`` if there is one.
+
+    Holds the run dir's lock (:func:`bnexp.record.run_lock`) from before the
+    first write to after the last, so two processes never train into one run
+    dir. Raises RunLocked (a ConfigError) if another process holds it, and
+    ConfigError for problems found while setting up (data, sizes), in both cases
+    before anything is written; KeyboardInterrupt after an interruption was saved.
     """
+    with run_lock(run_dir):
+        return _train(cfg, run_dir, resume, extra_record, summary, checkpoint)
+
+
+def _train(cfg: DictConfig, run_dir: Path, resume: bool, extra_record: dict[str, Any] | None, summary: bool,
+           checkpoint: dict[str, Any] | None) -> dict[str, Any]:
     t = cfg.train
     device = pick_device(t.device)
     seed_everything(cfg.seed, t.deterministic)
@@ -415,8 +429,8 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, extra_record: di
     }
     purge_step = None
     ckpt_path = run_dir / CHECKPOINT
-    if resume and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path)
+    if resume and (checkpoint is not None or ckpt_path.exists()):
+        ckpt = checkpoint if checkpoint is not None else load_checkpoint(ckpt_path)
         try:
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])

@@ -12,8 +12,11 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
+import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -23,7 +26,7 @@ from omegaconf import OmegaConf
 
 from bnexp.config import Config, config_hash
 from bnexp.record import HEARTBEAT_SEC, process_info, run_is_alive
-from tests.conftest import run_cli, snapshot, start_cli
+from tests.conftest import REPO, run_cli, snapshot, start_cli
 
 # A small, fast, deterministic CPU run: a 2x32 MLP on synthetic clusters (about 1000 steps/s).
 TINY = [
@@ -388,3 +391,115 @@ def test_resume_refuses_finished_runs_and_runs_without_a_checkpoint(cluttered, s
     out = bnexp("resume", str(run), cwd=cluttered)
     assert_one_line_exit_2(out, message)
     assert snapshot(cluttered) == before
+
+
+# ---------------------------------------------------------------- one process per run dir
+
+
+HOLD_LOCK = """
+import sys, time
+from bnexp.record import run_lock
+with run_lock(sys.argv[1]):
+    print("locked", flush=True)
+    time.sleep(120)
+"""
+
+
+def hold_lock(run_dir: Path) -> subprocess.Popen:
+    """Another process that holds ``run_dir``'s lock (as a training process does) until killed."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run_dir)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert holder.stdout.readline() == "locked\n"
+    return holder
+
+
+def locked_line(run_dir: Path, pid: int) -> str:
+    return f"{run_dir.resolve()} is being trained right now by pid {pid} on host {socket.gethostname()}; wait for it or stop it first"
+
+
+def resumable_run(tmp_path: Path, *args: str) -> Path:
+    """A finished tiny run marked interrupted: as far as resume's checks go, one to continue."""
+    assert bnexp("train", *TINY, "train.steps=40", *args, "hydra.run.dir=run", cwd=tmp_path).returncode == 0
+    run = tmp_path / "run"
+    (run / "metrics.json").write_text(json.dumps({**metrics(run), "status": "interrupted"}))
+    return run
+
+
+def test_a_run_dir_another_process_trains_is_refused_untouched_until_that_process_dies(tmp_path):
+    run = resumable_run(tmp_path)
+    holder = hold_lock(run)
+    try:
+        before = snapshot(tmp_path)
+        # Its metrics.json says nobody trains it: only the lock tells.
+        for args in (["resume", str(run)], ["train", *TINY, "train.steps=40", "hydra.run.dir=run"]):
+            out = bnexp(*args, cwd=tmp_path)
+            assert_one_line_exit_2(out, locked_line(run, holder.pid))
+        assert snapshot(tmp_path) == before
+    finally:
+        holder.kill()  # SIGKILL: no handler runs, yet the kernel drops its lock
+        holder.wait()
+    done = bnexp("resume", str(run), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert metrics(run)["status"] == "completed" and metrics(run)["resumed_from"] == 40
+
+
+def test_a_sweep_skips_a_job_another_process_trains_and_runs_the_others(tmp_path):
+    sweep = [*TINY, "train.steps=40", "optim.lr=0.05,0.1", "hydra.sweep.dir=sweep"]
+    job = lambda lr: Path(glob.glob(str(tmp_path / "sweep" / f"*optim.lr={lr},*"))[0])  # noqa: E731
+    assert bnexp("sweep", *sweep, cwd=tmp_path).returncode == 0
+    locked, other = job(0.1), job(0.05)
+    (locked / "metrics.json").write_text(json.dumps({**metrics(locked), "status": "interrupted"}))
+    shutil.rmtree(other)  # to be trained again by the rerun
+    # Hydra rewrites a launched job's .hydra/ and appends to its log before bnexp sees the job.
+    results_of = lambda d: {p.name: p.stat().st_mtime_ns for p in d.iterdir() if p.is_file() and p.suffix != ".log"}  # noqa: E731
+    holder = hold_lock(locked)
+    before = results_of(locked)
+    try:
+        rerun = bnexp("sweep", *sweep, cwd=tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert rerun.returncode == 0, rerun.stderr
+    assert locked_line(locked, holder.pid) in rerun.stdout + rerun.stderr
+    assert results_of(locked) == before and metrics(locked)["status"] == "interrupted"
+    assert metrics(other)["status"] == "completed" and metrics(other)["steps"] == 40
+
+
+def test_two_resumes_started_together_train_the_run_once(tmp_path):
+    args = [*TINY, "train.steps=3000", "train.checkpoint_every=100", "hydra.run.dir=run"]
+    run = tmp_path / "run"
+    first = start("train", *args, cwd=tmp_path)
+    wait_for(lambda: (run / "checkpoint.pt").exists(), first, "the first checkpoint")
+    first.kill()  # SIGKILL: `running`, dead, resumable
+    first.wait()
+    # Both see a dead run and pass every check before either writes a thing: the lock decides.
+    twins = [start("resume", str(run), cwd=tmp_path) for _ in range(2)]
+    outs = [(p.wait(timeout=120), p.stderr.read()) for p in twins]
+    assert sorted(code for code, _ in outs) == [0, 2], outs
+    winner = twins[[code for code, _ in outs].index(0)]
+    refused = next(err for code, err in outs if code == 2).strip()
+    assert refused == f"error: {locked_line(run, winner.pid)}"
+    final = metrics(run)
+    assert final["status"] == "completed" and final["steps"] == 3000 and final["resumed_from"] >= 100
+    assert_no_duplicated_steps(run)
+    assert [s for s, _ in scalars(run)["train/loss"]] == list(range(10, 3001, 10))
+
+
+COUNT_CHECKPOINT_LOADS = """
+import sys, torch
+loads, load = [], torch.load
+torch.load = lambda f, *a, **k: (loads.append(str(f)), load(f, *a, **k))[1]
+from bnexp.cli import app
+try:
+    app(["resume", sys.argv[1]])
+except SystemExit as e:
+    print(e.code, sum(f.endswith("checkpoint.pt") for f in loads))
+"""
+
+
+def test_resume_reads_the_checkpoint_once(tmp_path):
+    run = resumable_run(tmp_path)
+    out = subprocess.run([sys.executable, "-c", COUNT_CHECKPOINT_LOADS, str(run)], capture_output=True, text=True,
+                         cwd=tmp_path, env={**os.environ, **ONE_THREAD, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert out.stdout.split()[-2:] == ["0", "1"], out.stdout + out.stderr
+    assert metrics(run)["status"] == "completed"
