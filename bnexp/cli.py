@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import List, Optional
+from typing import Iterator, List, NoReturn, Optional
 
 import typer
 
@@ -85,8 +86,10 @@ def _interrupted(e: KeyboardInterrupt, again: str) -> typer.Exit:
     return typer.Exit(EXIT_INTERRUPTED)
 
 
-def _run_hydra(argv: list[str]) -> list[dict]:
-    """Run Hydra with ``argv``; map errors to exit codes. Returns the in-process job results."""
+def _run_hydra(argv: list[str], sweep: bool = False) -> list[dict]:
+    """Run Hydra with ``argv``; map errors to exit codes. Returns the in-process job results.
+
+    ``sweep``: KeyboardInterrupt passes through, for `bnexp sweep` to summarize what ran."""
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let exceptions reach us instead of Hydra's printer
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -104,13 +107,9 @@ def _run_hydra(argv: list[str]) -> list[dict]:
     except (HydraException, OmegaConfBaseException) as e:
         raise fail(_hydra_error_line(e)) from None
     except KeyboardInterrupt as e:
-        from bnexp.sweep import STARTED
-
-        if "--multirun" in argv and STARTED:
-            again = f"rerun the same sweep with hydra.sweep.dir={STARTED[-1].dir} to continue it"
-        else:
-            again = "`bnexp resume RUN_DIR` continues a run from its checkpoint"
-        raise _interrupted(e, again) from None
+        if sweep:
+            raise
+        raise _interrupted(e, "`bnexp resume RUN_DIR` continues a run from its checkpoint") from None
     except SystemExit as e:  # argparse inside Hydra: bad flag, or --help
         raise typer.Exit(e.code if isinstance(e.code, int) else EXIT_USAGE) from None
     for r in hydra_app.RESULTS:
@@ -141,8 +140,11 @@ def sweep(ctx: typer.Context) -> None:
     Jobs go to runs/<experiment or "sweep">/<timestamp>/<overrides,seed=N>; a job
     that completed earlier with the same config in the same hydra.sweep.dir is
     skipped. Ends with a table of every job and the seed-aggregated comparison;
-    exits 1 if a job failed. Parallel: hydra/launcher=joblib. Search:
-    hydra/sweeper=optuna hydra.sweeper.direction=maximize (the objective is val/acc).
+    exits 1 if a job failed. Ctrl-C stops the running job after its step (with
+    a checkpoint), prints the summary of the jobs that ran and the command that
+    continues the sweep, and exits 130; a second Ctrl-C stops at once.
+    Parallel: hydra/launcher=joblib. Search: hydra/sweeper=optuna
+    hydra.sweeper.direction=maximize (the objective is val/acc).
     """
     from bnexp import sweep as sweep_mod
 
@@ -151,17 +153,95 @@ def sweep(ctx: typer.Context) -> None:
         _run_hydra(args)  # Hydra's inspection flags exclude --multirun
         return
     before = len(sweep_mod.STARTED)
+    _sigterm_interrupts()
     try:
-        _run_hydra(["--multirun", *args])
+        with _signals_received() as received:
+            _run_hydra(["--multirun", *args], sweep=True)
     except typer.Exit as e:
         if e.exit_code == EXIT_USAGE and len(sweep_mod.STARTED) > before:
             sweep_mod.STARTED[-1].remove_if_unused()
         raise
+    except KeyboardInterrupt as e:
+        if len(sweep_mod.STARTED) == before:
+            raise _interrupted(e, "no job had started") from None
+        from bnexp.train import RunInterrupted
+
+        # A run that stopped after its step absorbed any repeated SIGTERM; otherwise a
+        # second signal means the first one's wind-down was cut short: stop at once.
+        _sweep_interrupted(e, sweep_mod.STARTED[-1], args, second=received() > 1 and not isinstance(e, RunInterrupted))
     if len(sweep_mod.STARTED) == before:
         return
-    jobs = sweep_mod.print_summary(sweep_mod.STARTED[-1])
+    jobs = sweep_mod.finish(sweep_mod.STARTED[-1])
     if any(j.status in ("failed", "unreadable", "dead") for j in jobs):
         raise typer.Exit(EXIT_FAILED)
+
+
+@contextmanager
+def _signals_received() -> Iterator:
+    """Yields a function that counts the SIGINT/SIGTERM received so far, whichever
+    handler took them: the training loop's own (the first signal stops the run
+    after its step) or Python's (KeyboardInterrupt at once). Through the wakeup
+    fd, where the C-level handler writes each signal's number."""
+    import fcntl
+
+    r, w = os.pipe()
+    for fd in (r, w):
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
+    old = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    seen = bytearray()
+    is_open = [True]
+
+    def received() -> int:
+        while is_open[0]:
+            try:
+                chunk = os.read(r, 4096)
+            except BlockingIOError:
+                break
+            seen.extend(chunk)
+        return sum(b in (signal.SIGINT, signal.SIGTERM) for b in seen)
+
+    try:
+        yield received
+    finally:
+        signal.set_wakeup_fd(old)
+        received()
+        is_open[0] = False
+        os.close(r)
+        os.close(w)
+
+
+def _sweep_interrupted(e: KeyboardInterrupt, start, args: list[str], second: bool) -> NoReturn:
+    """After Ctrl-C: the summary and TensorBoard records of the jobs that ran, how to continue, exit 130.
+    A second Ctrl-C (while the job winds down, or during the summary) skips what is left."""
+    import shlex
+
+    from bnexp import sweep as sweep_mod
+    from bnexp.train import CHECKPOINT
+
+    jobs = None
+    try:
+        if not second:
+            jobs = sweep_mod.finish(start, interrupted=True)
+    except KeyboardInterrupt:
+        second = True
+    typer.echo(f"interrupted: {e}" if str(e) else "interrupted", err=True)
+    cwd = Path.cwd().resolve()
+    where = start.dir.relative_to(cwd) if start.dir.is_relative_to(cwd) else start.dir
+    if second:
+        typer.echo(f"stopped at once by a second Ctrl-C, without the summary: `bnexp report {where} --tensorboard` "
+                   "compares the jobs and writes the sweep's dashboards", err=True)
+    again = shlex.join(["bnexp", "sweep", *(a for a in args if not a.startswith("hydra.sweep.dir=")), f"hydra.sweep.dir={where}"])
+    # Said only as far as the run dirs bear it out: a job stopped at once (a second
+    # Ctrl-C, or a joblib worker killed with its parent) may have no checkpoint yet.
+    unfinished = [j for j in jobs or [] if j.status not in ("completed", "diverged", "skipped")]
+    all_saved = jobs is not None and all((j.run.path / CHECKPOINT).is_file() for j in unfinished)
+    resumes = "resumes interrupted ones from their last checkpoint" + ("" if all_saved else ", or starts them over without one")
+    if start.replays_its_jobs:
+        typer.echo(f"to continue (skips finished jobs, {resumes}): {again}", err=True)
+    else:  # e.g. Optuna: a rerun samples new trials; only a trial of a config already run is skipped or resumed
+        typer.echo(f"rerun into the same directory (skips jobs whose config finished there, {resumes}; "
+                   f"the sweeper chooses its jobs anew): {again}", err=True)
+    raise typer.Exit(EXIT_INTERRUPTED)
 
 
 @app.command()

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -18,7 +20,7 @@ import pytest
 import yaml
 
 from bnexp.runs import load_scalars
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, run_cli, start_cli
 
 PLACEMENTS = ("pre", "post", "none")
 # 20 steps with an eval every 10: enough for curves, seed bands and a test metric.
@@ -251,3 +253,104 @@ def test_reproduce_accepts_a_run_made_with_an_added_key_but_rejects_unknown_over
     assert "hello" in (tmp_path / "again" / ".hydra" / "config.yaml").read_text()
     typo = bnexp("reproduce", "orig", "--out", "typo", "train.stepz=5", cwd=tmp_path)
     assert typo.returncode == 2 and "train.stepz" in typo.stderr and not (tmp_path / "typo").exists()
+
+
+# ---------------------------------------------------------------- Ctrl-C during a sweep
+
+# About 3000 steps/s: a job runs long enough to be interrupted, and the sweep stays a few seconds.
+QUICK = ("data=synthetic", "model.hidden=[16,16]", "train.steps=2000", "train.log_every=10", "train.eval_every=500",
+         "train.progress=false")
+
+
+def _wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"bnexp ended ({proc.returncode}) or timed out before {what}: {proc.communicate()[1][-2000:]}")
+        time.sleep(0.02)
+
+
+def _in_loop(run_dir: Path) -> bool:
+    """The job's first eval is logged: it is inside its training loop (a signal
+    that lands between setup and the loop is not this test's subject)."""
+    log = run_dir / "bnexp.log"
+    return log.is_file() and "step 500/2000" in log.read_text()
+
+
+def _status(run_dir: Path) -> str | None:
+    try:
+        return json.loads((run_dir / "metrics.json").read_text()).get("status")
+    except (OSError, ValueError):
+        return None
+
+
+def _hparams_domains(sweep_dir: Path) -> dict[str, list]:
+    """The swept keys and their values in the sweep root's HParams experiment config."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    acc = EventAccumulator(str(sweep_dir))
+    acc.Reload()
+    data = plugin_data_pb2.HParamsPluginData()
+    data.ParseFromString(acc.SummaryMetadata("_hparams_/experiment").plugin_data.content)
+    return {h.name: [v.number_value or v.string_value for v in h.domain_discrete.values] for h in data.experiment.hparam_infos}
+
+
+def test_ctrl_c_in_a_sweep_summarizes_the_jobs_that_ran_and_the_printed_command_continues_it(tmp_path):
+    args = [*QUICK, "optim.lr=0.05,0.1,0.2", "hydra.sweep.dir=sw"]
+    job = lambda lr: next((tmp_path / "sw").glob(f"*optim.lr={lr},*"), tmp_path / "none")  # noqa: E731
+    proc = start_cli(["sweep", *args], tmp_path, env=ENV)
+    _wait_for(lambda: _in_loop(job(0.1)), proc, "job 2's first eval")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "Aborted" not in err
+    assert _status(job(0.05)) == "completed" and _status(job(0.1)) == "interrupted"
+    assert (job(0.1) / "checkpoint.pt").is_file() and not job(0.2).exists()
+    # The summary of the jobs that ran; the one never started is not in it.
+    assert "(interrupted: the jobs that ran)" in out
+    assert "2 jobs: 1 completed, 1 interrupted" in out
+    assert "comparison (mean ± std over seeds)" in out and "optim.lr=0.2" not in out
+    # TensorBoard's sweep records, for what exists: one seed band (only completed runs count).
+    assert [p.name for p in (tmp_path / "sw" / "aggregate").iterdir()] == ["optim.lr=0.05"]
+    assert _hparams_domains(tmp_path / "sw")["optim.lr"] == [0.05, 0.1]
+    # How to continue: the same command into the same sweep dir.
+    steps = json.loads((job(0.1) / "metrics.json").read_text())["steps"]
+    assert f"interrupted after step {steps}; checkpoint saved" in err
+    hint = err.strip().splitlines()[-1]
+    assert hint.startswith("to continue (skips finished jobs, resumes interrupted ones from their last checkpoint): bnexp sweep ")
+    again = shlex.split(hint.split(": ", 1)[1])
+    assert again[:2] == ["bnexp", "sweep"] and again[-1] == "hydra.sweep.dir=sw"
+
+    rerun = bnexp(*again[1:], cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "3 jobs: 2 completed, 1 skipped" in rerun.stdout
+    resumed = json.loads((job(0.1) / "metrics.json").read_text())
+    assert resumed["status"] == "completed" and resumed["resumed_from"] == steps
+    assert _hparams_domains(tmp_path / "sw")["optim.lr"] == [0.05, 0.1, 0.2]
+
+
+def test_a_second_ctrl_c_stops_a_sweep_at_once_without_the_summary(tmp_path):
+    # Runs of an earlier sweep in the same directory: reading them makes the
+    # summary take long enough to be interrupted in the middle of it.
+    for i in range(300):
+        old = tmp_path / "sw" / f"earlier,seed={i}"
+        (old / ".hydra").mkdir(parents=True)
+        (old / ".hydra" / "config.yaml").write_text(f"seed: {i}\noptim:\n  lr: 0.3\n")
+        (old / "metrics.json").write_text(json.dumps({"status": "completed", "steps": 1, "final": {"val/acc": 0.5}}))
+    run = tmp_path / "sw" / "data=synthetic,model.hidden=[16,16],train.eval_every=500,train.log_every=10,train.steps=2000,seed=0"
+    proc = start_cli(["sweep", *QUICK, "hydra.sweep.dir=sw"], tmp_path, env=ENV)
+    _wait_for(lambda: _in_loop(run), proc, "the job's first eval")
+    proc.send_signal(signal.SIGINT)
+    _wait_for(lambda: _status(run) == "interrupted", proc, "the job stopped after its step")
+    proc.send_signal(signal.SIGINT)  # while the summary reads the sweep directory
+    out, err = proc.communicate(timeout=60)
+
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert "stopped at once by a second Ctrl-C, without the summary: `bnexp report sw --tensorboard`" in err
+    assert "jobs:" not in out and "comparison" not in out
+    assert (run / "checkpoint.pt").is_file()
+    assert err.strip().splitlines()[-1].endswith("hydra.sweep.dir=sw")
