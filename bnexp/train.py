@@ -450,8 +450,6 @@ def _train(cfg: DictConfig, run_dir: Path, resume: bool, extra_record: dict[str,
 
     hparams = flatten(cfg_plain)
     tracker = Tracker(run_dir, hparams, total, bool(t.progress), record, purge_step=purge_step)
-    tracker.record.write(status="running")
-    tracker.console.start(state.step)
     status = "running"
     t0 = time.perf_counter() - state.train_time
     window_t0 = time.perf_counter()
@@ -479,17 +477,21 @@ def _train(cfg: DictConfig, run_dir: Path, resume: bool, extra_record: dict[str,
     log_every, checkpoint_every = int(t.log_every), int(t.checkpoint_every)
     eval_every = int(t.eval_every) if t.eval_every is not None else steps_per_epoch(len(data.x_train), t.batch_size)  # null: once per epoch
     x_train, y_train = data.x_train, data.y_train
-    # Hide everything made before the loop (imports, Hydra's config, data,
-    # model: ~300k objects) from the cyclic garbage collector until the run
-    # ends. A full collection otherwise scans them all (~100 ms on this
-    # project's 2-core CPU) and lands in whichever step happens to trigger it:
-    # 15% of a 1000-step BN-paper MLP run on CPU, and more in a sweep's
-    # process, where each finished run leaves more behind. The young
-    # generations are collected first (a few ms), so that setup's fresh
-    # garbage is not kept for the whole run.
-    gc.collect(1)
-    gc.freeze()
     try:
+        # From the "running" record on, the finally below writes how the run
+        # ended, whenever a Ctrl-C or an error comes (even before the loop).
+        tracker.record.write(status="running")
+        tracker.console.start(state.step)
+        # Hide everything made before the loop (imports, Hydra's config, data,
+        # model: ~300k objects) from the cyclic garbage collector until the run
+        # ends. A full collection otherwise scans them all (~100 ms on this
+        # project's 2-core CPU) and lands in whichever step happens to trigger
+        # it: 15% of a 1000-step BN-paper MLP run on CPU, and more in a sweep's
+        # process, where each finished run leaves more behind. The young
+        # generations are collected first (a few ms), so that setup's fresh
+        # garbage is not kept for the whole run.
+        gc.collect(1)
+        gc.freeze()
         with stop_on_signal() as stop:
             for step in range(state.step + 1, total + 1):
                 idx = sampler.next()

@@ -503,3 +503,25 @@ def test_resume_reads_the_checkpoint_once(tmp_path):
                          cwd=tmp_path, env={**os.environ, **ONE_THREAD, "PYTHONPATH": str(REPO)}, timeout=120)
     assert out.stdout.split()[-2:] == ["0", "1"], out.stdout + out.stderr
     assert metrics(run)["status"] == "completed"
+
+
+def test_a_ctrl_c_before_the_first_step_leaves_status_interrupted_not_running(tmp_path, monkeypatch):
+    # Once metrics.json says "running", however the run ends is written down:
+    # a KeyboardInterrupt between that record and the loop must not leave a "running" run behind.
+    import gc
+    import io
+    from contextlib import redirect_stdout
+
+    from bnexp import tracking
+    from bnexp.config import compose
+    from bnexp.train import train
+
+    def ctrl_c(self, step):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tracking.Console_, "start", ctrl_c)
+    with pytest.raises(KeyboardInterrupt), redirect_stdout(io.StringIO()):
+        train(compose(["train.steps=5", "train.progress=false", "model.hidden=[8]"]), tmp_path)
+    record = json.loads((tmp_path / "metrics.json").read_text())
+    assert record["status"] == "interrupted" and record["steps"] == 0
+    assert gc.get_freeze_count() == 0
