@@ -171,7 +171,11 @@ def sweep(ctx: typer.Context) -> None:
         _sweep_interrupted(e, sweep_mod.STARTED[-1], args, second=received() > 1 and not isinstance(e, RunInterrupted))
     if len(sweep_mod.STARTED) == before:
         return
-    jobs = sweep_mod.finish(sweep_mod.STARTED[-1])
+    try:
+        jobs = sweep_mod.finish(sweep_mod.STARTED[-1])
+    except KeyboardInterrupt as e:  # Ctrl-C during the summary of a finished sweep
+        raise _interrupted(e, f"every job ended; `bnexp report {sweep_mod.STARTED[-1].dir} --tensorboard` "
+                              "prints the summary and writes the sweep's dashboards") from None
     if any(j.status in ("failed", "unreadable", "dead") for j in jobs):
         raise typer.Exit(EXIT_FAILED)
 
@@ -181,21 +185,31 @@ def _signals_received() -> Iterator:
     """Yields a function that counts the SIGINT/SIGTERM received so far, whichever
     handler took them: the training loop's own (the first signal stops the run
     after its step) or Python's (KeyboardInterrupt at once). Through the wakeup
-    fd, where the C-level handler writes each signal's number."""
-    import fcntl
+    fd, where the C-level handler writes each signal's number: a non-blocking
+    socket pair, which Windows accepts as well. Where no wakeup fd can be set
+    (a thread other than the main one), every interruption counts as the first."""
+    import socket
 
-    r, w = os.pipe()
-    for fd in (r, w):
-        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
-    old = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    r, w = socket.socketpair()
+    r.setblocking(False)
+    w.setblocking(False)
+    try:
+        old = signal.set_wakeup_fd(w.fileno(), warn_on_full_buffer=False)
+    except ValueError:
+        r.close()
+        w.close()
+        yield lambda: 1
+        return
     seen = bytearray()
     is_open = [True]
 
     def received() -> int:
         while is_open[0]:
             try:
-                chunk = os.read(r, 4096)
-            except BlockingIOError:
+                chunk = r.recv(4096)
+            except (BlockingIOError, InterruptedError):
+                break
+            if not chunk:
                 break
             seen.extend(chunk)
         return sum(b in (signal.SIGINT, signal.SIGTERM) for b in seen)
@@ -206,8 +220,8 @@ def _signals_received() -> Iterator:
         signal.set_wakeup_fd(old)
         received()
         is_open[0] = False
-        os.close(r)
-        os.close(w)
+        r.close()
+        w.close()
 
 
 def _sweep_interrupted(e: KeyboardInterrupt, start, args: list[str], second: bool) -> NoReturn:

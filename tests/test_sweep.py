@@ -354,3 +354,38 @@ def test_a_second_ctrl_c_stops_a_sweep_at_once_without_the_summary(tmp_path):
     assert "jobs:" not in out and "comparison" not in out
     assert (run / "checkpoint.pt").is_file()
     assert err.strip().splitlines()[-1].endswith("hydra.sweep.dir=sw")
+
+
+def test_ctrl_c_during_the_summary_of_a_finished_sweep_exits_130_and_says_how_to_get_it(tmp_path, monkeypatch):
+    from bnexp import sweep as sweep_mod
+    from tests.conftest import run_inprocess
+
+    def ctrl_c(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep_mod, "finish", ctrl_c)
+    r = run_inprocess(["sweep", *TINY, "model.hidden=[8]", "seed=0,1", "hydra.sweep.dir=sw"], cwd=tmp_path)
+    assert r.returncode == 130
+    assert "every job ended; `bnexp report" in r.stderr and "--tensorboard" in r.stderr
+    assert [json.loads(p.read_text())["status"] for p in sorted((tmp_path / "sw").glob("*/metrics.json"))] == ["completed"] * 2
+
+
+def test_counting_signals_needs_the_main_thread_only_to_count_them(tmp_path):
+    # bnexp sweep called from another thread (a notebook's worker, a test runner) cannot set a
+    # wakeup fd; every interruption then counts as the first instead of the sweep failing.
+    import threading
+
+    from bnexp.cli import _signals_received
+
+    out = []
+
+    def in_thread():
+        with _signals_received() as received:
+            out.append(received())
+
+    t = threading.Thread(target=in_thread)
+    t.start()
+    t.join()
+    assert out == [1]
+    with _signals_received() as received:  # the main thread: a real count
+        assert received() == 0
