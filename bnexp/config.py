@@ -235,9 +235,11 @@ def plain(cfg: DictConfig) -> dict:
     return json.loads(json.dumps(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)))
 
 
-# Keys that change what a run logs or shows, never its results: config_hash
-# ignores them, and reports never group runs by them.
-NON_RESULT_KEYS = ("notes", "train.progress", "train.log_every", "train.eval_every", "train.checkpoint_every")
+# Keys that change no number a run records: config_hash ignores them, and
+# reports never group runs by them. (Not train.log_every, whose window makes the
+# final train/loss, nor train.eval_every, which makes best val/acc and
+# steps_to_target; checkpoints are resumed bit-identically, so checkpoint_every is one.)
+NON_RESULT_KEYS = ("notes", "train.progress", "train.checkpoint_every")
 
 
 def config_hash(cfg: DictConfig | dict) -> str:

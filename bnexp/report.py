@@ -27,7 +27,7 @@ from bnexp.config import NON_RESULT_KEYS
 from bnexp.runs import HEADLINE, Run, format_value, load_scalars
 
 # Keys that never separate two runs' results: the seed is what a group averages
-# over; the rest change logging, not training.
+# over; the rest change no recorded number.
 IGNORED_KEYS = {"seed", *NON_RESULT_KEYS}
 DEFAULT_METRICS = HEADLINE
 CURVE_TAGS = ("train/loss", "val/loss", "train/acc", "val/acc")

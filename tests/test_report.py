@@ -158,3 +158,19 @@ def test_report_of_runs_without_test_metrics_yet_leaves_that_default_column_out(
     header = next(csv.reader(io.StringIO(r.stdout)))
     assert any("val/acc" in h for h in header) and not any("test/acc" in h for h in header)
     assert report(tmp_path / "live", "--metric", "test/acc").returncode == 2
+
+
+def test_runs_that_differ_only_in_eval_every_are_separate_groups_not_seeds(sweep, tmp_path):
+    # train.eval_every changes recorded numbers (best val/acc, steps to target): the
+    # contract groups by every differing key except seed, so it is a group key.
+    root = tmp_path / "ev"
+    shutil.copytree(sweep / "norm.placement=pre,seed=0", root / "a")
+    shutil.copytree(sweep / "norm.placement=pre,seed=0", root / "b")
+    cfg_path = root / "b" / ".hydra" / "config.yaml"
+    cfg = OmegaConf.load(cfg_path)
+    cfg.train.eval_every = 15
+    OmegaConf.save(cfg, cfg_path)
+    r = report(root, "--format", "json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    groups = json.loads(r.stdout)["groups"]
+    assert sorted(g["group"] for g in groups) == ["train.eval_every=10", "train.eval_every=15"]
