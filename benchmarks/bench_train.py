@@ -46,9 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from bnexp import data as data_mod  # noqa: E402
 from bnexp.config import Amp, compose  # noqa: E402
-from bnexp.models import build_model  # noqa: E402
 from bnexp import train as train_mod  # noqa: E402
-from bnexp.train import keep_norms_fp32, make_optimizer, seed_everything, train  # noqa: E402
+from bnexp.train import build_run_model, keep_norms_fp32, make_optimizer, seed_everything, train  # noqa: E402
 
 MNIST_DIRS = [Path(os.environ.get("BNEXP_MNIST", "")), Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist",
               Path("/work/shared/data/mnist")]
@@ -83,9 +82,7 @@ def sync(device: torch.device) -> None:
 def fresh_model(cfg, data, device: torch.device):
     """The model bnexp's train() would build: same seed, same init, same memory format and amp handling."""
     seed_everything(cfg.seed, cfg.train.deterministic)
-    model = build_model(cfg.model, cfg.norm, data.input_shape, data.num_classes).to(device)
-    if cfg.model.kind == "cnn" and device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = build_run_model(cfg, data, device)
     if Amp(cfg.train.amp) != Amp.none:
         keep_norms_fp32(model)
     return model
@@ -203,9 +200,10 @@ def bench(which: str, args: argparse.Namespace) -> dict:
                 first.setdefault(k, sps)
             else:
                 times[k].append(sps)
-        if same_weights is None and states.get("a") and states.get("b"):
+        if states.get("a") and states.get("b"):
             # With the same init and batch order, (a) and (b) train the same weights: logging must not change training.
-            same_weights = max((states["a"][k].float() - states["b"][k].float()).abs().max().item() for k in states["b"])
+            diff = max((states["a"][k].float() - states["b"][k].float()).abs().max().item() for k in states["b"])
+            same_weights = diff if same_weights is None else max(same_weights, diff)
         print(f"  [{which}] round {r + 1}/{args.warmup + args.rounds}{' (warm-up)' if r < args.warmup else ''}: "
               + "  ".join(f"{k}={this_round[k]:.0f}" for k in names) + " steps/s", flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -239,7 +237,7 @@ def print_table(results: list[dict]) -> None:
     print(f"{'model':<5} {'device':<28} {'mode':<14} {'(a) bnexp':>11} {'(b) hand':>11} {'(c) loader':>11} {'a/b':>6} {'a/c':>6}  unit")
     for r in results:
         mode = ("compiled" if r["compile"] else "eager") + (f"+{r['amp']}" if r["amp"] != "none" else "")
-        for unit, key, scale in (("steps/s", "steps_per_sec", 1), ("samples/s", "samples_per_sec", 1)):
+        for unit, key in (("steps/s", "steps_per_sec"), ("samples/s", "samples_per_sec")):
             v = r[key]
             print(f"{r['model']:<5} {r['device'][:28]:<28} {mode:<14} {v['a']:>11.0f} {v['b']:>11.0f} {v['c']:>11.0f} "
                   f"{r['ratio_a_b']:>6.3f} {r['ratio_a_c']:>6.2f}  {unit}")

@@ -77,7 +77,7 @@ def _sigterm_interrupts() -> None:
 
 
 def _interrupted(e: KeyboardInterrupt, again: str) -> typer.Exit:
-    from bnexp.train import RunInterrupted
+    from bnexp.record import RunInterrupted
 
     if isinstance(e, RunInterrupted):
         typer.echo(f"interrupted: {e}; {again}", err=True)
@@ -164,7 +164,7 @@ def sweep(ctx: typer.Context) -> None:
     except KeyboardInterrupt as e:
         if len(sweep_mod.STARTED) == before:
             raise _interrupted(e, "no job had started") from None
-        from bnexp.train import RunInterrupted
+        from bnexp.record import RunInterrupted
 
         # A run that stopped after its step absorbed any repeated SIGTERM; otherwise a
         # second signal means the first one's wind-down was cut short: stop at once.
@@ -230,7 +230,7 @@ def _sweep_interrupted(e: KeyboardInterrupt, start, args: list[str], second: boo
     import shlex
 
     from bnexp import sweep as sweep_mod
-    from bnexp.train import CHECKPOINT
+    from bnexp.record import CHECKPOINT
 
     jobs = None
     try:
@@ -359,7 +359,7 @@ def report(
 
         if len(paths) != 1 or not paths[0].is_dir():
             raise fail("--tensorboard writes into one sweep directory; give exactly one")
-        written = write_tensorboard_extras(paths[0])
+        written = write_tensorboard_extras(paths[0], runs)  # the runs this report read already
         typer.echo(f"tensorboard: HParams over {', '.join(written.get('hparams', []))}; aggregate/ runs for {len(written.get('groups', []))} groups", err=format != Format.table)
 
 
@@ -374,13 +374,10 @@ def reproduce(
     Extra key=value arguments change the saved config (e.g. train.device=cpu).
     With train.deterministic=true on CPU the metrics are identical.
     """
-    import logging
 
     from bnexp import reproduce as rp
     from bnexp.record import read_record
-    from bnexp.resume import LOG_FORMAT
 
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     overrides = list(ctx.args)
     if any("=" not in o or o.startswith(("+", "~", "-")) for o in overrides):
         raise fail(f"reproduce takes key=value changes to the saved config; got {' '.join(overrides)}")
@@ -405,7 +402,7 @@ def list_runs(path: Path = typer.Argument(Path("runs"), help="Where to look (def
 
     if not path.exists():
         raise fail(f"{path} does not exist; allowed: a directory of runs (default: runs/)")
-    runs = find_runs([path])
+    runs = find_runs([path], with_config=False)  # the table shows metrics and overrides only
     if not runs:
         typer.echo(f"no runs under {path}")
         return

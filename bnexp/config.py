@@ -4,7 +4,7 @@ Hydra merges every YAML file in ``configs/`` onto these typed nodes, so a wrong
 type, an unknown key or a value outside an Enum fails at composition time,
 before Hydra creates a run directory. What types cannot say (ranges, widths
 that a group count must divide, files that must exist) is checked by
-:func:`validate`, which the Hydra callback in :mod:`bnexp.hydra_hooks` runs
+:func:`validate`, which the Hydra callback in :mod:`bnexp.hydra_app` runs
 before the run directory exists, too.
 """
 
@@ -79,6 +79,10 @@ class DataName(str, Enum):
     mnist = "mnist"
     fashion_mnist = "fashion_mnist"
     cifar10 = "cifar10"
+
+
+# Made in memory by bnexp.data from the config alone: no files, no bnexp.datasets.
+IN_MEMORY_DATA = (DataName.drug_trial, DataName.synthetic)
 
 
 class OptimName(str, Enum):
@@ -375,9 +379,13 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError("train.device", f"{dev} asked for, but this machine has {torch.cuda.device_count()} CUDA device(s)")
     if t.amp == Amp.fp16 and (dev == "cpu" or (dev == "auto" and not _cuda_available())):
         raise ConfigError("train.amp", "fp16 autocast needs a GPU; allowed on CPU: none, bf16")
-    from bnexp import data as data_mod
+    if DataName(cfg.data.name) not in IN_MEMORY_DATA:
+        from bnexp import datasets  # NumPy only: a missing file is said before torch loads
 
-    data_mod.check_available(cfg)
+        try:
+            datasets.check_available(DataName(cfg.data.name).value, cfg.data.root, cfg.data.download)
+        except datasets.DataError as e:
+            raise ConfigError("data.root", str(e)) from None
 
 
 def compose(overrides: list[str] | None = None) -> DictConfig:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from bnexp.config import ConfigError, DataName, ModelKind, Preprocess
+from bnexp.config import IN_MEMORY_DATA, ConfigError, DataName, ModelKind, Preprocess
 
 
 @dataclass
@@ -71,19 +71,6 @@ def drug_trial(cfg: DictConfig) -> dict:
     return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test, "num_classes": 2}
 
 
-def check_available(cfg: DictConfig) -> None:
-    """Raise ConfigError (exit 2) before a run starts if a dataset's files are missing."""
-    name = DataName(cfg.data.name)
-    if name in (DataName.synthetic, DataName.drug_trial):
-        return
-    from bnexp import datasets
-
-    try:
-        datasets.check_available(name.value, cfg.data.root, cfg.data.download)
-    except datasets.DataError as e:
-        raise ConfigError("data.root", str(e)) from None
-
-
 def load_arrays(cfg: DictConfig) -> dict:
     name = DataName(cfg.data.name)
     if name == DataName.synthetic:
@@ -137,7 +124,7 @@ def _cache_key(cfg: DictConfig, device: torch.device) -> tuple:
 
     files: list[tuple] = []
     name = DataName(cfg.data.name)
-    if name not in (DataName.synthetic, DataName.drug_trial):
+    if name not in IN_MEMORY_DATA:
         from bnexp import datasets
 
         folder = Path(cfg.data.root).expanduser().resolve()

@@ -154,9 +154,7 @@ def existing_run_problem(run_dir: Path, cfg: DictConfig, existing: dict[str, Any
     if existing is None or existing.get("config_hash") is None:
         return None
     if run_is_alive(existing):
-        proc = existing.get("process") or {}
-        who = f"pid {proc.get('pid')} on host {proc.get('host')}" if proc else "another process (its heartbeat is recent)"
-        return f"{run_dir} is being trained right now by {who}; wait for it, or choose another directory"
+        return str(RunLocked(run_dir, existing.get("process")))
     if existing["config_hash"] != config_hash(cfg):
         return (f"{run_dir} holds a run of a different config (status {existing.get('status')}); "
                 "choose another directory, or delete that run to reuse its name")

@@ -8,7 +8,6 @@ written so that their degenerate settings equal BatchNorm exactly (tests check).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from bnexp.config import NormConfig, NormKind
@@ -87,7 +86,7 @@ class GhostBatchNorm(_RunningStatsNorm):
                 outs.append((c - _broadcast(mean, c)) / torch.sqrt(_broadcast(var, c) + self.eps))
                 count = c.numel() // c.shape[1]
                 means.append(mean)
-                vars_.append(var * count / max(count - 1, 1))
+                vars_.append(_unbiased(var, count))
             x_hat = torch.cat(outs)
             mean, var_unbiased = torch.stack(means).mean(0), torch.stack(vars_).mean(0)
         else:
@@ -98,7 +97,7 @@ class GhostBatchNorm(_RunningStatsNorm):
             x_hat = ((g - mean) / torch.sqrt(var + self.eps)).reshape(x.shape)
             count = g[0].numel() // g.shape[2]
             mean, var = mean.flatten(1).mean(0), var.flatten(1)
-            var_unbiased = (var * count / max(count - 1, 1)).mean(0)
+            var_unbiased = _unbiased(var, count).mean(0)
         if self.track_running_stats:
             self._update_running(mean, var_unbiased)
         return self._affine(x_hat)
@@ -134,7 +133,7 @@ class BatchRenorm(_RunningStatsNorm):
                 d = ((mean - self.running_mean) / running_std).clamp(-self.dmax, self.dmax)
             x_hat = x_hat * _broadcast(r, x) + _broadcast(d, x)
             count = x.numel() // x.shape[1]
-            self._update_running(mean, var * count / max(count - 1, 1))
+            self._update_running(mean, _unbiased(var, count))
         return self._affine(x_hat)
 
     def extra_repr(self) -> str:
@@ -177,6 +176,15 @@ def _set_affine(norm: nn.Module, cfg: NormConfig) -> None:
             norm.bias.fill_(cfg.beta_init)
         else:
             norm.register_parameter("bias", None)
+
+
+def _unbiased(var: torch.Tensor, count: int) -> torch.Tensor:
+    """The biased variance of ``count`` values made unbiased, as BatchNorm's running_var is."""
+    return var * count / max(count - 1, 1)
+
+
+# Every normalization layer make_norm builds (bnexp.train.keep_norms_fp32 runs them in fp32).
+NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, _RunningStatsNorm)
 
 
 def is_centered(norm: nn.Module | None) -> bool:

@@ -132,13 +132,10 @@ def quantiles(values: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
-def to_host(values: dict[str, torch.Tensor | float]) -> dict[str, float]:
+def to_host(values: dict[str, torch.Tensor]) -> dict[str, float]:
     """One device->host copy for a dict of scalar tensors."""
-    keys = [k for k, v in values.items() if isinstance(v, torch.Tensor)]
-    out = {k: float(v) for k, v in values.items() if not isinstance(v, torch.Tensor)}
-    if keys:
-        with torch.no_grad():  # 0-d float32 tensors (most of them) go into the stack as they are
-            parts = [v if (v := values[k]).dtype == torch.float32 and v.dim() == 0 else v.float().reshape(()) for k in keys]
-            stacked = torch.stack(parts).cpu().tolist()
-        out.update(zip(keys, stacked))
-    return out
+    if not values:
+        return {}
+    with torch.no_grad():  # 0-d float32 tensors (most of them) go into the stack as they are
+        parts = [v if v.dtype == torch.float32 and v.dim() == 0 else v.float().reshape(()) for v in values.values()]
+        return dict(zip(values, torch.stack(parts).cpu().tolist()))

@@ -25,6 +25,7 @@ except ImportError:  # Windows: no flock; only the pid/heartbeat checks guard a 
     fcntl = None  # type: ignore[assignment]
 
 HEARTBEAT_SEC = 10.0
+CHECKPOINT = "checkpoint.pt"  # written by bnexp.train; named here so that torch-free code can look for it
 LOCK_FILE = ".bnexp.lock"  # inside the run dir; never deleted while in use (see run_lock)
 
 log = logging.getLogger("bnexp")
@@ -85,6 +86,15 @@ def run_is_alive(metrics: dict[str, Any], now: float | None = None) -> bool:
     return (now or time.time()) - beat < 6 * HEARTBEAT_SEC
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM stopped the run after a whole step, and its checkpoint is saved.
+    (Raised by bnexp.train; defined here so that the CLI can catch it without importing torch.)"""
+
+    def __init__(self, run_dir: Path, step: int):
+        super().__init__(f"{run_dir} interrupted after step {step}; checkpoint saved")
+        self.run_dir, self.step = run_dir, step
+
+
 # --------------------------------------------------------------------------- the run dir's lock
 
 
@@ -106,15 +116,23 @@ _HELD: dict[str, list[int]] = {}
 
 
 def _holder(fd: int, run_dir: Path) -> dict[str, Any] | None:
-    """Who holds the lock: what it wrote into the lock file; else who metrics.json says trains the run."""
-    try:
-        info = json.loads(os.pread(fd, 4096, 0) or b"null")
-    except (OSError, ValueError):
-        info = None
-    if isinstance(info, dict) and info.get("pid"):
-        return info
+    """Who holds the lock: what it wrote into the lock file; else who metrics.json
+    says trains the run, if that process is alive."""
+    # The holder writes its pid right after taking the lock: a refusal that
+    # lands in between waits for it a moment rather than name a stale process.
+    deadline = time.monotonic() + 1.0
+    while True:
+        try:
+            info = json.loads(os.pread(fd, 4096, 0) or b"null")
+        except (OSError, ValueError):
+            info = None
+        if isinstance(info, dict) and info.get("pid"):
+            return info
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
     record = read_record(run_dir) or {}
-    return record.get("process") if record.get("status") == "running" else None
+    return record.get("process") if record.get("status") == "running" and run_is_alive(record) else None
 
 
 def acquire_run_lock(run_dir: str | os.PathLike) -> None:

@@ -18,6 +18,7 @@ import csv
 import io
 import json
 import math
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,13 +161,13 @@ def available_metrics(runs: list[Run]) -> list[str]:
 # --------------------------------------------------------------------------- output
 
 
-def _status_text(status: dict[str, int]) -> str:
+def status_text(status: dict[str, int]) -> str:
     return ", ".join(f"{n} {s}" for s, n in sorted(status.items(), key=lambda kv: -kv[1]))
 
 
 def _cells(g: Group, cols: list[str], show_speedup: bool, show_status: bool) -> list[str]:
     n = len(g.completed)
-    cells = [g.label, str(len(g.runs))] + ([_status_text(g.status)] if show_status else [])
+    cells = [g.label, str(len(g.runs))] + ([status_text(g.status)] if show_status else [])
     for c in cols:
         stat = g.columns[c]
         cells.append(stat.text(digits=0 if c == "steps to target" else (1 if c == "steps/s" else 4), of=n if c != "steps to target" else None))
@@ -257,7 +258,7 @@ def to_csv(groups: list[Group], metrics: list[str]) -> str:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(header)
     for rec in records:
-        row = [rec["group"], *(format_value(rec["keys"][k]) for k in keys), rec["n"], _status_text(rec["status"])]
+        row = [rec["group"], *(format_value(rec["keys"][k]) for k in keys), rec["n"], status_text(rec["status"])]
         for c in cols:
             m = rec["metrics"][c]
             row += ["" if m["mean"] is None else m["mean"], "" if m["std"] is None else m["std"], m["n"]]
@@ -287,7 +288,10 @@ def group_curves(g: Group, tags: Iterable[str] | None = None) -> dict[str, list[
     """{tag: [curve of each completed run]} for the group."""
     out: dict[str, list[list[tuple[int, float]]]] = {}
     for r in g.completed:
-        for tag, points in load_scalars(r.path, tags).items():
+        curves = load_scalars(r.path, tags)
+        if not curves:
+            print(f"{r.path}: no readable TensorBoard events; left out of the curves", file=sys.stderr)
+        for tag, points in curves.items():
             out.setdefault(tag, []).append(points)
     return out
 

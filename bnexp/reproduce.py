@@ -51,23 +51,35 @@ def default_out_dir(run_dir: Path) -> Path:
 
 
 def reproduce(run_dir: Path, out_dir: Path | None = None, overrides: list[str] | None = None) -> tuple[Path, dict[str, Any]]:
-    """Train ``run_dir``'s config into a new run dir; returns (new dir, its metrics.json record)."""
+    """Train ``run_dir``'s config into a new run dir; returns (new dir, its metrics.json record).
+
+    A config that fails while setting up (e.g. a batch larger than the data)
+    leaves no new directory behind: the same RunDirGuard as `bnexp train` undoes it."""
+    from bnexp.hydra_app import RunDirGuard
+    from bnexp.io import atomic_write
+    from bnexp.resume import log_to
     from bnexp.train import train
 
     cfg = load_saved_config(run_dir, overrides)
     out = out_dir or default_out_dir(run_dir)
     if out.exists() and any(out.iterdir()):
         raise ConfigError("--out", f"{out} exists and is not empty; allowed: a new directory")
-    (out / ".hydra").mkdir(parents=True, exist_ok=True)
-    for name in ("config.yaml", "overrides.yaml", "hydra.yaml"):
-        if (run_dir / ".hydra" / name).exists():
-            shutil.copy2(run_dir / ".hydra" / name, out / ".hydra" / name)
-    if overrides:  # the config that actually ran, and how it came to differ
-        OmegaConf.save(cfg, out / ".hydra" / "config.yaml")
-        saved = OmegaConf.load(out / ".hydra" / "overrides.yaml") if (out / ".hydra" / "overrides.yaml").exists() else []
-        OmegaConf.save(OmegaConf.create([*saved, *overrides]), out / ".hydra" / "overrides.yaml")
-    original = read_run(run_dir)
-    record = train(cfg, out, extra_record={"overrides": original.overrides + list(overrides or []), "reproduce_of": str(run_dir.resolve())})
+    guard = RunDirGuard(out, "bnexp")
+    try:
+        (out / ".hydra").mkdir(parents=True, exist_ok=True)
+        for name in ("config.yaml", "overrides.yaml", "hydra.yaml"):
+            if (run_dir / ".hydra" / name).exists():
+                shutil.copy2(run_dir / ".hydra" / name, out / ".hydra" / name)
+        if overrides:  # the config that actually ran, and how it came to differ
+            saved = OmegaConf.load(out / ".hydra" / "overrides.yaml") if (out / ".hydra" / "overrides.yaml").exists() else []
+            atomic_write(out / ".hydra" / "config.yaml", lambda f: OmegaConf.save(cfg, f))
+            atomic_write(out / ".hydra" / "overrides.yaml", lambda f: OmegaConf.save(OmegaConf.create([*saved, *overrides]), f))
+        log_to(out)
+        original = read_run(run_dir)
+        record = train(cfg, out, extra_record={"overrides": original.overrides + list(overrides or []), "reproduce_of": str(run_dir.resolve())})
+    except ConfigError:
+        guard.undo()
+        raise
     return out, record
 
 

@@ -29,7 +29,8 @@ def check_resumable(run_dir: str | Path) -> tuple[DictConfig, dict[str, Any], di
     saved config, metrics.json and the loaded checkpoint, or raises ConfigError
     saying what is wrong."""
     from bnexp.reproduce import load_saved_config
-    from bnexp.train import CHECKPOINT, load_checkpoint
+    from bnexp.record import CHECKPOINT
+    from bnexp.train import load_checkpoint
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -51,7 +52,7 @@ def check_resumable(run_dir: str | Path) -> tuple[DictConfig, dict[str, Any], di
     return cfg, record, checkpoint
 
 
-def _log_to(run_dir: Path) -> None:
+def log_to(run_dir: Path) -> None:
     """Log like a Hydra job: to the console and, appended, to the run's own log file."""
     root = logging.getLogger()
     root.setLevel(logging.INFO)
@@ -78,5 +79,5 @@ def resume(run_dir: str | Path) -> dict[str, Any]:
             # Another process trained the run between the checks and the lock
             # (perhaps finished it): check again what it left.
             cfg, record, checkpoint = check_resumable(run_dir)
-        _log_to(run_dir)
+        log_to(run_dir)
         return train(cfg, run_dir, resume=True, extra_record={"overrides": record.get("overrides", [])}, checkpoint=checkpoint)

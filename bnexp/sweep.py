@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 import shutil
 import time
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from bnexp.report import CURVE_TAGS, DEFAULT_METRICS, differing_keys, group_curves, group_runs, seed_band
+from bnexp.report import CURVE_TAGS, DEFAULT_METRICS, differing_keys, group_curves, group_runs, seed_band, status_text
 from bnexp.runs import AGGREGATE, HEADLINE, METRICS, OVERRIDES, Run, find_run_dirs, read_run
 
 
@@ -113,11 +114,11 @@ def _launched(run_dir: Path, started: float) -> bool:
     return any(f.exists() and f.stat().st_mtime >= started for f in (run_dir / OVERRIDES, run_dir / METRICS))
 
 
-def sweep_jobs(sweep_dir: Path, started: float, runs: list[Run] | None = None) -> list[Job]:
-    """The jobs Hydra launched into ``sweep_dir`` since ``started`` (seconds since the epoch);
-    ``runs``: the sweep dir as :func:`read_sweep` read it, if it was read already."""
+def sweep_jobs(runs: list[Run], started: float) -> list[Job]:
+    """Of ``runs`` (a sweep dir as :func:`read_sweep` read it), the jobs Hydra
+    launched since ``started`` (seconds since the epoch)."""
     jobs = []
-    for run in read_sweep(sweep_dir) if runs is None else runs:
+    for run in runs:
         if not _launched(run.path, started):
             continue
         finished = ((run.metrics or {}).get("time") or {}).get("finished_at") or math.inf
@@ -158,10 +159,7 @@ def jobs_table(jobs: list[Job], sweep_dir: Path, interrupted: bool = False):
 
 
 def count_text(jobs: list[Job]) -> str:
-    counts: dict[str, int] = {}
-    for j in jobs:
-        counts[j.status] = counts.get(j.status, 0) + 1
-    return f"{len(jobs)} jobs: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    return f"{len(jobs)} jobs: " + status_text(Counter(j.status for j in jobs))
 
 
 # --------------------------------------------------------------------------- TensorBoard extras
@@ -199,16 +197,16 @@ def _safe_name(label: str) -> str:
     return re.sub(r"[/\\]", "_", label) if label != "all runs" else "all"
 
 
-def write_tensorboard_extras(sweep_dir: Path, runs: list[Run] | None = None) -> dict[str, Any]:
+def write_tensorboard_extras(sweep_dir: Path, runs: list[Run]) -> dict[str, Any]:
     """(Re)write the sweep root's HParams experiment config and custom-scalars
-    layout, and the ``aggregate/`` seed-band runs, from the runs in ``sweep_dir``
-    (``runs``: as :func:`read_sweep` read them, if they were read already)."""
+    layout, and the ``aggregate/`` seed-band runs, from ``runs``: the runs in
+    ``sweep_dir`` as :func:`read_sweep` (or `bnexp report`) read them."""
     from tensorboard.plugins.hparams import summary_v2 as hp
     from torch.utils.tensorboard import SummaryWriter
 
     from bnexp.tracking import HPARAM_METRICS
 
-    runs = [r for r in (read_sweep(sweep_dir) if runs is None else runs) if r.config is not None]
+    runs = [r for r in runs if r.config is not None]
     if not runs:
         return {}
     keys = swept_keys(runs)
@@ -259,12 +257,12 @@ def finish(start: SweepStart, interrupted: bool = False) -> list[Job]:
     return print_summary(start, runs, interrupted)
 
 
-def print_summary(start: SweepStart, runs: list[Run] | None = None, interrupted: bool = False) -> list[Job]:
+def print_summary(start: SweepStart, runs: list[Run], interrupted: bool = False) -> list[Job]:
     """Every job, the failures, and the seed-aggregated comparison (``runs``: as in :func:`sweep_jobs`)."""
     from bnexp.report import aggregate, console as make_console, to_rich
 
     console = make_console()
-    jobs = sweep_jobs(start.dir, start.started, runs)
+    jobs = sweep_jobs(runs, start.started)
     if not jobs:
         console.print(f"sweep {start.dir}: no job of this sweep began training", highlight=False, soft_wrap=True)
         return jobs

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import platform
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 import bnexp
 from bnexp.io import write_json
-from bnexp.record import HEARTBEAT_SEC, process_info, read_record, run_is_alive  # noqa: F401  (re-exported)
+from bnexp.record import HEARTBEAT_SEC
 
 log = logging.getLogger("bnexp")
 

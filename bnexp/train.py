@@ -30,24 +30,15 @@ from torch import nn
 
 from bnexp import data as data_mod
 from bnexp.config import Amp, ConfigError, ModelKind, OptimName, Schedule, config_hash, flatten, plain, steps_per_epoch
-from bnexp.models import Net, build_model
+from bnexp.models import build_model
 from bnexp.probes import ActivationProbe, LayerNorms, to_host
-from bnexp.record import run_lock
-from bnexp.tracking import Tracker, env_info, print_summary, process_info
+from bnexp.record import CHECKPOINT, RunInterrupted, process_info, run_lock  # noqa: F401  (CHECKPOINT, RunInterrupted: their home is torch-free)
+from bnexp.tracking import Tracker, env_info, print_summary
 
 log = logging.getLogger("bnexp")
 
-CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "sampler", "rng", "state", "window", "final", "best")
-
-
-class RunInterrupted(KeyboardInterrupt):
-    """SIGINT/SIGTERM stopped the run after a whole step, and its checkpoint is saved."""
-
-    def __init__(self, run_dir: Path, step: int):
-        super().__init__(f"{run_dir} interrupted after step {step}; checkpoint saved")
-        self.run_dir, self.step = run_dir, step
 
 
 # --------------------------------------------------------------------------- setup
@@ -88,6 +79,15 @@ def base_lr(cfg: DictConfig, batch_size: int | None) -> float:
     if cfg.get("base_batch_size") is None or batch_size is None:
         return float(cfg.lr)
     return float(cfg.lr) * batch_size / cfg.base_batch_size
+
+
+def build_run_model(cfg: DictConfig, data: data_mod.Splits, device: torch.device) -> nn.Module:
+    """The model a run trains: built for the data's shape, on ``device``, and
+    channels_last for a CNN on images on CUDA (cuDNN's fast layout for conv + BN)."""
+    model = build_model(cfg.model, cfg.norm, data.input_shape, data.num_classes).to(device)
+    if ModelKind(cfg.model.kind) == ModelKind.cnn and device.type == "cuda" and data.x_train.dim() == 4:
+        model = model.to(memory_format=torch.channels_last)
+    return model
 
 
 def make_optimizer(cfg: DictConfig, model: nn.Module, batch_size: int | None = None) -> torch.optim.Optimizer:
@@ -150,11 +150,10 @@ class Sampler:
 def keep_norms_fp32(model: nn.Module) -> None:
     """Under autocast, run every norm layer in fp32 (as cifar10-airbench does):
     batch statistics of half-precision activations lose too much."""
-    from bnexp.norms import _RunningStatsNorm
+    from bnexp.norms import NORM_TYPES
 
-    kinds = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, _RunningStatsNorm)
     for module in model.modules():
-        if isinstance(module, kinds):
+        if isinstance(module, NORM_TYPES):
             forward = module.forward
 
             def fp32_forward(x: torch.Tensor, _forward=forward) -> torch.Tensor:
@@ -402,9 +401,7 @@ def _train(cfg: DictConfig, run_dir: Path, resume: bool, extra_record: dict[str,
 
     data = data_mod.load(cfg, device)
     total = total_steps(cfg, len(data.x_train))
-    model = build_model(cfg.model, cfg.norm, data.input_shape, data.num_classes).to(device)
-    if ModelKind(cfg.model.kind) == ModelKind.cnn and device.type == "cuda" and data.x_train.dim() == 4:
-        model = model.to(memory_format=torch.channels_last)
+    model = build_run_model(cfg, data, device)
     optimizer = make_optimizer(cfg.optim, model, t.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.optim, total))
     # A constant schedule never changes the lr: skip LambdaLR.step (~8 us, 1% of a small MLP's step on CPU).
@@ -475,7 +472,7 @@ def _train(cfg: DictConfig, run_dir: Path, resume: bool, extra_record: dict[str,
 
     # Plain ints for the per-step checks: a DictConfig lookup costs ~8 us.
     log_every, checkpoint_every = int(t.log_every), int(t.checkpoint_every)
-    eval_every = int(t.eval_every) if t.eval_every is not None else steps_per_epoch(len(data.x_train), t.batch_size)  # null: once per epoch
+    eval_every = int(t.eval_every) if t.eval_every is not None else sampler.per_epoch  # null: once per epoch
     x_train, y_train = data.x_train, data.y_train
     try:
         # From the "running" record on, the finally below writes how the run

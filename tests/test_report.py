@@ -110,6 +110,9 @@ def test_report_lists_broken_and_half_written_runs_and_reports_the_rest(sweep, t
     # A run whose event file was cut off mid-record.
     (events,) = (root / "norm.placement=none,seed=1").glob("events.out.tfevents.*")
     events.write_bytes(events.read_bytes()[: events.stat().st_size // 2])
+    # And one whose event file is not one at all: left out of the curves, with a warning.
+    (foreign,) = (root / "norm.placement=none,seed=0").glob("events.out.tfevents.*")
+    foreign.write_bytes(b"not a TFRecord file")
 
     doc = json.loads(report(root, "--format", "json").stdout)
     problems = {Path(u["path"]).name: u["problem"] for u in doc["unreadable"]}
@@ -121,6 +124,7 @@ def test_report_lists_broken_and_half_written_runs_and_reports_the_rest(sweep, t
     r = report(root, "--plot", tmp_path / "curves.png")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "unreadable: " in r.stdout and (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "norm.placement=none,seed=0: no readable TensorBoard events; left out of the curves" in r.stderr
 
 
 def test_report_plot_draws_learning_curves_and_activation_percentiles(sweep, tmp_path):

@@ -214,6 +214,20 @@ def test_reproduce_writes_next_to_runs_reproduce_by_default(sweep, tmp_path):
     assert "differs" in r.stdout
 
 
+def test_reproduce_with_a_config_that_fails_at_setup_exits_2_and_leaves_no_directory(sweep, tmp_path):
+    orig = job_dirs(sweep[0])[0]
+    r = bnexp("reproduce", str(orig), "--out", "new/rp", "train.batch_size=100000", cwd=tmp_path)
+    assert r.returncode == 2 and "train.batch_size" in r.stderr and r.stderr.strip().count("\n") == 0
+    assert not (tmp_path / "new").exists()
+
+
+def test_reproduce_logs_into_its_run_dir(sweep, tmp_path):
+    orig = job_dirs(sweep[0])[0]
+    r = bnexp("reproduce", str(orig), "--out", "rp", "train.steps=10", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "step 10/10" in (tmp_path / "rp" / "bnexp.log").read_text()
+
+
 def test_reproduce_of_a_directory_that_is_not_a_run_exits_2_with_one_line(tmp_path):
     r = bnexp("reproduce", str(tmp_path), cwd=tmp_path)
     assert r.returncode == 2
