@@ -192,6 +192,26 @@ def age(seconds_since_epoch: float | None) -> str:
 HEADLINE = ("val/acc", "test/acc", "train/loss")
 
 
+# How `bnexp runs` and a sweep's job table colour a status.
+STATUS_STYLE = {"failed": "red", "dead": "red", "unreadable": "red", "diverged": "yellow", "interrupted": "yellow",
+                "running": "green", "skipped": "dim"}
+
+
+def status_cell(status: str, shown: str | None = None) -> str:
+    shown = shown or status
+    return f"[{STATUS_STYLE[status]}]{shown}[/]" if status in STATUS_STYLE else shown
+
+
+def headline_cells(run: Run) -> list[str]:
+    """The run's final value of each HEADLINE metric, as table cells."""
+    return [f"{run.final(t):.4f}" if run.final(t) is not None else "-" for t in HEADLINE]
+
+
+def shown_overrides(run: Run) -> list[str]:
+    """The run's overrides as tables show them (train.progress= changes no result and no log)."""
+    return [o for o in run.overrides if not o.startswith("train.progress=")]
+
+
 def runs_table(runs: list[Run], root: Path):
     """``bnexp runs``: one row per run with status, overrides and headline metrics."""
     from rich.table import Table
@@ -204,7 +224,6 @@ def runs_table(runs: list[Run], root: Path):
     for tag in HEADLINE:
         table.add_column(tag, justify="right")
     table.add_column("updated", justify="right")
-    style = {"failed": "red", "dead": "red", "unreadable": "red", "diverged": "yellow", "running": "green", "interrupted": "yellow"}
     for r in runs:
         try:
             name = str(r.path.relative_to(root)) if r.path != root else r.path.name
@@ -213,9 +232,7 @@ def runs_table(runs: list[Run], root: Path):
         m = r.metrics or {}
         steps = f"{m.get('steps', '-')}/{m['total_steps']}" if m.get("total_steps") else str(m.get("steps", "-"))
         status = r.status
-        shown = {"dead": "dead (no heartbeat)"}.get(status, status)
-        cells = [f"{r.final(t):.4f}" if r.final(t) is not None else "-" for t in HEADLINE]
         beat = (m.get("time") or {}).get("heartbeat")
-        table.add_row(name, f"[{style[status]}]{shown}[/]" if status in style else shown, steps,
-                      " ".join(o for o in r.overrides if not o.startswith("train.progress=")) or "-", *cells, age(beat))
+        table.add_row(name, status_cell(status, {"dead": "dead (no heartbeat)"}.get(status)), steps,
+                      " ".join(shown_overrides(r)) or "-", *headline_cells(r), age(beat))
     return table

@@ -32,7 +32,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from bnexp.report import CURVE_TAGS, DEFAULT_METRICS, differing_keys, group_curves, group_runs, seed_band, status_text
-from bnexp.runs import AGGREGATE, HEADLINE, METRICS, OVERRIDES, Run, find_run_dirs, read_run
+from bnexp.runs import AGGREGATE, HEADLINE, METRICS, OVERRIDES, Run, find_run_dirs, headline_cells, read_run, shown_overrides, status_cell
 
 
 SUFFIX = ".bnexp-sweep"  # marks the sweep root's own event file, rewritten at each sweep end
@@ -129,7 +129,7 @@ def sweep_jobs(runs: list[Run], started: float) -> list[Job]:
 
 def _shown_overrides(jobs: list[Job]) -> tuple[list[list[str]], list[str]]:
     """Per job, the overrides that vary across the jobs (seed last); and those every job shares."""
-    lists = [[o for o in j.run.overrides if not o.startswith("train.progress=")] for j in jobs]
+    lists = [shown_overrides(j.run) for j in jobs]
     common = set.intersection(*map(set, lists)) if len(lists) > 1 else set()
     seed_last = lambda os: sorted((o for o in os if o not in common), key=lambda o: o.startswith("seed="))  # noqa: E731
     return [seed_last(os) for os in lists], [o for o in (lists[0] if lists else []) if o in common]
@@ -148,13 +148,10 @@ def jobs_table(jobs: list[Job], sweep_dir: Path, interrupted: bool = False):
     for tag in HEADLINE:
         table.add_column(tag, justify="right")
     table.add_column("steps/s", justify="right")
-    style = {"failed": "red", "diverged": "yellow", "skipped": "dim", "dead": "red", "unreadable": "red", "interrupted": "yellow"}
     for j, overrides in zip(jobs, shown):
         r = j.run
-        cells = [f"{r.final(t):.4f}" if r.final(t) is not None else "-" for t in HEADLINE]
         sps = f"{r.steps_per_sec:.0f}" if r.steps_per_sec is not None and not j.skipped else "-"
-        status = j.status
-        table.add_row(str(j.num), " ".join(overrides) or r.path.name, f"[{style[status]}]{status}[/]" if status in style else status, *cells, sps)
+        table.add_row(str(j.num), " ".join(overrides) or r.path.name, status_cell(j.status), *headline_cells(r), sps)
     return table
 
 
