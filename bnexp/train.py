@@ -31,6 +31,7 @@ from torch import nn
 from bnexp import data as data_mod
 from bnexp.config import Amp, ConfigError, ModelKind, OptimName, Schedule, config_hash, flatten, plain, steps_per_epoch
 from bnexp.models import build_model
+from bnexp.runtime import pick_device, seed_everything
 from bnexp.probes import ActivationProbe, LayerNorms, to_host
 from bnexp.record import CHECKPOINT, RunInterrupted, process_info, run_lock  # noqa: F401  (CHECKPOINT, RunInterrupted: their home is torch-free)
 from bnexp.tracking import Tracker, env_info, print_summary
@@ -42,28 +43,6 @@ CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "sampler", "rng"
 
 
 # --------------------------------------------------------------------------- setup
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def seed_everything(seed: int, deterministic: bool) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if deterministic:
-        # cuBLAS needs this to pick deterministic kernels (PyTorch "Reproducibility" notes).
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-    else:
-        # Only switch it off when on: the call imports torch._dynamo (~1.2 s of startup).
-        if torch.are_deterministic_algorithms_enabled():
-            torch.use_deterministic_algorithms(False)
-        torch.backends.cudnn.benchmark = True
 
 
 def total_steps(cfg: DictConfig, n_train: int) -> int:
