@@ -45,9 +45,13 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from bnexp import data as data_mod  # noqa: E402
-from bnexp.config import Amp, compose  # noqa: E402
+from bnexp import runtime as runtime_mod  # noqa: E402
 from bnexp import train as train_mod  # noqa: E402
-from bnexp.train import build_run_model, keep_norms_fp32, make_optimizer, seed_everything, train  # noqa: E402
+from bnexp.config import Amp  # noqa: E402
+from bnexp.runtime import seed_everything  # noqa: E402
+from bnexp.schema import compose  # noqa: E402
+from bnexp.step import make_optimizer  # noqa: E402
+from bnexp.train import build_run_model, train  # noqa: E402
 
 MNIST_DIRS = [Path(os.environ.get("BNEXP_MNIST", "")), Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist",
               Path("/work/shared/data/mnist")]
@@ -80,12 +84,10 @@ def sync(device: torch.device) -> None:
 
 
 def fresh_model(cfg, data, device: torch.device):
-    """The model bnexp's train() would build: same seed, same init, same memory format and amp handling."""
+    """The model bnexp's train() would build: same seed, same init, same memory format
+    (its norm layers keep themselves in fp32 under autocast)."""
     seed_everything(cfg.seed, cfg.train.deterministic)
-    model = build_run_model(cfg, data, device)
-    if Amp(cfg.train.amp) != Amp.none:
-        keep_norms_fp32(model)
-    return model
+    return build_run_model(cfg, data, device)
 
 
 def hand_step(cfg, model, device: torch.device):
@@ -116,7 +118,8 @@ def hand_step(cfg, model, device: torch.device):
 # --clock cpu times this process's CPU time instead of wall time: on a shared
 # machine, time spent waiting for a core then counts for no contender. With
 # --threads 1 it equals the work done; bnexp's loop reads its clock through
-# bnexp.train.time.perf_counter, which is swapped for the same clock here.
+# bnexp.train.time.perf_counter and bnexp.runtime.time.perf_counter, which are
+# swapped for the same clock here.
 clock = time.perf_counter
 
 
@@ -130,11 +133,11 @@ class _CpuTimeModule:
 def run_bnexp(cfg, data, device) -> tuple[float, dict]:
     with tempfile.TemporaryDirectory(prefix="bnexp-bench-") as d, contextlib.redirect_stdout(io.StringIO()):
         if clock is time.process_time:
-            train_mod.time = _CpuTimeModule()
+            train_mod.time = runtime_mod.time = _CpuTimeModule()
         try:
             record = train(cfg, Path(d))
         finally:
-            train_mod.time = time
+            train_mod.time = runtime_mod.time = time
         state = torch.load(Path(d) / "checkpoint.pt", map_location="cpu", weights_only=True)["model"]
     elapsed = record["final"]["time/elapsed_sec"]
     return record["steps"] / elapsed, state
@@ -183,7 +186,7 @@ CONTENDERS = {"a": ("bnexp (default logging)", run_bnexp), "b": ("hand-written l
 def bench(which: str, args: argparse.Namespace) -> dict:
     cfg = compose(overrides_for(which, args))
     device = torch.device(args.device)
-    data = data_mod.load(cfg, device)
+    data = data_mod.load(cfg.data, device)
     batch = cfg.train.batch_size
     names = list(CONTENDERS)
     times: dict[str, list[float]] = {k: [] for k in names}

@@ -56,7 +56,10 @@ def _hydra_error_line(e: BaseException) -> str:
         key = getattr(cause, "full_key", None) or ""
         msg = str(cause).splitlines()[0]
         if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and text.startswith("Could not override"):
-            return f"unknown key '{key}'; `bnexp show` lists the keys, `+{key}=...` adds a new one"
+            from bnexp.schema import closest_key
+
+            near = closest_key(key)
+            return f"unknown key '{key}'; " + (f"did you mean {near}? " if near else "") + "(`bnexp show` lists the keys)"
         return f"{key}: {msg}" if key else msg
     if isinstance(e, OmegaConfBaseException):
         key = getattr(e, "full_key", None) or ""
@@ -76,18 +79,22 @@ def _sigterm_interrupts() -> None:
         signal.signal(signal.SIGTERM, handler)
 
 
-def _interrupted(e: KeyboardInterrupt, again: str) -> typer.Exit:
-    from bnexp.record import RunInterrupted
+def _interrupted(e: KeyboardInterrupt, again: str | None = None) -> typer.Exit:
+    """Exit 130, saying how to go on: ``again``, or for a run what its run dir bears out."""
+    from bnexp.rundir import RunInterrupted
 
     if isinstance(e, RunInterrupted):
+        if again is None:
+            again = (f"`bnexp resume {e.run_dir}` continues it" if e.resumable
+                     else "it stopped before it could save a checkpoint: nothing to resume; run the command again")
         typer.echo(f"interrupted: {e}; {again}", err=True)
     else:
-        typer.echo(f"interrupted; {again}", err=True)
+        typer.echo(f"interrupted; {again or 'nothing to resume'}", err=True)
     return typer.Exit(EXIT_INTERRUPTED)
 
 
-def _run_hydra(argv: list[str], sweep: bool = False) -> list[dict]:
-    """Run Hydra with ``argv``; map errors to exit codes. Returns the in-process job results.
+def _run_hydra(argv: list[str], sweep: bool = False) -> None:
+    """Run Hydra with ``argv``; map errors to exit codes.
 
     ``sweep``: KeyboardInterrupt passes through, for `bnexp sweep` to summarize what ran."""
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let exceptions reach us instead of Hydra's printer
@@ -97,26 +104,22 @@ def _run_hydra(argv: list[str], sweep: bool = False) -> list[dict]:
     from bnexp import hydra_app
     from bnexp.config import ConfigError
 
-    hydra_app.RESULTS.clear()
     _sigterm_interrupts()
     try:
         hydra_app.hydra_main(argv)
     except (ConfigError, hydra_app.RejectedConfig) as e:
-        hydra_app.undo_run_dir()
         raise fail(str(e)) from None
+    except hydra_app.RunFailed as e:
+        raise fail(str(e), EXIT_FAILED) from None
     except (HydraException, OmegaConfBaseException) as e:
         raise fail(_hydra_error_line(e)) from None
     except KeyboardInterrupt as e:
         if sweep:
             raise
-        raise _interrupted(e, "`bnexp resume RUN_DIR` continues a run from its checkpoint") from None
+        raise _interrupted(e) from None
     except SystemExit as e:  # argparse inside Hydra: bad flag, or --help
         raise typer.Exit(e.code if isinstance(e.code, int) else EXIT_USAGE) from None
-    for r in hydra_app.RESULTS:
-        if r.get("status") == "invalid":
-            hydra_app.undo_run_dir()
-            raise fail(str(r["error"]))
-    return list(hydra_app.RESULTS)
+
 
 
 @app.command(context_settings=PASSTHROUGH)
@@ -125,10 +128,7 @@ def train(ctx: typer.Context) -> None:
 
     Example: bnexp train model=cnn norm=group norm.placement=post optim.lr=0.05 train.steps=2000
     """
-    results = _run_hydra(list(ctx.args))
-    for r in results:
-        if r.get("status") == "failed":
-            raise fail(f"run failed: {r.get('error')} (see {r.get('run_dir')})", EXIT_FAILED)
+    _run_hydra(list(ctx.args))
 
 
 @app.command(context_settings=PASSTHROUGH)
@@ -164,11 +164,12 @@ def sweep(ctx: typer.Context) -> None:
     except KeyboardInterrupt as e:
         if len(sweep_mod.STARTED) == before:
             raise _interrupted(e, "no job had started") from None
-        from bnexp.record import RunInterrupted
+        from bnexp.rundir import RunInterrupted
 
         # A run that stopped after its step absorbed any repeated SIGTERM; otherwise a
         # second signal means the first one's wind-down was cut short: stop at once.
-        _sweep_interrupted(e, sweep_mod.STARTED[-1], args, second=received() > 1 and not isinstance(e, RunInterrupted))
+        saved = isinstance(e, RunInterrupted) and e.step is not None
+        _sweep_interrupted(e, sweep_mod.STARTED[-1], args, second=received() > 1 and not saved)
     if len(sweep_mod.STARTED) == before:
         return
     try:
@@ -230,7 +231,7 @@ def _sweep_interrupted(e: KeyboardInterrupt, start, args: list[str], second: boo
     import shlex
 
     from bnexp import sweep as sweep_mod
-    from bnexp.record import CHECKPOINT
+    from bnexp.rundir import CHECKPOINT
 
     jobs = None
     try:
@@ -267,12 +268,12 @@ def resume(run_dir: Path = typer.Argument(..., help="the run directory (holds .h
     steps. Completed or diverged runs, runs a live process is training, and
     directories without a readable checkpoint are refused (exit 2, nothing touched).
     """
-    from bnexp.resume import resume as resume_run
+    from bnexp.rerun import resume as resume_run
 
-    _train_outside_hydra(lambda: resume_run(run_dir), run_dir, f"`bnexp resume {run_dir}` continues it")
+    _train_outside_hydra(lambda: resume_run(run_dir), run_dir)
 
 
-def _train_outside_hydra(call, run_dir: Path, again: str):
+def _train_outside_hydra(call, run_dir: Path, again: str | None = None):
     """Run ``call()``, a training that bypasses Hydra (resume, reproduce), and map
     its outcome to exit codes the way `bnexp train` does: 2 bad input, 130
     interrupted (saying how to continue), 1 failed (the traceback goes to the log)."""
@@ -375,16 +376,15 @@ def reproduce(
     With train.deterministic=true on CPU the metrics are identical.
     """
 
-    from bnexp import reproduce as rp
-    from bnexp.record import read_record
+    from bnexp import rerun as rp
+    from bnexp.rundir import read_record
 
     overrides = list(ctx.args)
     if any("=" not in o or o.startswith(("+", "~", "-")) for o in overrides):
         raise fail(f"reproduce takes key=value changes to the saved config; got {' '.join(overrides)}")
     original = read_record(run_dir) or {}
     out = out or rp.default_out_dir(run_dir)
-    new_dir, record = _train_outside_hydra(lambda: rp.reproduce(run_dir, out, overrides), out,
-                                           f"`bnexp resume {out}` continues the new run")
+    new_dir, record = _train_outside_hydra(lambda: rp.reproduce(run_dir, out, overrides), out)
     rows = rp.differences(original, record)
     from bnexp.report import console as make_console
 

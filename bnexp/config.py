@@ -1,11 +1,11 @@
-"""The config schema: one dataclass per config group, registered in Hydra's ConfigStore.
+"""The config's vocabulary: enums, the base schema of every config group, and
+what every part of bnexp computes from a composed config (its plain form, flat
+keys, hash).
 
-Hydra merges every YAML file in ``configs/`` onto these typed nodes, so a wrong
-type, an unknown key or a value outside an Enum fails at composition time,
-before Hydra creates a run directory. What types cannot say (ranges, widths
-that a group count must divide, files that must exist) is checked by
-:func:`validate`, which the Hydra callback in :mod:`bnexp.hydra_app` runs
-before the run directory exists, too.
+Hydra is not imported here and neither is torch: ``bnexp runs``, ``bnexp report``
+and the run-dir module read configs without either. Composition (Hydra's
+ConfigStore, ``compose()``) and the checks over a whole config live in
+:mod:`bnexp.schema`, which also knows every model family's schema.
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 
 class ConfigError(Exception):
@@ -52,11 +51,6 @@ class Activation(str, Enum):
     elu = "elu"
     leaky_relu = "leaky_relu"
     identity = "identity"
-
-
-class ModelKind(str, Enum):
-    mlp = "mlp"
-    cnn = "cnn"
 
 
 class Init(str, Enum):
@@ -106,13 +100,13 @@ class Amp(str, Enum):
 
 @dataclass
 class ModelConfig:
-    kind: ModelKind = ModelKind.mlp
-    hidden: list[int] = field(default_factory=lambda: [100, 100, 100])
+    """What every model family shares; a family's own schema subclasses it
+    (bnexp/models/<family>.py) and sets ``kind`` to its registered name."""
+
+    kind: str = "mlp"
     activation: Activation = Activation.relu
     init: Init = Init.default
     init_std: float = 0.01  # used by init=normal
-    kernel_size: int = 3  # cnn
-    pool: bool = True  # cnn: 2x max-pool after each conv block while the signal is long enough
 
 
 @dataclass
@@ -206,15 +200,6 @@ class Config:
     notes: Optional[str] = None
 
 
-def register_configs() -> None:
-    cs = ConfigStore.instance()
-    cs.store(name="base_config", node=Config)
-    cs.store(group="model", name="base_model", node=ModelConfig)
-    cs.store(group="norm", name="base_norm", node=NormConfig)
-    cs.store(group="data", name="base_data", node=DataConfig)
-    cs.store(group="optim", name="base_optim", node=OptimConfig)
-
-
 def config_dir() -> Path:
     """configs/ inside an installed wheel (bnexp/configs) or at the source tree's root."""
     here = Path(__file__).resolve().parent
@@ -239,24 +224,63 @@ def plain(cfg: DictConfig) -> dict:
     return json.loads(json.dumps(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)))
 
 
-# Keys that change no number a run records: config_hash ignores them, and
-# reports never group runs by them. (Not train.log_every, whose window makes the
-# final train/loss, nor train.eval_every, which makes best val/acc and
-# steps_to_target; checkpoints are resumed bit-identically, so checkpoint_every is one.)
-NON_RESULT_KEYS = ("notes", "train.progress", "train.checkpoint_every")
+# Keys (and nodes: a key covers every key under it) that change no number a
+# run trains: config_hash ignores them, and reports never group runs by them.
+# (Not train.log_every, whose window makes the final train/loss, nor
+# train.eval_every, which makes best val/acc and steps_to_target; checkpoints
+# are resumed bit-identically, so checkpoint_every is one; probes only read.)
+NON_RESULT_KEYS = ("notes", "train.progress", "train.checkpoint_every", "probes")
+
+# Keys added after runs were first recorded, with their defaults: at its
+# default a key is left out of config_hash, so that a run recorded before the
+# key existed keeps its hash (and stays resumable, skippable, reproducible).
+LATER_KEYS: dict[str, Any] = {}
+
+
+def is_non_result_key(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in NON_RESULT_KEYS)
+
+
+def _pop(d: dict, key: str) -> Any:
+    *parents, leaf = key.split(".")
+    node = d
+    for p in parents:
+        node = node.get(p, {}) if isinstance(node, dict) else {}
+    return node.pop(leaf, None) if isinstance(node, dict) else None
 
 
 def config_hash(cfg: DictConfig | dict) -> str:
-    """A stable hash of the composed config, ignoring NON_RESULT_KEYS."""
+    """A stable hash of the composed config, ignoring NON_RESULT_KEYS (and LATER_KEYS at their defaults)."""
     d = plain(cfg) if not isinstance(cfg, dict) else dict(cfg)
     d = json.loads(json.dumps(d))
     for key in NON_RESULT_KEYS:
+        _pop(d, key)
+    for key, default in LATER_KEYS.items():
         *parents, leaf = key.split(".")
         node = d
         for p in parents:
-            node = node.get(p, {})
-        node.pop(leaf, None)
+            node = node.get(p, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict) and node.get(leaf, default) == default:
+            node.pop(leaf, None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# bnexp 0.1 kept every family's keys in one model node, so an MLP's recorded
+# config_hash covers the CNN keys at their defaults too.
+_V01_MLP_KEYS = {"kernel_size": 3, "pool": True}
+
+
+def hash_matches(recorded: str | None, cfg: DictConfig | dict) -> bool:
+    """Whether a metrics.json's config_hash is that of ``cfg`` (as this version or bnexp 0.1 computed it)."""
+    if recorded is None:
+        return False
+    if recorded == config_hash(cfg):
+        return True
+    d = plain(cfg) if not isinstance(cfg, dict) else json.loads(json.dumps(cfg))
+    model = d.get("model")
+    if isinstance(model, dict) and model.get("kind") == "mlp" and not _V01_MLP_KEYS.keys() & model.keys():
+        return recorded == config_hash({**d, "model": {**model, **_V01_MLP_KEYS}})
+    return False
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -270,139 +294,5 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-# --------------------------------------------------------------------------- validation
-
-
-def _positive(cfg: DictConfig, key: str, allow_none: bool = False, allow_zero: bool = False) -> None:
-    value = OmegaConf.select(cfg, key)
-    if value is None and allow_none:
-        return
-    ok = value is not None and (value >= 0 if allow_zero else value > 0)
-    if not ok:
-        what = "a number >= 0" if allow_zero else "a number > 0"
-        raise ConfigError(key, f"got {value!r}; allowed: {what}")
-
-
-def hidden_norm_indices(norm_layers: Any, n_hidden: int) -> list[int]:
-    """Which hidden blocks get a norm (before placement=none is applied)."""
-    if isinstance(norm_layers, str):
-        if norm_layers == "all":
-            return list(range(n_hidden))
-        raise ConfigError("norm.layers", f"got {norm_layers!r}; allowed: 'all' or a list of hidden-layer indices 0..{n_hidden - 1}")
-    if isinstance(norm_layers, int) and not isinstance(norm_layers, bool):
-        norm_layers = [norm_layers]
-    if isinstance(norm_layers, (list, tuple, ListConfig)):
-        idx = list(norm_layers)
-        if all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n_hidden for i in idx):
-            return sorted(set(idx))
-    raise ConfigError("norm.layers", f"got {norm_layers!r}; allowed: 'all' or a list of hidden-layer indices 0..{n_hidden - 1}")
-
-
 def steps_per_epoch(n_train: int, batch_size: int) -> int:
     return max(1, n_train // batch_size)
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def validate(cfg: DictConfig) -> None:
-    """Checks the types cannot express; raises ConfigError with one clear line."""
-    m, n, d, o, t = cfg.model, cfg.norm, cfg.data, cfg.optim, cfg.train
-    targets = [k for k in flatten(plain(cfg)) if k.rsplit(".", 1)[-1] == "_target_"]
-    if targets:  # bnexp never calls hydra.utils.instantiate on a user's config
-        raise ConfigError(targets[0], "bnexp builds everything from its own registries and never imports a _target_; allowed: the keys `bnexp show` lists")
-    if len(m.hidden) == 0:
-        raise ConfigError("model.hidden", "is empty; allowed: a non-empty list of positive widths, e.g. [100,100,100]")
-    if any(w <= 0 for w in m.hidden):
-        raise ConfigError("model.hidden", f"got {list(m.hidden)}; allowed: positive widths")
-    _positive(cfg, "model.init_std")
-    _positive(cfg, "model.kernel_size")
-    normed = hidden_norm_indices(n.layers, len(m.hidden))
-    if not 0.0 <= n.momentum <= 1.0:
-        raise ConfigError("norm.momentum", f"got {n.momentum}; allowed: 0 <= momentum <= 1 (PyTorch convention; Keras momentum m is 1 - m)")
-    _positive(cfg, "norm.eps")
-    if n.placement != Placement.none:
-        if n.kind == NormKind.group:
-            _positive(cfg, "norm.groups")
-            for i in normed:
-                if m.hidden[i] % n.groups:
-                    raise ConfigError("norm.groups", f"{n.groups} does not divide hidden layer {i}'s width {m.hidden[i]}; allowed: a divisor of every normalized width")
-        if n.kind == NormKind.ghost_batch:
-            if n.virtual_batch_size is None:
-                raise ConfigError("norm.virtual_batch_size", "is unset; norm=ghost_batch needs a ghost batch size that divides train.batch_size")
-            if n.virtual_batch_size <= 0 or n.virtual_batch_size > t.batch_size or t.batch_size % n.virtual_batch_size:
-                raise ConfigError("norm.virtual_batch_size", f"got {n.virtual_batch_size}; allowed: a positive divisor of train.batch_size={t.batch_size}")
-        if n.kind == NormKind.batch_renorm:
-            if n.rmax < 1:
-                raise ConfigError("norm.rmax", f"got {n.rmax}; allowed: rmax >= 1")
-            if n.dmax < 0:
-                raise ConfigError("norm.dmax", f"got {n.dmax}; allowed: dmax >= 0")
-    if not (0 < d.val_size < 1 or (d.val_size >= 1 and float(d.val_size).is_integer()) or d.val_size == 0):
-        raise ConfigError("data.val_size", f"got {d.val_size}; allowed: 0, a fraction in (0, 1), or a whole number of examples")
-    _positive(cfg, "data.subset", allow_none=True)
-    _positive(cfg, "data.num_classes")
-    if d.num_classes < 2:
-        raise ConfigError("data.num_classes", f"got {d.num_classes}; allowed: >= 2")
-    if not d.shape or any(s <= 0 for s in d.shape) or len(d.shape) > 3:
-        raise ConfigError("data.shape", f"got {list(d.shape)}; allowed: 1 to 3 positive sizes, e.g. [32] or [1,28,28]")
-    for key in ("data.n_train", "data.n_test", "data.cluster_std"):
-        _positive(cfg, key)
-    _positive(cfg, "optim.lr")
-    _positive(cfg, "optim.base_batch_size", allow_none=True)
-    _positive(cfg, "optim.momentum", allow_zero=True)
-    _positive(cfg, "optim.weight_decay", allow_zero=True)
-    _positive(cfg, "optim.warmup_steps", allow_zero=True)
-    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
-        raise ConfigError("optim.betas", f"got {list(o.betas)}; allowed: two numbers in [0, 1)")
-    if t.steps is None and t.epochs is None:
-        raise ConfigError("train.steps", "both train.steps and train.epochs are null; allowed: set one (train.epochs wins when both are set)")
-    _positive(cfg, "train.steps", allow_none=True)
-    _positive(cfg, "train.epochs", allow_none=True)
-    for key in ("train.batch_size", "train.log_every", "train.eval_batch_size", "train.probe_size"):
-        _positive(cfg, key)
-    _positive(cfg, "train.eval_every", allow_none=True)
-    _positive(cfg, "train.checkpoint_every", allow_zero=True)
-    if t.target_acc is not None and not 0 < t.target_acc <= 1:
-        raise ConfigError("train.target_acc", f"got {t.target_acc}; allowed: an accuracy in (0, 1]")
-    dev = t.device
-    if not (dev in ("auto", "cpu", "cuda", "mps") or (dev.startswith("cuda:") and dev[5:].isdigit())):
-        raise ConfigError("train.device", f"got {dev!r}; allowed: auto, cpu, cuda, cuda:N, mps")
-    if dev.startswith("cuda"):
-        import torch
-
-        if not _cuda_available():
-            raise ConfigError("train.device", f"{dev} asked for, but no CUDA device is available here; allowed: auto or cpu")
-        if ":" in dev and int(dev[5:]) >= torch.cuda.device_count():
-            raise ConfigError("train.device", f"{dev} asked for, but this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if t.amp == Amp.fp16 and (dev == "cpu" or (dev == "auto" and not _cuda_available())):
-        raise ConfigError("train.amp", "fp16 autocast needs a GPU; allowed on CPU: none, bf16")
-    if DataName(cfg.data.name) not in IN_MEMORY_DATA:
-        from bnexp import datasets  # NumPy only: a missing file is said before torch loads
-
-        try:
-            datasets.check_available(DataName(cfg.data.name).value, cfg.data.root, cfg.data.download)
-        except datasets.DataError as e:
-            raise ConfigError("data.root", str(e)) from None
-
-
-def compose(overrides: list[str] | None = None) -> DictConfig:
-    """The composed config for ``overrides`` without running anything (tests, benchmarks, notebooks).
-
-    Commands go through ``@hydra.main`` instead (see bnexp.hydra_app), which adds
-    run directories, multirun and launchers; this uses Hydra's Compose API.
-    """
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from bnexp.hydra_app import register_resolvers
-
-    register_configs()
-    register_resolvers()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
-    return OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg

@@ -2,8 +2,9 @@
 
 Small datasets fit in device memory many times over, so there is no DataLoader:
 the training loop indexes these tensors with a seeded permutation
-(see :class:`bnexp.train.Sampler`). File formats and downloads of the real
-datasets live in :mod:`bnexp.datasets`.
+(see :class:`bnexp.step.Sampler`). Examples keep their natural shape ([D]
+features, [C, L] signals, [C, H, W] images): adapting it is the model's job.
+File formats and downloads of the real datasets live in :mod:`bnexp.datasets`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from bnexp.config import IN_MEMORY_DATA, ConfigError, DataName, ModelKind, Preprocess
+from bnexp.config import IN_MEMORY_DATA, ConfigError, DataName, Preprocess
 
 
 @dataclass
@@ -72,14 +73,14 @@ def drug_trial(cfg: DictConfig) -> dict:
 
 
 def load_arrays(cfg: DictConfig) -> dict:
-    name = DataName(cfg.data.name)
+    name = DataName(cfg.name)
     if name == DataName.synthetic:
-        return synthetic(cfg.data)
+        return synthetic(cfg)
     if name == DataName.drug_trial:
-        return drug_trial(cfg.data)
+        return drug_trial(cfg)
     from bnexp import datasets
 
-    return datasets.load_arrays(name.value, cfg.data.root, cfg.data.download)
+    return datasets.load_arrays(name.value, cfg.root, cfg.download)
 
 
 def split_train_val(n: int, val_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -117,25 +118,24 @@ _last: tuple[tuple, Splits] | None = None
 
 
 def _cache_key(cfg: DictConfig, device: torch.device) -> tuple:
-    """Everything load() depends on: the data config, the model kind (flat or not),
-    the device, and each dataset file's path, size and mtime (a file replaced
-    on disk is read again)."""
+    """Everything load() depends on: the data config, the device, and each
+    dataset file's path, size and mtime (a file replaced on disk is read again)."""
     from omegaconf import OmegaConf
 
     files: list[tuple] = []
-    name = DataName(cfg.data.name)
+    name = DataName(cfg.name)
     if name not in IN_MEMORY_DATA:
         from bnexp import datasets
 
-        folder = Path(cfg.data.root).expanduser().resolve()
+        folder = Path(cfg.root).expanduser().resolve()
         for f in datasets.required_files(name.value):
             st = (folder / f).stat() if (folder / f).is_file() else None
             files.append((str(folder / f), st and st.st_size, st and st.st_mtime_ns))
-    return OmegaConf.to_yaml(cfg.data, resolve=True), str(cfg.model.kind), str(device), tuple(files)
+    return OmegaConf.to_yaml(cfg, resolve=True), str(device), tuple(files)
 
 
 def load(cfg: DictConfig, device: torch.device) -> Splits:
-    """Load ``cfg.data``, split, preprocess with training statistics, move to ``device``.
+    """Load the data config ``cfg``, split, preprocess with training statistics, move to ``device``.
 
     The last result is kept and returned again for the same key
     (:func:`_cache_key`): the jobs of a sweep that share a process (Hydra's
@@ -157,18 +157,14 @@ def load(cfg: DictConfig, device: torch.device) -> Splits:
 def _load(cfg: DictConfig, device: torch.device) -> Splits:
     arrays = load_arrays(cfg)
     x_all, y_all = arrays["x_train"], arrays["y_train"]
-    train_idx, val_idx = split_train_val(len(x_all), cfg.data.val_size, cfg.data.seed)
-    if cfg.data.subset is not None:
-        train_idx = train_idx[: cfg.data.subset]
+    train_idx, val_idx = split_train_val(len(x_all), cfg.val_size, cfg.seed)
+    if cfg.subset is not None:
+        train_idx = train_idx[: cfg.subset]
     x_train = x_all[train_idx]
-    shift, scale = (a.astype(np.float32) for a in fit_preprocess(x_train, Preprocess(cfg.data.preprocess)))
+    shift, scale = (a.astype(np.float32) for a in fit_preprocess(x_train, Preprocess(cfg.preprocess)))
 
     def prep(x: np.ndarray) -> torch.Tensor:
         x = (x.astype(np.float32) - shift) / scale
-        if ModelKind(cfg.model.kind) == ModelKind.mlp:
-            x = x.reshape(len(x), -1)
-        elif x.ndim == 2:
-            x = x[:, None, :]  # flat features through a CNN: one channel, a 1-D signal
         return torch.from_numpy(np.ascontiguousarray(x)).to(device)
 
     def labels(y: np.ndarray) -> torch.Tensor:

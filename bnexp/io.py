@@ -2,26 +2,75 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+# A temp file is named .<target>.<pid>.<random>.tmp beside its target, so that
+# an orphan (its writer was SIGKILLed mid-write) can be told and removed.
+TEMP_SUFFIX = ".tmp"
+
+
+class NoSpace(OSError):
+    """The disk (or quota) is full; ``str()`` says where, in one line."""
+
+    def __init__(self, path: Path):
+        super().__init__(errno.ENOSPC, f"no space left on {path.parent} (writing {path.name}); the last complete {path.name} is kept")
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def _umask() -> int:
+    # Linux shows the umask in /proc without changing it; elsewhere os.umask must
+    # set it to read it (a moment in which another thread's new file gets 0o000).
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "w") -> None:
-    """Call ``write(f)`` on a temp file beside ``path``, fsync it, then rename it over ``path``."""
+    """Call ``write(f)`` on a temp file beside ``path``, fsync it, then rename it over ``path``.
+
+    The file gets the permissions any new file gets (0o666 minus the umask):
+    mkstemp's 0o600 would make runs on a shared file system unreadable to
+    colleagues. A full disk is raised as :class:`NoSpace` and leaves ``path`` as it was.
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) and not isinstance(e, NoSpace):
+            raise NoSpace(path) from None
+        # torch.save's zip writer turns a full disk into "unexpected pos N vs M".
+        if isinstance(e, RuntimeError) and "unexpected pos" in str(e) and _disk_full(path.parent):
+            raise NoSpace(path) from None
         raise
+
+
+def _disk_full(folder: Path) -> bool:
+    try:
+        st = os.statvfs(folder)
+        return st.f_bavail * st.f_frsize < (1 << 20)
+    except OSError:
+        return False
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:

@@ -13,6 +13,37 @@ from torch import nn
 from bnexp.config import NormConfig, NormKind
 
 
+class FP32Norm(nn.Module):
+    """Mixed into every norm layer: under autocast it normalizes in fp32 (as
+    cifar10-airbench keeps BN in fp32): batch statistics of half-precision
+    activations lose too much. Without autocast it adds one flag check.
+
+    A mixin rather than a wrapper module or a patched ``forward``: state_dict
+    keys stay those of the torch layer, and a deepcopy is a self-contained copy."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return super().forward(x.float())
+        return super().forward(x)
+
+
+class BatchNorm1d(FP32Norm, nn.BatchNorm1d):
+    pass
+
+
+class BatchNorm2d(FP32Norm, nn.BatchNorm2d):
+    pass
+
+
+class LayerNorm(FP32Norm, nn.LayerNorm):
+    pass
+
+
+class GroupNorm(FP32Norm, nn.GroupNorm):
+    pass
+
+
 def _reduce_dims(x: torch.Tensor) -> list[int]:
     return [0] + list(range(2, x.dim()))
 
@@ -60,7 +91,7 @@ class _RunningStatsNorm(nn.Module):
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, track_running_stats={self.track_running_stats}"
 
 
-class GhostBatchNorm(_RunningStatsNorm):
+class _GhostBatchNorm(_RunningStatsNorm):
     """BatchNorm whose training statistics come from virtual sub-batches (Hoffer et al. 2017, Sec. 4).
 
     The batch is cut into chunks of ``virtual_batch_size``; each chunk is
@@ -106,7 +137,7 @@ class GhostBatchNorm(_RunningStatsNorm):
         return super().extra_repr() + f", virtual_batch_size={self.virtual_batch_size}"
 
 
-class BatchRenorm(_RunningStatsNorm):
+class _BatchRenorm(_RunningStatsNorm):
     """Batch renormalization (Ioffe 2017, Algorithm 1).
 
     Training output is ``((x - mu_B) / sigma_B * r + d) * gamma + beta`` with
@@ -140,6 +171,14 @@ class BatchRenorm(_RunningStatsNorm):
         return super().extra_repr() + f", rmax={self.rmax}, dmax={self.dmax}"
 
 
+class GhostBatchNorm(FP32Norm, _GhostBatchNorm):
+    __doc__ = _GhostBatchNorm.__doc__
+
+
+class BatchRenorm(FP32Norm, _BatchRenorm):
+    __doc__ = _BatchRenorm.__doc__
+
+
 def make_norm(cfg: NormConfig, num_features: int, spatial_dims: int) -> nn.Module:
     """The norm layer of kind ``cfg.kind`` for ``num_features`` channels.
 
@@ -147,7 +186,7 @@ def make_norm(cfg: NormConfig, num_features: int, spatial_dims: int) -> nn.Modul
     """
     kind = NormKind(cfg.kind)
     if kind == NormKind.batch:
-        cls = {0: nn.BatchNorm1d, 1: nn.BatchNorm1d, 2: nn.BatchNorm2d}[spatial_dims]
+        cls = {0: BatchNorm1d, 1: BatchNorm1d, 2: BatchNorm2d}[spatial_dims]
         norm: nn.Module = cls(num_features, eps=cfg.eps, momentum=cfg.momentum, track_running_stats=cfg.track_running_stats)
     elif kind == NormKind.ghost_batch:
         norm = GhostBatchNorm(num_features, cfg.virtual_batch_size, eps=cfg.eps, momentum=cfg.momentum, track_running_stats=cfg.track_running_stats)
@@ -156,9 +195,9 @@ def make_norm(cfg: NormConfig, num_features: int, spatial_dims: int) -> nn.Modul
     elif kind == NormKind.layer:
         # Over an image, "layer" norm normalizes each example over (C, H, W):
         # GroupNorm with one group is exactly that, with per-channel gamma/beta.
-        norm = nn.LayerNorm(num_features, eps=cfg.eps) if spatial_dims == 0 else nn.GroupNorm(1, num_features, eps=cfg.eps)
+        norm = LayerNorm(num_features, eps=cfg.eps) if spatial_dims == 0 else GroupNorm(1, num_features, eps=cfg.eps)
     else:
-        norm = nn.GroupNorm(cfg.groups, num_features, eps=cfg.eps)
+        norm = GroupNorm(cfg.groups, num_features, eps=cfg.eps)
     _set_affine(norm, cfg)
     return norm
 
@@ -183,7 +222,7 @@ def _unbiased(var: torch.Tensor, count: int) -> torch.Tensor:
     return var * count / max(count - 1, 1)
 
 
-# Every normalization layer make_norm builds (bnexp.train.keep_norms_fp32 runs them in fp32).
+# Every kind of normalization layer make_norm builds.
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, _RunningStatsNorm)
 
 

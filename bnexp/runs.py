@@ -39,7 +39,7 @@ class Run:
         """metrics.json's status; ``dead`` for a ``running`` run whose heartbeat stopped."""
         if self.metrics is None:
             return "unreadable"
-        from bnexp.record import run_is_alive
+        from bnexp.rundir import run_is_alive
 
         status = str(self.metrics.get("status", "unknown"))
         if status == "running" and not run_is_alive(self.metrics):

@@ -1,10 +1,16 @@
-"""The process's compute settings for a run: which device, how many threads,
-which seeds, and whether kernels must be deterministic."""
+"""The process around a run: which device, how many threads, which seeds,
+whether kernels must be deterministic, signals, the garbage collector, the clock."""
 
 from __future__ import annotations
 
+import gc
 import os
 import random
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -30,3 +36,49 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         if torch.are_deterministic_algorithms_enabled():
             torch.use_deterministic_algorithms(False)
         torch.backends.cudnn.benchmark = True
+
+
+@contextmanager
+def stop_on_signal() -> Iterator[threading.Event]:
+    """SIGINT/SIGTERM ask the loop to stop after the current step; a second SIGINT stops at once."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum, _frame):
+        stop.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+@contextmanager
+def frozen_gc() -> Iterator[None]:
+    """Hide everything made before the loop (imports, Hydra's config, data,
+    model: ~300k objects) from the cyclic garbage collector until the block
+    ends, however it ends. A full collection otherwise scans them all (~100 ms
+    on this project's 2-core CPU) and lands in whichever step happens to
+    trigger it: 15% of a 1000-step BN-paper MLP run on CPU, and more in a
+    sweep's process, where each finished run leaves more behind. The young
+    generations are collected first (a few ms), so that setup's fresh garbage
+    is not kept for the whole run."""
+    gc.collect(1)
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()  # back to the oldest generation: collectable once the run lets go of them
+
+
+def clock(device: torch.device) -> float:
+    """Seconds, after the device has finished the work queued so far (CUDA runs
+    asynchronously: without the wait, a window's time would miss its last steps)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()

@@ -21,8 +21,7 @@ from tensorboard.compat.proto.summary_pb2 import Summary
 from torch.utils.tensorboard import SummaryWriter
 
 import bnexp
-from bnexp.io import write_json
-from bnexp.record import HEARTBEAT_SEC
+from bnexp.rundir import RunRecord
 
 log = logging.getLogger("bnexp")
 
@@ -78,26 +77,6 @@ def hparams_session_end(status: str, end_time: float):
     summary = summary_pb2.Summary()
     summary.value.add(tag=metadata.SESSION_END_INFO_TAG, metadata=metadata.create_summary_metadata(data), tensor=metadata.NULL_TENSOR)
     return summary
-
-
-class RunRecord:
-    """metrics.json: the run's status and results, rewritten atomically."""
-
-    def __init__(self, run_dir: Path, base: dict[str, Any]):
-        self.path = run_dir / "metrics.json"
-        self.data: dict[str, Any] = dict(base)
-        self._last_beat = 0.0
-
-    def write(self, **updates: Any) -> None:
-        self.data.update(updates)
-        self.data.setdefault("time", {})["heartbeat"] = time.time()
-        self._last_beat = time.monotonic()
-        write_json(self.path, self.data)
-
-    def heartbeat(self) -> None:
-        """Cheap to call every step: rewrites the file at most every HEARTBEAT_SEC seconds."""
-        if time.monotonic() - self._last_beat > HEARTBEAT_SEC:
-            self.write()
 
 
 class Console_:

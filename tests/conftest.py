@@ -47,6 +47,23 @@ def workdir(tmp_path: Path) -> Path:
     return tmp_path
 
 
+@pytest.fixture
+def register_probe():
+    """Register probes for one test through bnexp's own probe registry (the seam a
+    user's probe plugs into); they are unregistered afterwards."""
+    from bnexp.probes import PROBES, register
+
+    added: list[str] = []
+
+    def add(name: str, factory) -> None:
+        added.append(name)
+        register(name, None, factory)
+
+    yield add
+    for name in added:
+        PROBES.pop(name, None)
+
+
 def mnist_root(name: str = "mnist") -> Path:
     path = SHARED_DATA / name
     if not (path / "train-images-idx3-ubyte.gz").exists():

@@ -2,7 +2,7 @@ import numpy as np
 import torch
 
 from bnexp import data
-from bnexp.config import Preprocess, compose
+from bnexp.schema import compose
 from tests.conftest import mnist_root
 
 
@@ -19,7 +19,7 @@ def test_drug_trial_matches_the_keras_tutorial_design():
 def test_preprocessing_statistics_come_from_the_training_split_only():
     cfg = compose(["data=synthetic", "data.preprocess=standardize", "model=mlp"])
     arrays = data.synthetic(cfg.data)
-    splits = data.load(cfg, torch.device("cpu"))
+    splits = data.load(cfg.data, torch.device("cpu"))
     train_idx, _ = data.split_train_val(len(arrays["x_train"]), cfg.data.val_size, cfg.data.seed)
     raw_train = arrays["x_train"][train_idx]
     # training split: exactly mean 0 / std 1 per feature; test split: shifted by the train statistics
@@ -31,7 +31,7 @@ def test_preprocessing_statistics_come_from_the_training_split_only():
 
 def test_minmax_maps_training_split_to_unit_interval():
     cfg = compose(["data=drug_trial", "data.preprocess=minmax"])
-    splits = data.load(cfg, torch.device("cpu"))
+    splits = data.load(cfg.data, torch.device("cpu"))
     assert splits.x_train.min().item() == 0.0 and splits.x_train.max().item() == 1.0
 
 
@@ -47,50 +47,46 @@ def test_validation_split_is_deterministic_and_disjoint():
 
 def test_subset_keeps_only_the_first_training_examples():
     cfg = compose(["data.subset=500"])
-    splits = data.load(cfg, torch.device("cpu"))
+    splits = data.load(cfg.data, torch.device("cpu"))
     assert len(splits.x_train) == 500 and len(splits.x_val) == 400 and len(splits.x_test) == 1000
 
 
-def test_images_are_chw_for_cnn_and_flat_for_mlp_on_real_mnist():
-    root = mnist_root()
-    cnn = data.load(compose(["data=mnist", f"data.root={root}", "model=cnn", "data.subset=1000"]), torch.device("cpu"))
-    mlp = data.load(compose(["data=mnist", f"data.root={root}", "data.subset=1000"]), torch.device("cpu"))
-    assert cnn.input_shape == (1, 28, 28) and mlp.input_shape == (784,)
-    assert len(cnn.x_val) == 5000 and len(cnn.x_test) == 10000
+def test_real_mnist_images_keep_their_chw_shape_and_the_mlp_flattens_them():
+    from bnexp.models import build_model
+
+    cfg = compose(["data=mnist", f"data.root={mnist_root()}", "data.subset=1000", "model.hidden=[8]"])
+    images = data.load(cfg.data, torch.device("cpu"))
+    assert images.input_shape == (1, 28, 28)
+    assert len(images.x_val) == 5000 and len(images.x_test) == 10000
     # standardize on images: one statistic per channel, from the training part
-    assert abs(cnn.x_train.mean().item()) < 1e-3 and abs(cnn.x_train.std().item() - 1) < 1e-2
-    assert abs(cnn.x_test.mean().item()) < 0.1
+    assert abs(images.x_train.mean().item()) < 1e-3 and abs(images.x_train.std().item() - 1) < 1e-2
+    assert abs(images.x_test.mean().item()) < 0.1
+    mlp = build_model(cfg.model, cfg.norm, images.input_shape, images.num_classes)
+    assert mlp.hidden0.linear.in_features == 784 and mlp(images.x_train[:4]).shape == (4, 10)
 
 
 def test_mnist1d_default_dataset_shapes():
-    splits = data.load(compose([]), torch.device("cpu"))
-    assert splits.input_shape == (40,) and splits.num_classes == 10
+    splits = data.load(compose([]).data, torch.device("cpu"))
+    assert splits.input_shape == (1, 40) and splits.num_classes == 10  # a one-channel signal
     assert len(splits.x_train) + len(splits.x_val) == 4000 and len(splits.x_test) == 1000
-    cnn = data.load(compose(["model=cnn"]), torch.device("cpu"))
-    assert cnn.input_shape == (1, 40)
 
 
-def test_the_last_load_is_reused_until_the_config_or_the_files_change(tmp_path, monkeypatch):
+def test_the_last_load_is_reused_until_the_data_config_or_the_files_change(tmp_path):
     # A sweep's jobs in one process share their data; any change to what load() reads loads again.
     import os
     import shutil
 
-    from bnexp import datasets
-
     root = tmp_path / "mnist"
     shutil.copytree(mnist_root(), root)
-    reads = []
-    read_idx = datasets._read_idx
-    monkeypatch.setattr(datasets, "_read_idx", lambda *a, **k: (reads.append(a[0]), read_idx(*a, **k))[1])
     base = ["data=mnist", f"data.root={root}", "data.subset=1000"]
     cpu = torch.device("cpu")
-    first = data.load(compose(base), cpu)
-    assert len(reads) == 4
-    assert data.load(compose(base), cpu) is first and len(reads) == 4  # the next job of a sweep
-    other = data.load(compose([*base, "data.val_size=2000"]), cpu)
-    assert len(other.x_val) == 2000 and len(reads) == 8
-    assert data.load(compose([*base, "model=cnn"]), cpu).input_shape == (1, 28, 28) and len(reads) == 12
-    again = data.load(compose([*base, "model=cnn"]), cpu)
+    first = data.load(compose(base).data, cpu)
+    assert data.load(compose(base).data, cpu) is first  # the next job of a sweep
+    assert data.load(compose([*base, "model=cnn", "norm.placement=none"]).data, cpu) is first  # the model is not the data's business
+    other = data.load(compose([*base, "data.val_size=2000"]).data, cpu)
+    assert len(other.x_val) == 2000
+    again = data.load(compose(base).data, cpu)
+    assert again is not first and torch.equal(again.x_train, first.x_train)
     labels = root / "train-labels-idx1-ubyte.gz"
     os.utime(labels, ns=(labels.stat().st_atime_ns, labels.stat().st_mtime_ns + 10**9))  # the file was replaced
-    assert data.load(compose([*base, "model=cnn"]), cpu) is not again and len(reads) == 16
+    assert data.load(compose(base).data, cpu) is not again

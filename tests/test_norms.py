@@ -2,20 +2,19 @@ import pytest
 import torch
 from torch import nn
 
-from bnexp.config import compose
+from bnexp.config import NormConfig
 from bnexp.norms import BatchRenorm, GhostBatchNorm, make_norm
 
 
-def norm_of(kind, width=8, spatial=0, *extra):
-    cfg = compose([f"norm={kind}", *extra])
-    return make_norm(cfg.norm, width, spatial)
+def norm_of(kind, width=8, spatial=0, **options):
+    return make_norm(NormConfig(kind=kind, **options), width, spatial)
 
 
 @pytest.mark.parametrize("kind", ["batch", "ghost_batch", "batch_renorm", "layer", "group"])
 @pytest.mark.parametrize("spatial", [0, 1, 2])
 def test_each_norm_kind_normalizes_in_train_mode_and_runs_in_eval_mode(kind, spatial):
     torch.manual_seed(0)
-    norm = norm_of(kind, 16, spatial, "norm.virtual_batch_size=16", "norm.groups=4")
+    norm = norm_of(kind, 16, spatial, virtual_batch_size=16, groups=4)
     x = 3 + 5 * torch.randn(32, 16, *([6] * spatial))
     y = norm.train()(x)
     assert y.shape == x.shape
@@ -79,24 +78,24 @@ def test_batch_renorm_corrects_towards_running_statistics_by_hand_computed_r_and
 
 
 def test_center_false_and_scale_false_remove_beta_and_gamma():
-    norm = norm_of("batch", 4, 0, "norm.center=false", "norm.scale=false")
+    norm = norm_of("batch", 4, 0, center=False, scale=False)
     assert norm.weight is None and norm.bias is None
     assert list(norm.parameters()) == []
 
 
 def test_gamma_and_beta_init_set_the_affine_parameters():
-    norm = norm_of("batch", 4, 0, "norm.gamma_init=0.5", "norm.beta_init=0.25")
+    norm = norm_of("batch", 4, 0, gamma_init=0.5, beta_init=0.25)
     assert torch.all(norm.weight == 0.5) and torch.all(norm.bias == 0.25)
 
 
 def test_track_running_stats_false_uses_batch_statistics_in_eval():
-    norm = norm_of("batch", 3, 0, "norm.track_running_stats=false")
+    norm = norm_of("batch", 3, 0, track_running_stats=False)
     x = 5 + torch.randn(20, 3)
     assert torch.allclose(norm.eval()(x).mean(0), torch.zeros(3), atol=1e-4)
 
 
 def test_momentum_follows_pytorch_convention():
-    norm = norm_of("batch", 2, 0, "norm.momentum=0.25")
+    norm = norm_of("batch", 2, 0, momentum=0.25)
     x = torch.tensor([[1.0, 2.0], [3.0, 6.0]])
     norm.train()(x)
     assert torch.allclose(norm.running_mean, 0.25 * x.mean(0))

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from bnexp.config import compose, config_dir, validate
+from bnexp.config import config_dir
+from bnexp.schema import compose, validate
 from bnexp.models import build_model
 from bnexp.runs import load_scalars
 from tests.conftest import SHARED_DATA, run_inprocess
@@ -78,7 +79,7 @@ def test_every_point_of_a_presets_sweep_grid_is_a_valid_config(preset):
     for point in points:
         cfg = compose([f"experiment={preset}", *point, *extra])
         validate(cfg)  # group norm's groups divide the widths, ghost batch's virtual size divides the batch, ...
-        shape = (1, 28, 28) if cfg.model.kind.value == "cnn" else (1,)
+        shape = (1, 28, 28) if cfg.model.kind == "cnn" else (1,)
         build_model(cfg.model, cfg.norm, shape, 10)
 
 
@@ -93,7 +94,7 @@ def test_batch_size_ablation_scales_the_learning_rate_linearly_with_the_batch(tm
 @pytest.mark.parametrize("preset", PAPER_PRESETS)
 def test_preset_trains_at_smoke_size(preset, tmp_path):
     args = ["train", f"experiment={preset}", *SMOKE, *data_overrides(preset)]
-    if compose([f"experiment={preset}"]).model.kind.value == "cnn":
+    if compose([f"experiment={preset}"]).model.kind == "cnn":
         args += CNN_SMOKE
     if preset == "seed_keras":
         args += ["train.epochs=1"]  # epochs win over steps; 200 examples / batch 10 = 20 steps

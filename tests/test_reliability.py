@@ -24,8 +24,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from bnexp.config import Config, config_hash
-from bnexp.record import HEARTBEAT_SEC, process_info, run_is_alive
+from bnexp.config import config_hash
+from bnexp.schema import typed
+from bnexp.rundir import HEARTBEAT_SEC, process_info, run_is_alive
 from tests.conftest import REPO, run_cli, snapshot, start_cli
 
 # A small, fast, deterministic CPU run: a 2x32 MLP on synthetic clusters (about 1000 steps/s).
@@ -90,7 +91,7 @@ def assert_no_duplicated_steps(run_dir: Path) -> None:
 
 def fake_run(run_dir: Path, status: str = "interrupted", **record) -> Path:
     """A run directory as bnexp leaves it (saved config + metrics.json), without training."""
-    cfg = OmegaConf.structured(Config)
+    cfg = typed({})
     (run_dir / ".hydra").mkdir(parents=True)
     (run_dir / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     (run_dir / "metrics.json").write_text(json.dumps({"status": status, "steps": 10, "config_hash": config_hash(cfg), **record}))
@@ -195,7 +196,7 @@ def test_a_run_on_this_host_is_alive_exactly_while_its_process_is():
         info["start_ticks"] = None
         record = {"status": "running", "process": info, "time": {"heartbeat": 0}}  # heartbeat long gone: pid decides
         assert run_is_alive(record)
-        from bnexp.record import _proc_start_ticks
+        from bnexp.rundir import _proc_start_ticks
 
         if _proc_start_ticks(sleeper.pid) is not None:  # Linux: a reused pid has another start time
             assert run_is_alive({**record, "process": {**info, "start_ticks": _proc_start_ticks(sleeper.pid)}})
@@ -398,7 +399,7 @@ def test_resume_refuses_finished_runs_and_runs_without_a_checkpoint(cluttered, s
 
 HOLD_LOCK = """
 import sys, time
-from bnexp.record import run_lock
+from bnexp.rundir import run_lock
 with run_lock(sys.argv[1]):
     print("locked", flush=True)
     time.sleep(120)
@@ -512,14 +513,13 @@ def test_a_ctrl_c_before_the_first_step_leaves_status_interrupted_not_running(tm
     import io
     from contextlib import redirect_stdout
 
-    from bnexp import tracking
-    from bnexp.config import compose
+    from bnexp.schema import compose
     from bnexp.train import train
 
-    def ctrl_c(self, step):
+    def ctrl_c(*_a):  # the loop's first call, just before its first step (see bnexp.runtime.frozen_gc)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(tracking.Console_, "start", ctrl_c)
+    monkeypatch.setattr(gc, "collect", ctrl_c)
     with pytest.raises(KeyboardInterrupt), redirect_stdout(io.StringIO()):
         train(compose(["train.steps=5", "train.progress=false", "model.hidden=[8]"]), tmp_path)
     record = json.loads((tmp_path / "metrics.json").read_text())

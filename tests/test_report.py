@@ -18,7 +18,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from bnexp.config import Config
+from bnexp.schema import typed
 from bnexp.runs import load_scalars
 from bnexp.train import train
 from tests.conftest import run_inprocess
@@ -36,7 +36,7 @@ def sweep(tmp_path_factory) -> Path:
         for placement in ("pre", "none"):
             for seed in (0, 1):
                 overrides = [f"norm.placement={placement}", f"seed={seed}"]
-                cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.from_dotlist(overrides), {"train": TINY, "data": {"n_train": 1000}})
+                cfg = OmegaConf.merge(typed({}), OmegaConf.from_dotlist(overrides), {"train": TINY, "data": {"n_train": 1000}})
                 run_dir = root / f"norm.placement={placement},seed={seed}"
                 (run_dir / ".hydra").mkdir(parents=True)
                 OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")

@@ -15,12 +15,14 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 
 from bnexp import data as data_mod
-from bnexp.config import Amp, ConfigError, compose, validate
+from bnexp.config import Amp, ConfigError
 from bnexp.models import build_model
 from bnexp.norms import _RunningStatsNorm
-from bnexp.probes import quantiles
-from bnexp import train as train_mod
-from bnexp.train import PendingSteps, make_optimizer, make_train_step, seed_everything, train, window_values
+from bnexp.probes.activations import quantiles
+from bnexp.runtime import seed_everything
+from bnexp.schema import compose, validate
+from bnexp.step import LogWindow, TrainStep, make_optimizer
+from bnexp.train import train
 
 # A small sigmoid MLP with BN before the activation (the BN paper's layout), logged every step.
 TINY = ["data=synthetic", "data.shape=[1,8,8]", "data.n_train=640", "data.n_test=100", "model.hidden=[16,16]",
@@ -68,8 +70,6 @@ def one_step_under(overrides: list[str], amp: Amp, device: str = "cpu") -> tuple
     seed_everything(0, False)
     x = torch.randn(32, *cfg.data.shape, device=device)
     y = torch.randint(0, 10, (32,), device=device)
-    if cfg.model.kind == "mlp":
-        x = x.flatten(1)
     model = build_model(cfg.model, cfg.norm, tuple(x.shape[1:]), 10).to(device)
     norm_calls: list[tuple] = []
     layer_dtypes: set[torch.dtype] = set()
@@ -84,7 +84,7 @@ def one_step_under(overrides: list[str], amp: Amp, device: str = "cpu") -> tuple
 
     for m in model.modules():
         m.register_forward_hook(hook)
-    step = make_train_step(model, make_optimizer(cfg.optim, model), amp, torch.device(device), compile=False)
+    step = TrainStep(model, make_optimizer(cfg.optim, model), amp, torch.device(device), compile=False).step
     loss, _ = step(x, y)
     assert torch.isfinite(loss)
     return norm_calls, layer_dtypes
@@ -120,37 +120,38 @@ def test_window_finds_the_first_non_finite_loss_and_averages_loss_and_accuracy()
     logits = torch.tensor([[[5.0, 0, 0], [0, 5, 0]], [[5, 0, 0], [5, 0, 0]], [[float("nan"), 0, 0], [0, 0, 1]],
                            [[float("inf"), 0, 0], [0, 0, 1]]])
     labels = torch.tensor([[0, 1], [0, 1], [0, 2], [0, 2]])
-    window = torch.zeros(2, 4)
-    pending = PendingSteps(batch_size=2, num_classes=3)
-    for col in range(4):
-        pending.add(F.cross_entropy(logits[col], labels[col]), logits[col], labels[col], window, col)
-    pending.fold(window, 3)
-    clean, bad = window_values(window, window[:, :2].sum(1).tolist(), 2, batch_size=2, first_step=11)
+
+    def window_after(steps: int) -> tuple[dict, int | None]:
+        # Steps 1..steps, logged at the last of them (log_every=steps).
+        window = LogWindow(log_every=steps, total=100, batch_size=2, num_classes=3, device=torch.device("cpu"))
+        for col in range(steps):
+            window.add(1 + col, F.cross_entropy(logits[col], labels[col]), logits[col], labels[col])
+        last = steps
+        host = {k: v.item() for k, v in window.sums(last).items()}
+        return window.values(last, host)
+
+    clean, bad = window_after(2)
     assert bad is None and clean["train/acc"] == 0.75
     expected = F.cross_entropy(logits[:2].flatten(0, 1), labels[:2].flatten())
     assert clean["train/loss"] == pytest.approx(expected.item())
-    assert window_values(window, window.sum(1).tolist(), 4, batch_size=2, first_step=11)[1] == 13
+    assert window_after(4)[1] == 3  # the first non-finite loss is step 3's
 
 
-def test_a_window_folded_in_parts_holds_the_same_bits(tmp_path, monkeypatch):
-    # A checkpoint folds a window part-way; the resumed run must log what an uninterrupted one logs.
+def test_a_window_folded_in_parts_holds_the_same_bits():
+    # A checkpoint or a full buffer folds a window part-way; the values logged must not depend on it.
     gen = torch.Generator().manual_seed(0)
     logits, labels = torch.randn(10, 32, 10, generator=gen), torch.randint(0, 10, (10, 32), generator=gen)
-    windows = []
-    for parts in ([10], [4, 6], [1, 2, 3, 4]):
-        window, pending, col = torch.zeros(2, 10), PendingSteps(32, 10), 0
+    buffers = []
+    for parts, limit in (([10], 1 << 22), ([4, 6], 1 << 22), ([1, 2, 3, 4], 1 << 22), ([10], 3 * 32 * 10)):
+        window, step = LogWindow(10, 10, 32, 10, torch.device("cpu"), limit_logits=limit), 0
         for size in parts:
             for _ in range(size):
-                pending.add(F.cross_entropy(logits[col], labels[col]), logits[col], labels[col], window, col)
-                col += 1
-            pending.fold(window, col - 1)
-        windows.append(window)
-    for window in windows[1:]:
-        assert torch.equal(window, windows[0])
-    whole, _, _ = run(tmp_path, ["train.device=cpu", "train.log_every=5", "train.steps=10"])
-    monkeypatch.setattr(train_mod, "WINDOW_LOGITS", 2 * 32 * 10)  # 2 steps of logits: folded 3 times per window
-    folded, _, _ = run(tmp_path, ["train.device=cpu", "train.log_every=5", "train.steps=10"])
-    assert folded == whole
+                step += 1
+                window.add(step, F.cross_entropy(logits[step - 1], labels[step - 1]), logits[step - 1], labels[step - 1])
+            window.fold(step)
+        buffers.append(window.buf)
+    for buf in buffers[1:]:
+        assert torch.equal(buf, buffers[0])
 
 
 def test_loop_with_logging_trains_the_same_weights_as_a_bare_loop(tmp_path):
@@ -159,7 +160,7 @@ def test_loop_with_logging_trains_the_same_weights_as_a_bare_loop(tmp_path):
     cfg = compose([*TINY, "train.device=cpu"])
     device = torch.device("cpu")
     seed_everything(cfg.seed, False)
-    data = data_mod.load(cfg, device)
+    data = data_mod.load(cfg.data, device)
     model = build_model(cfg.model, cfg.norm, data.input_shape, data.num_classes)
     opt = make_optimizer(cfg.optim, model)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -175,20 +176,28 @@ def test_loop_with_logging_trains_the_same_weights_as_a_bare_loop(tmp_path):
         assert torch.equal(logged[k], v), k
 
 
-def test_the_loop_hides_setup_objects_from_the_collector_and_gives_them_back(tmp_path, monkeypatch):
+def test_the_loop_hides_setup_objects_from_the_collector_and_gives_them_back(tmp_path, register_probe):
     # gc.freeze() for the loop, gc.unfreeze() when the run ends, whether it completes or fails.
     import gc
 
     seen = []
-    scalars = train_mod.Tracker.scalars
-    monkeypatch.setattr(train_mod.Tracker, "scalars", lambda self, *a, **k: (seen.append(gc.get_freeze_count()), scalars(self, *a, **k)))
+
+    class FreezeCount:
+        every, read_only = 1, True
+
+        def __call__(self, ctx):
+            seen.append(gc.get_freeze_count())
+            return {}
+
+    register_probe("freeze_count", lambda setup, cfg: FreezeCount())
     run(tmp_path, ["train.device=cpu"])
     assert seen and min(seen) > 1000 and gc.get_freeze_count() == 0
 
-    def boom(*_a, **_k):
-        raise RuntimeError("a bug in a probe")
+    class Broken(FreezeCount):
+        def __call__(self, ctx):
+            raise RuntimeError("a bug in a probe")
 
-    monkeypatch.setattr(train_mod.ActivationProbe, "__call__", boom)
+    register_probe("freeze_count", lambda setup, cfg: Broken())
     with pytest.raises(RuntimeError, match="a bug in a probe"):
         run(tmp_path, ["train.device=cpu"])
     assert gc.get_freeze_count() == 0
@@ -205,7 +214,7 @@ def test_channels_last_cnn_on_cuda_matches_contiguous(tmp_path):
     for fmt in (torch.contiguous_format, torch.channels_last):
         seed_everything(0, False)
         model = build_model(cfg.model, cfg.norm, (3, 8, 8), 10).to(device).to(memory_format=fmt)
-        step = make_train_step(model, make_optimizer(cfg.optim, model), Amp.none, device, compile=False)
+        step = TrainStep(model, make_optimizer(cfg.optim, model), Amp.none, device, compile=False).step
         losses[fmt] = [step(x, y)[0].item() for _ in range(4)]
     # cuDNN may pick other (TF32) conv algorithms for the other layout: close, not bit-equal.
     assert losses[torch.channels_last] == pytest.approx(losses[torch.contiguous_format], abs=1e-3)

@@ -32,5 +32,5 @@ def test_top_level_help_imports_no_heavy_library():
 def test_listing_and_reporting_runs_import_no_torch():
     # `bnexp runs` and `bnexp report` read metrics.json and decide liveness (bnexp.record),
     # which needs no torch; tensorboard is imported only when event files are read.
-    loaded = modules_loaded_after("import bnexp.runs, bnexp.report\nfrom bnexp.record import run_is_alive")
+    loaded = modules_loaded_after("import bnexp.runs, bnexp.report\nfrom bnexp.rundir import run_is_alive")
     assert "torch" not in loaded and "tensorboard" not in loaded

@@ -371,13 +371,15 @@ def test_a_second_ctrl_c_stops_a_sweep_at_once_without_the_summary(tmp_path):
 
 
 def test_ctrl_c_during_the_summary_of_a_finished_sweep_exits_130_and_says_how_to_get_it(tmp_path, monkeypatch):
-    from bnexp import sweep as sweep_mod
+    from tensorboard.plugins.hparams import summary_v2
+
     from tests.conftest import run_inprocess
 
     def ctrl_c(*_a, **_k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(sweep_mod, "finish", ctrl_c)
+    # Called only by the sweep's end, when it writes the sweep's HParams experiment.
+    monkeypatch.setattr(summary_v2, "hparams_config_pb", ctrl_c)
     r = run_inprocess(["sweep", *TINY, "model.hidden=[8]", "seed=0,1", "hydra.sweep.dir=sw"], cwd=tmp_path)
     assert r.returncode == 130
     assert "every job ended; `bnexp report" in r.stderr and "--tensorboard" in r.stderr

@@ -1,0 +1,95 @@
+"""What a checkpoint holds and how a run comes back from it: the loop's own
+state, the RNG states, and the state_dict of every stateful part of a run
+(model, optimizer, schedule, grad scaler, sampler, logging window).
+
+Saved atomically (temp file + rename); loaded with ``weights_only=True``, so a
+checkpoint holds tensors and plain containers, never code.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from bnexp.config import ConfigError
+from bnexp.io import atomic_write
+
+FORMAT = 1
+# The stateful parts a run checkpoints, by key (format 1's keys; see Run.parts in bnexp.train).
+PARTS = ("model", "optimizer", "scheduler", "scaler", "sampler", "window")
+KEYS = (*PARTS, "rng", "state", "final", "best")
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> Any: ...
+    def load_state_dict(self, state: Any) -> Any: ...
+
+
+@dataclass
+class LoopState:
+    """What the loop carries between steps besides its stateful parts."""
+
+    step: int = 0
+    steps_to_target: int | None = None
+    diverged: dict[str, Any] | None = None
+    train_time: float = 0.0  # seconds spent in this run's loop, over all resumes
+    done: bool = False  # the final eval and test are logged; only the status is left to write
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LoopState":
+        # Checkpoints written before the window's start was derived also hold window_start_step.
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(s: dict[str, Any]) -> None:
+    random.setstate(s["python"])
+    name, key, *rest = s["numpy"]
+    np.random.set_state((name, key.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def save(path: Path, parts: dict[str, Stateful], state: LoopState, final: dict[str, float], best: dict[str, float]) -> None:
+    ckpt = {"format": FORMAT, **{k: parts[k].state_dict() for k in PARTS}, "rng": rng_state(),
+            "state": asdict(state), "final": dict(final), "best": dict(best)}
+    atomic_write(path, lambda f: torch.save(ckpt, f), mode="wb")
+
+
+def load(path: Path) -> dict[str, Any]:
+    """weights_only=True: a pickle that would import or call anything is refused, not run."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001  torch raises many types for a bad file
+        raise ConfigError("checkpoint", f"{path} is not a readable bnexp checkpoint ({type(e).__name__}); delete it to start over") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or not all(k in ckpt for k in KEYS):
+        raise ConfigError("checkpoint", f"{path} is not a bnexp checkpoint (format {FORMAT} with {', '.join(KEYS)})")
+    return ckpt
+
+
+def restore(ckpt: dict[str, Any], parts: dict[str, Stateful], path: Path) -> LoopState:
+    """Load every part's state and the RNG states; returns the loop state. A
+    checkpoint of another config (other shapes, another optimizer) is a ConfigError."""
+    try:
+        for k in PARTS:
+            parts[k].load_state_dict(ckpt[k])
+        set_rng_state(ckpt["rng"])
+        return LoopState.from_dict(ckpt["state"])
+    except (RuntimeError, KeyError, TypeError, ValueError) as e:
+        raise ConfigError("checkpoint", f"{path} does not fit this run's config ({type(e).__name__}: {str(e).splitlines()[0]})") from None

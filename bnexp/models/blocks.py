@@ -1,0 +1,155 @@
+"""What the model families share. Where the norm goes relative to the
+activation is decided in one place, :func:`hidden_block`.
+
+Module names are stable and reused by TensorBoard tags: hidden block ``i`` is
+``hidden{i}`` with children ``linear``/``conv``, ``norm``, ``act`` (and ``pool``),
+and the classifier is ``output``. So ``grad_norm/hidden1.linear`` and
+``act/hidden1/p50`` always mean the same layer.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from omegaconf import ListConfig
+from torch import nn
+
+from bnexp.config import Activation, ConfigError, Init, ModelConfig, NormConfig, NormKind, Placement
+from bnexp.norms import is_centered
+
+ACTIVATIONS = {
+    Activation.relu: nn.ReLU,
+    Activation.sigmoid: nn.Sigmoid,
+    Activation.tanh: nn.Tanh,
+    Activation.gelu: nn.GELU,
+    Activation.silu: nn.SiLU,
+    Activation.elu: nn.ELU,
+    Activation.leaky_relu: nn.LeakyReLU,
+    Activation.identity: nn.Identity,
+}
+
+
+def activation(cfg: ModelConfig) -> nn.Module:
+    return ACTIVATIONS[Activation(cfg.activation)]()
+
+
+def hidden_block(layer_name: str, layer: nn.Module, norm: nn.Module | None, act: nn.Module, placement: Placement) -> nn.Sequential:
+    """One hidden block; ``placement`` orders it.
+
+    pre:  layer -> norm -> act   (Ioffe & Szegedy 2015: normalize x = Wu, the nonlinearity's input)
+    post: layer -> act -> norm   (normalize the activation's output, the next layer's input)
+    none: layer -> act
+    """
+    parts: list[tuple[str, nn.Module]] = [(layer_name, layer)]
+    if norm is None or placement == Placement.none:
+        parts.append(("act", act))
+    elif placement == Placement.pre:
+        parts += [("norm", norm), ("act", act)]
+    else:
+        parts += [("act", act), ("norm", norm)]
+    return nn.Sequential(OrderedDict(parts))
+
+
+def needs_bias(norm: nn.Module | None, placement: Placement) -> bool:
+    """A BN right after the layer subtracts the batch mean per feature, so the
+    layer's bias is redundant (BN paper Sec. 3.2): such a layer has none."""
+    return not (placement == Placement.pre and is_centered(norm))
+
+
+class Net(nn.Module):
+    """``stem`` (the family's input adapter), hidden blocks ``hidden0..hiddenK``,
+    ``head`` (pool + flatten for a CNN), ``output``."""
+
+    def __init__(self, stem: nn.Module, blocks: list[nn.Sequential], head: nn.Module, output: nn.Module):
+        super().__init__()
+        self.stem = stem
+        for i, block in enumerate(blocks):
+            self.add_module(f"hidden{i}", block)
+        # The same modules again, as a plain tuple (not registered twice): forward
+        # iterates it instead of looking up hidden0..hiddenK per call (~3 us a step).
+        self._blocks = tuple(blocks)
+        self.head = head
+        self.output = output
+
+    def hidden_blocks(self) -> list[nn.Sequential]:
+        return list(self._blocks)
+
+    def activations(self) -> dict[str, nn.Module]:
+        """Hidden block name -> its nonlinearity, whose input the BN paper's Fig. 1 tracks."""
+        return {f"hidden{i}": block.act for i, block in enumerate(self._blocks)}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for block in self._blocks:
+            x = block(x)
+        return self.output(self.head(x))
+
+
+def init_weights(net: nn.Module, cfg: ModelConfig) -> None:
+    init = Init(cfg.init)
+    if init == Init.default:
+        return
+    for module in net.modules():
+        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+            if init == Init.normal:
+                nn.init.normal_(module.weight, 0.0, cfg.init_std)
+            elif init == Init.kaiming:
+                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+            else:
+                nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+
+def parameterized_layers(net: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """Layer name (e.g. ``hidden0.linear``) -> its trainable parameters, in model order."""
+    layers: dict[str, list[nn.Parameter]] = {}
+    for name, module in net.named_modules():
+        params = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        if params:
+            layers[name] = params
+    return layers
+
+
+# --------------------------------------------------------------------------- checks shared by families
+
+
+def normed_indices(norm_cfg: NormConfig, n_hidden: int) -> list[int]:
+    """Which of ``n_hidden`` hidden blocks get a norm (none with placement=none)."""
+    if Placement(norm_cfg.placement) == Placement.none:
+        return []
+    return hidden_norm_indices(norm_cfg.layers, n_hidden)
+
+
+def hidden_norm_indices(norm_layers: Any, n_hidden: int) -> list[int]:
+    """``norm.layers`` as sorted block indices (before placement=none is applied)."""
+    allowed = f"allowed: 'all' or a list of hidden-layer indices 0..{n_hidden - 1}"
+    if isinstance(norm_layers, str):
+        if norm_layers == "all":
+            return list(range(n_hidden))
+        raise ConfigError("norm.layers", f"got {norm_layers!r}; {allowed}")
+    if isinstance(norm_layers, int) and not isinstance(norm_layers, bool):
+        norm_layers = [norm_layers]
+    if isinstance(norm_layers, (list, tuple, ListConfig)):
+        idx = list(norm_layers)
+        if all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n_hidden for i in idx):
+            return sorted(set(idx))
+    raise ConfigError("norm.layers", f"got {norm_layers!r}; {allowed}")
+
+
+def check_widths(key: str, widths: Any) -> None:
+    if len(widths) == 0:
+        raise ConfigError(key, "is empty; allowed: a non-empty list of positive widths, e.g. [100,100,100]")
+    if any(not isinstance(w, int) or w <= 0 for w in widths):
+        raise ConfigError(key, f"got {list(widths)}; allowed: positive whole widths")
+
+
+def check_groups_divide(norm_cfg: NormConfig, normalized_widths: dict[str, int]) -> None:
+    """norm=group needs norm.groups to divide the width of every normalized layer (name -> width)."""
+    if NormKind(norm_cfg.kind) != NormKind.group or Placement(norm_cfg.placement) == Placement.none:
+        return
+    for name, width in normalized_widths.items():
+        if width % norm_cfg.groups:
+            raise ConfigError("norm.groups", f"{norm_cfg.groups} does not divide {name}'s width {width}; allowed: a divisor of every normalized width")

@@ -1,0 +1,206 @@
+"""``bnexp resume RUN_DIR`` and ``bnexp reproduce RUN_DIR``: train a run's
+saved config again, into the same run dir from its checkpoint (resume) or into
+a new one from scratch, comparing the metrics (reproduce).
+
+A run directory holds everything needed: the composed config Hydra saved
+(``.hydra/config.yaml``), the record (``metrics.json``) and the last checkpoint
+(``checkpoint.pt``). No Hydra composition is needed: the saved config is merged
+onto the typed schema (:func:`bnexp.schema.typed`) and handed to
+:func:`bnexp.train.train`. Both ask :func:`bnexp.rundir.policy` what may be done,
+before and again under the run dir's lock.
+
+A reproduced run goes to ``runs/reproduce/<timestamp>/<RUN_DIR's name>``
+(outside the original sweep, so a report on that sweep does not count it as one
+more seed) and records ``reproduce_of`` in its metrics.json.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from bnexp import checkpoint as ckpt_mod
+from bnexp.config import ConfigError, hash_matches
+from bnexp.io import atomic_write
+from bnexp.rundir import CHECKPOINT, Action, RunDirGuard, RunLocked, policy, read_record, run_lock
+from bnexp.runs import CONFIG, read_run
+from bnexp.schema import typed, validate
+from bnexp.train import train
+
+log = logging.getLogger("bnexp")
+
+LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's job_logging format
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split("\n")[0].split())
+
+
+def load_saved_config(run_dir: Path, overrides: list[str] | None = None) -> DictConfig:
+    """The run's saved config on the schema, with ``overrides`` (key=value) applied and validated."""
+    if not (run_dir / CONFIG).is_file():
+        raise ConfigError("RUN_DIR", f"{run_dir} is not a run directory (no {CONFIG}); `bnexp runs` lists run directories")
+    try:
+        cfg = typed(OmegaConf.load(run_dir / CONFIG))
+    except Exception as e:  # noqa: BLE001  OmegaConf's validation and YAML errors
+        raise ConfigError(getattr(e, "full_key", None) or str(run_dir / CONFIG), f"saved config does not fit the schema: {_one_line(e)}") from None
+    try:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides or [])))
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(getattr(e, "full_key", None) or " ".join(overrides or []), _one_line(e)) from None
+    validate(cfg)
+    return cfg
+
+
+def log_to(run_dir: Path) -> None:
+    """Log like a Hydra job: to the console and, appended, to the run's own log file."""
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    formatter = logging.Formatter(LOG_FORMAT)
+    # delay=True: the file is opened on the first record, so a resume refused while setting up leaves it alone.
+    for handler in (logging.StreamHandler(), logging.FileHandler(run_dir / "bnexp.log", mode="a", delay=True)):
+        handler.setFormatter(formatter)
+        root.addHandler(handler)
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def check_resumable(run_dir: str | Path) -> tuple[DictConfig, dict[str, Any], dict[str, Any]]:
+    """Everything ``bnexp resume`` checks before it touches the run: returns the
+    saved config, metrics.json and the loaded checkpoint, or raises ConfigError
+    saying what is wrong."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError("RUN_DIR", f"{run_dir} is not a directory; allowed: a run directory (runs/<name>/<time>/...)")
+    record = read_record(run_dir)
+    if record is None:
+        raise ConfigError("RUN_DIR", f"{run_dir} is not a bnexp run directory (no readable metrics.json); `bnexp runs` lists run directories")
+    cfg = load_saved_config(run_dir)  # fits the schema; data files and device still there
+    if record.get("config_hash") is not None and not hash_matches(record["config_hash"], cfg):
+        raise ConfigError("RUN_DIR", f"{run_dir}/.hydra/config.yaml no longer matches the run in metrics.json (config hash {record['config_hash']})")
+    decision = policy(cfg, run_dir)
+    if decision.action == Action.refuse:
+        raise RunLocked(run_dir, record.get("process")) if decision.live else ConfigError("RUN_DIR", decision.reason)
+    if decision.action == Action.skip:
+        raise ConfigError("RUN_DIR", f"{run_dir} already finished (status {record.get('status')}); nothing to resume")
+    if decision.action == Action.train:
+        raise ConfigError("RUN_DIR", f"{run_dir} has no {CHECKPOINT} (status {record.get('status')}); nothing to resume from, train it again instead")
+    checkpoint = ckpt_mod.load(run_dir / CHECKPOINT)  # readable, tensors only, bnexp's format
+    return cfg, record, checkpoint
+
+
+def resume(run_dir: str | Path) -> dict[str, Any]:
+    """Continue ``run_dir`` from its checkpoint; returns the final metrics.json record.
+
+    Raises ConfigError before anything is written if the run cannot be resumed
+    (RunLocked if another process is training it); RunInterrupted (a
+    KeyboardInterrupt) if it is interrupted again.
+    """
+    run_dir = Path(run_dir).resolve()
+    cfg, record, checkpoint = check_resumable(run_dir)
+    with run_lock(run_dir):  # refused if another process trains here; held until train() is done
+        if read_record(run_dir) != record:
+            # Another process trained the run between the checks and the lock
+            # (perhaps finished it): check again what it left.
+            cfg, record, checkpoint = check_resumable(run_dir)
+        log_to(run_dir)
+        return train(cfg, run_dir, resume=True, extra_record={"overrides": record.get("overrides", [])}, checkpoint=checkpoint)
+
+
+# --------------------------------------------------------------------------- reproduce
+
+
+def default_out_dir(run_dir: Path) -> Path:
+    return Path("runs") / "reproduce" / time.strftime("%Y-%m-%d_%H-%M-%S") / run_dir.resolve().name
+
+
+HYDRA_FILES = (".hydra/config.yaml", ".hydra/overrides.yaml", ".hydra/hydra.yaml")
+
+
+def reproduce(run_dir: Path, out_dir: Path | None = None, overrides: list[str] | None = None) -> tuple[Path, dict[str, Any]]:
+    """Train ``run_dir``'s config into a new run dir; returns (new dir, its metrics.json record).
+
+    A config that fails while setting up (e.g. a batch larger than the data)
+    leaves nothing behind of what this call wrote (see RunDirGuard)."""
+    cfg = load_saved_config(run_dir, overrides)
+    out = out_dir or default_out_dir(run_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError("--out", f"{out} exists and is not a directory; allowed: a new directory")
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError("--out", f"{out} exists and is not empty; allowed: a new directory")
+    guard = RunDirGuard(out, [*HYDRA_FILES, "bnexp.log", ".bnexp.lock"])
+    try:
+        with run_lock(out):
+            if policy(cfg, out).action != Action.train or any(p.name != ".bnexp.lock" for p in out.iterdir()):
+                raise ConfigError("--out", f"{out} was written to by another process meanwhile; allowed: a new directory")
+            (out / ".hydra").mkdir(parents=True, exist_ok=True)
+            for name in HYDRA_FILES:
+                if (run_dir / name).exists():
+                    shutil.copy2(run_dir / name, out / name)
+            if overrides:  # the config that actually ran, and how it came to differ
+                saved = OmegaConf.load(out / ".hydra" / "overrides.yaml") if (out / ".hydra" / "overrides.yaml").exists() else []
+                atomic_write(out / ".hydra" / "config.yaml", lambda f: OmegaConf.save(cfg, f))
+                atomic_write(out / ".hydra" / "overrides.yaml", lambda f: OmegaConf.save(OmegaConf.create([*saved, *overrides]), f))
+            log_to(out)
+            original = read_run(run_dir)
+            record = train(cfg, out, extra_record={"overrides": original.overrides + list(overrides or []), "reproduce_of": str(run_dir.resolve())})
+    except ConfigError:
+        guard.undo()
+        raise
+    return out, record
+
+
+def differences(original: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any, float | None]]:
+    """(metric, original, reproduced, difference) for status, steps and every final value
+    except timing (time/*), which no two runs share."""
+    rows: list[tuple[str, Any, Any, float | None]] = [
+        ("status", original.get("status"), new.get("status"), None),
+        ("steps", original.get("steps"), new.get("steps"), None),
+    ]
+    a, b = original.get("final") or {}, new.get("final") or {}
+    for tag in sorted(set(a) | set(b), key=lambda t: (t.split("/")[0] not in ("train", "val", "test"), t)):
+        if tag.startswith("time/"):
+            continue
+        x, y = a.get(tag), b.get(tag)
+        diff = y - x if isinstance(x, (int, float)) and isinstance(y, (int, float)) else None
+        rows.append((tag, x, y, diff))
+    if original.get("steps_to_target") is not None or new.get("steps_to_target") is not None:
+        rows.append(("steps to target", original.get("steps_to_target"), new.get("steps_to_target"), None))
+    return rows
+
+
+def identical(rows: list[tuple[str, Any, Any, float | None]]) -> bool:
+    def same(x: Any, y: Any) -> bool:
+        if isinstance(x, float) and isinstance(y, float) and math.isnan(x) and math.isnan(y):
+            return True
+        return x == y
+
+    return all(same(x, y) for _, x, y, _ in rows)
+
+
+def differences_table(rows: list[tuple[str, Any, Any, float | None]], title: str):
+    from rich.table import Table
+
+    table = Table(title=title, show_header=True, header_style="bold")
+    for name, justify in (("metric", "left"), ("original", "right"), ("reproduced", "right"), ("difference", "right")):
+        table.add_column(name, justify=justify)
+    fmt = lambda v: f"{v:.6g}" if isinstance(v, float) else ("-" if v is None else str(v))  # noqa: E731
+    hidden = 0
+    for tag, x, y, diff in rows:
+        headline = "/" not in tag or tag.split("/")[0] in ("train", "val", "test")
+        if not headline and x == y:
+            hidden += 1  # probes and norms: listed only when they differ
+            continue
+        mark = "" if x == y else "[yellow]"
+        same = "0" if isinstance(x, (int, float)) else "same"
+        table.add_row(tag, fmt(x), fmt(y), mark + (same if x == y else (f"{diff:+.3g}" if diff is not None else "differs")))
+    if hidden:
+        table.caption = f"identical, not listed: {hidden} more (act/*, grad_norm/*, weight_norm/*, optim/*)"
+    return table

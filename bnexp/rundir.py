@@ -1,0 +1,413 @@
+"""A run directory's life, in one place: its metrics.json record (reading,
+writing, telling a live ``running`` run from a dead one), the lock that lets
+only one process train in it at a time, the guard that takes back what a
+rejected run wrote, and :func:`policy`, the one decision train, sweep, resume
+and reproduce all make before touching a run dir: skip, resume, train or refuse.
+
+Neither torch nor Hydra is imported here: ``bnexp runs`` and ``bnexp report``
+use this module, and a refusal is said before either loads.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any, Iterator
+
+from bnexp.config import ConfigError, hash_matches
+from bnexp.io import TEMP_SUFFIX, read_json, write_json
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; only the pid/heartbeat checks guard a run dir there
+    fcntl = None  # type: ignore[assignment]
+
+HEARTBEAT_SEC = 10.0
+METRICS = "metrics.json"
+CHECKPOINT = "checkpoint.pt"  # written by bnexp.checkpoint; named here so that torch-free code can look for it
+LOCK_FILE = ".bnexp.lock"  # inside the run dir; never deleted while in use (see run_lock)
+WRITER = "bnexp"  # every metrics.json bnexp writes says so under "writer"
+
+log = logging.getLogger("bnexp")
+
+
+def read_record(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    record = read_json(Path(run_dir) / METRICS)
+    return record if isinstance(record, dict) else None
+
+
+def is_bnexp_record(record: dict[str, Any]) -> bool:
+    """Whether a metrics.json was written by bnexp (this version says so; earlier ones left a config hash or env.bnexp)."""
+    return record.get("writer") == WRITER or "config_hash" in record or "bnexp" in (record.get("env") or {})
+
+
+class RunRecord:
+    """metrics.json: the run's status and results, rewritten atomically."""
+
+    def __init__(self, run_dir: Path, base: dict[str, Any]):
+        self.path = Path(run_dir) / METRICS
+        self.data: dict[str, Any] = {"writer": WRITER, **base}
+        self._last_beat = 0.0
+
+    def write(self, **updates: Any) -> None:
+        self.data.update(updates)
+        self.data.setdefault("time", {})["heartbeat"] = time.time()
+        self._last_beat = time.monotonic()
+        write_json(self.path, self.data)
+
+    def heartbeat(self) -> None:
+        """Cheap to call every step: rewrites the file at most every HEARTBEAT_SEC seconds."""
+        if time.monotonic() - self._last_beat > HEARTBEAT_SEC:
+            self.write()
+
+
+def _proc_start_ticks(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot, Linux /proc); None where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    # fields[0] is field 3 (state); starttime is field 22 of proc(5).
+    return None if fields[0] == "Z" else int(fields[19])
+
+
+def process_info() -> dict[str, Any]:
+    """Who is training this run: recorded in metrics.json so that a rerun can
+    tell a dead ``running`` run (SIGKILL, OOM killer) from a live one."""
+    pid = os.getpid()
+    return {"host": socket.gethostname(), "pid": pid, "start_ticks": _proc_start_ticks(pid)}
+
+
+def _process_alive(pid: int, start_ticks: int | None) -> bool:
+    if pid == os.getpid():
+        return False  # this process runs its jobs one at a time: the run is not being trained now
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by someone else
+    ticks = _proc_start_ticks(pid)
+    if ticks is None:
+        # On Linux: a zombie (killed, not yet reaped) or gone by now. Without /proc: the pid exists.
+        return not Path("/proc/self").exists()
+    return start_ticks is None or ticks == start_ticks  # a different start time: the pid was reused
+
+
+def run_is_alive(metrics: dict[str, Any], now: float | None = None) -> bool:
+    """Whether a ``running`` run is being trained by a live process right now.
+
+    On the host that trains it, the recorded pid decides at once (a SIGKILLed
+    run is dead the moment its process is gone, whatever its heartbeat says).
+    From another host only the heartbeat is visible: it is rewritten every
+    HEARTBEAT_SEC seconds, so one older than six of those means the run died.
+    """
+    if metrics.get("status") != "running":
+        return False
+    proc = metrics.get("process") or {}
+    if proc.get("host") == socket.gethostname() and isinstance(proc.get("pid"), int):
+        return _process_alive(proc["pid"], proc.get("start_ticks"))
+    beat = (metrics.get("time") or {}).get("heartbeat", 0)
+    return (now or time.time()) - beat < 6 * HEARTBEAT_SEC
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM stopped the run: after a whole step with its checkpoint saved
+    (``step`` set), or before it could save one (``step`` None).
+    (Raised by bnexp.train; defined here so that the CLI can catch it without importing torch.)"""
+
+    def __init__(self, run_dir: Path, step: int | None):
+        super().__init__(f"{run_dir} interrupted after step {step}; checkpoint saved" if step is not None else f"{run_dir} interrupted")
+        self.run_dir, self.step = Path(run_dir), step
+
+    @property
+    def resumable(self) -> bool:
+        """Whether `bnexp resume` can continue it: a bnexp record and a checkpoint are there."""
+        return (self.run_dir / CHECKPOINT).is_file() and read_record(self.run_dir) is not None
+
+
+# --------------------------------------------------------------------------- the run dir's lock
+
+
+class RunLocked(ConfigError):
+    """Another process holds the run dir's lock: it is training there right now."""
+
+    def __init__(self, run_dir: Path, holder: dict[str, Any] | None):
+        self.key, self.run_dir, self.holder = "RUN_DIR", run_dir, holder or {}
+        who = (f"pid {self.holder.get('pid')} on host {self.holder.get('host')}" if self.holder.get("pid")
+               else "another process")
+        Exception.__init__(self, f"{run_dir} is being trained right now by {who}; wait for it or stop it first")
+
+
+# Locks this process holds: lock file path -> [fd, depth]. flock conflicts
+# between two open files even in one process, so a nested run_lock on the
+# same run dir (the `bnexp train` callback, then execute(), then train())
+# reuses the open one.
+_HELD: dict[str, list[int]] = {}
+
+
+def _holder(fd: int, run_dir: Path) -> dict[str, Any] | None:
+    """Who holds the lock: what it wrote into the lock file; else who metrics.json
+    says trains the run, if that process is alive."""
+    # The holder writes its pid right after taking the lock: a refusal that
+    # lands in between waits for it a moment rather than name a stale process.
+    deadline = time.monotonic() + 1.0
+    while True:
+        try:
+            info = json.loads(os.pread(fd, 4096, 0) or b"null")
+        except (OSError, ValueError):
+            info = None
+        if isinstance(info, dict) and info.get("pid"):
+            return info
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    record = read_record(run_dir) or {}
+    return record.get("process") if record.get("status") == "running" and run_is_alive(record) else None
+
+
+def acquire_run_lock(run_dir: str | os.PathLike) -> None:
+    """Take the exclusive lock of ``run_dir`` (created if missing), or raise
+    RunLocked naming who holds it. Nothing in ``run_dir`` is changed on refusal.
+
+    ``fcntl.flock`` on ``run_dir/.bnexp.lock``: the kernel drops it when the
+    holder exits, however it exits (SIGKILL and the OOM killer included), so a
+    dead run never leaves a stale lock behind.
+    """
+    run_dir = Path(run_dir)
+    path = _lock_path(run_dir)
+    if path in _HELD:
+        _HELD[path][1] += 1
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        _HELD[path] = [-1, 1]
+        remove_orphan_temp_files(run_dir, locked=False)
+        return
+    locked = True
+    while True:
+        try:
+            # O_NOFOLLOW: a lock file replaced by a symlink would otherwise have
+            # its target truncated and overwritten below.
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), 0o644)
+        except OSError as e:
+            if e.errno == errno.ELOOP or os.path.islink(path):
+                raise ConfigError("RUN_DIR", f"{path} is a symbolic link; bnexp never follows one there (it would overwrite its target); remove it") from None
+            raise
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                holder = _holder(fd, run_dir)
+                os.close(fd)
+                raise RunLocked(run_dir, holder) from None
+            # A file system without flock (some NFS setups, FUSE mounts): go on unguarded, and say so.
+            log.warning("cannot lock %s (%s): nothing stops a second process from training into this run dir", path, e.strerror)
+            locked = False
+            break
+        # Locked the file we opened; make sure the path still names it (it may
+        # have been removed and made again in between), else we locked nothing.
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:  # for the refusal message of whoever comes next
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(process_info()).encode(), 0)
+    except OSError:
+        pass
+    _HELD[path] = [fd, 1]
+    remove_orphan_temp_files(run_dir, locked)
+
+
+def _lock_path(run_dir: Path) -> str:
+    # The run dir resolved, the lock file itself not: a symlink there must be seen, not followed.
+    return os.path.join(os.path.realpath(run_dir), LOCK_FILE)
+
+
+def holds_lock(run_dir: str | os.PathLike) -> bool:
+    return _lock_path(Path(run_dir)) in _HELD
+
+
+def release_run_lock(run_dir: str | os.PathLike) -> None:
+    path = _lock_path(Path(run_dir))
+    held = _HELD.get(path)
+    if held is None:
+        return
+    held[1] -= 1
+    if held[1] == 0:
+        del _HELD[path]
+        if held[0] >= 0:
+            os.close(held[0])  # releases the flock; the file stays for the next holder
+
+
+@contextmanager
+def run_lock(run_dir: str | os.PathLike) -> Iterator[None]:
+    """Hold ``run_dir``'s exclusive lock for the block (see acquire_run_lock)."""
+    acquire_run_lock(run_dir)
+    try:
+        yield
+    finally:
+        release_run_lock(run_dir)
+
+
+# --------------------------------------------------------------------------- orphans
+
+
+# bnexp.io.atomic_write's temp files: .<target>.<pid>.<random>.tmp (earlier versions: .<target>.<random>.tmp).
+_TEMP = re.compile(r"^\.(metrics\.json|checkpoint\.pt)\.(?:(\d+)\.)?[^/]*" + re.escape(TEMP_SUFFIX) + "$")
+
+
+def remove_orphan_temp_files(run_dir: Path, locked: bool) -> list[str]:
+    """Remove the temp files a writer killed mid-write left (a checkpoint-sized
+    one each). Holding the lock, every one is an orphan (all writes into a run
+    dir happen under its lock); without a working lock only those whose writer's
+    pid is gone on this host."""
+    removed = []
+    try:
+        names = os.listdir(run_dir)
+    except OSError:
+        return removed
+    for name in names:
+        m = _TEMP.match(name)
+        if not m:
+            continue
+        pid = m.group(2)
+        if not locked and (pid is None or _process_alive(int(pid), None)):
+            continue
+        try:
+            os.unlink(os.path.join(run_dir, name))
+            removed.append(name)
+        except OSError:
+            pass
+    if removed:
+        log.info("removed %d orphaned temp file(s) of a killed writer in %s: %s", len(removed), run_dir, ", ".join(removed))
+    return removed
+
+
+# --------------------------------------------------------------------------- undoing a rejected run
+
+
+class RunDirGuard:
+    """Takes back what one process wrote into a run dir when its config is
+    rejected after files were written (problems only found while setting up, e.g.
+    a batch larger than the data): exactly the ``files`` it names (Hydra's
+    ``.hydra/*.yaml`` and job log, the lock file), and the directories it
+    created if they are empty again. Nothing else, whoever wrote it: another
+    process's run in a sibling dir, or files that were there before (those get
+    their bytes and times back).
+    """
+
+    def __init__(self, run_dir: Path, files: list[str]):
+        self.run_dir = Path(run_dir)
+        self.created_dirs = [p for p in [self.run_dir / ".hydra", self.run_dir, *self.run_dir.parents] if not p.exists()]
+        self.files: dict[Path, tuple[bytes, tuple[int, int]] | None] = {}
+        for name in files:
+            p = self.run_dir / name
+            if p.is_file() and not p.is_symlink():
+                st = p.stat()
+                self.files[p] = (p.read_bytes(), (st.st_atime_ns, st.st_mtime_ns))
+            elif not p.exists():
+                self.files[p] = None
+        # Directory times come back too, where the listing is as it was (nobody else added to it).
+        self.dir_times: dict[Path, tuple[set[str], tuple[int, int]]] = {}
+        for d in [self.run_dir / ".hydra", self.run_dir, *self.run_dir.parents[:1]]:
+            nearest = next((q for q in [d, *d.parents] if q.exists()), None)
+            if nearest is not None and nearest not in self.dir_times:
+                st = nearest.stat()
+                self.dir_times[nearest] = (set(os.listdir(nearest)), (st.st_atime_ns, st.st_mtime_ns))
+
+    def undo(self) -> None:
+        root_logger = logging.getLogger()  # close Hydra's log file before removing or restoring it
+        for h in list(root_logger.handlers):
+            if isinstance(h, logging.FileHandler) and Path(h.baseFilename).parent == self.run_dir.resolve():
+                h.close()
+                root_logger.removeHandler(h)
+        for p, before in self.files.items():
+            if before is None:
+                if p.is_file() or p.is_symlink():
+                    p.unlink(missing_ok=True)
+            elif p.is_file():
+                p.write_bytes(before[0])
+                os.utime(p, ns=before[1])
+        for d in self.created_dirs:  # deepest first; a directory someone else put files into stays
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        for d, (names, ns) in self.dir_times.items():
+            try:
+                if set(os.listdir(d)) == names:
+                    os.utime(d, ns=ns)
+            except OSError:
+                pass
+
+
+# --------------------------------------------------------------------------- the one decision
+
+
+class Action(str, Enum):
+    skip = "skip"  # finished earlier with this config: leave it
+    resume = "resume"  # unfinished run of this config with a checkpoint: continue it
+    train = "train"  # nothing of this config's yet (or nothing to continue from): train from scratch
+    refuse = "refuse"  # someone else's: another config, a live process, or not a bnexp run
+
+
+@dataclass
+class Decision:
+    action: Action
+    reason: str = ""  # one line: why (shown for skip and refuse)
+    record: dict[str, Any] | None = None  # the metrics.json there, if any
+    live: bool = False  # refused because a live process is training this very run (a sweep skips it)
+
+
+def is_finished(record: dict[str, Any] | None, cfg: Any) -> bool:
+    """Whether ``record`` (a metrics.json) is a finished run of ``cfg``: a rerun skips it."""
+    if record is None or record.get("status") not in ("completed", "diverged"):
+        return False
+    try:
+        return hash_matches(record.get("config_hash"), cfg)
+    except Exception:  # noqa: BLE001  a config that does not resolve is not that run's; validation says why
+        return False
+
+
+def policy(cfg: Any, run_dir: str | os.PathLike) -> Decision:
+    """What to do with ``cfg`` and ``run_dir`` as things stand on disk.
+
+    train, sweep, resume and reproduce all ask this, before they write anything
+    and again once they hold the lock (another process may have acted since).
+    """
+    run_dir = Path(run_dir)
+    metrics, ckpt = run_dir / METRICS, run_dir / CHECKPOINT
+    record = read_record(run_dir)
+    if record is None or not is_bnexp_record(record):
+        if metrics.exists():
+            return Decision(Action.refuse, f"{run_dir} holds a {METRICS} that bnexp did not write; choose another directory")
+        if ckpt.exists():
+            return Decision(Action.refuse, f"{run_dir} holds a {CHECKPOINT} but no bnexp {METRICS}; choose another directory")
+        return Decision(Action.train)
+    if run_is_alive(record):
+        return Decision(Action.refuse, str(RunLocked(run_dir, record.get("process"))), record, live=True)
+    same = record.get("config_hash") is None or hash_matches(record["config_hash"], cfg)
+    if not same:
+        return Decision(Action.refuse, f"{run_dir} holds a run of a different config (status {record.get('status')}); "
+                                       "choose another directory, or delete that run to reuse its name", record)
+    if is_finished(record, cfg):
+        return Decision(Action.skip, f"{run_dir}: {record['status']} earlier with the same config", record)
+    if record.get("config_hash") is not None and ckpt.is_file() and record.get("status") in ("running", "interrupted", "failed"):
+        return Decision(Action.resume, f"{run_dir}: {record.get('status')} at step {record.get('steps')}; resuming from its checkpoint", record)
+    return Decision(Action.train, "", record)

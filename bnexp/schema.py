@@ -1,0 +1,264 @@
+"""The config as Hydra composes it: the typed nodes registered in Hydra's
+ConfigStore (the base groups from :mod:`bnexp.config`, every model family's own
+schema, a ``probes.<name>`` node for every probe), the resolvers that name run
+directories, :func:`compose` for tests, benchmarks and notebooks, and
+:func:`validate` for what types cannot say.
+
+Hydra merges every YAML file in ``configs/`` onto these nodes, so a wrong type,
+an unknown key or a value outside an Enum fails at composition time, before
+Hydra creates a run directory; :func:`validate` runs before it exists, too
+(the Hydra callback in :mod:`bnexp.hydra_app`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import field, fields, is_dataclass, make_dataclass
+from functools import cache
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from bnexp.config import (
+    IN_MEMORY_DATA, Amp, Config, ConfigError, DataConfig, DataName, NormConfig, NormKind, OptimConfig, Placement, config_dir, flatten, plain,
+)
+from bnexp.models import FAMILIES, family
+from bnexp.probes import PROBES
+
+# --------------------------------------------------------------------------- the typed nodes
+
+
+@cache
+def root_schema() -> type:
+    """:class:`bnexp.config.Config` plus ``probes``: one node per registered probe."""
+    probe_fields = [(name, kind.schema, field(default_factory=kind.schema)) for name, kind in PROBES.items() if kind.schema]
+    probes = make_dataclass("ProbesConfig", probe_fields)
+    return make_dataclass("Config", [("probes", probes, field(default_factory=probes))], bases=(Config,))
+
+
+def register_configs() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=root_schema())
+    for name, fam in FAMILIES.items():
+        cs.store(group="model", name=f"base_{name}", node=fam.schema)
+    cs.store(group="norm", name="base_norm", node=NormConfig)
+    cs.store(group="data", name="base_data", node=DataConfig)
+    cs.store(group="optim", name="base_optim", node=OptimConfig)
+
+
+def schema_keys() -> dict[str, type]:
+    """Every dotted key of bnexp's own schema nodes (each family's model keys
+    included) -> the dataclass it belongs to."""
+    out: dict[str, type] = {}
+
+    def walk(cls: type, prefix: str) -> None:
+        for f in fields(cls):
+            key = f"{prefix}{f.name}"
+            default = f.default_factory() if callable(getattr(f, "default_factory", None)) else f.default
+            if is_dataclass(default):
+                walk(type(default), key + ".")
+            else:
+                out[key] = cls
+
+    walk(root_schema(), "")
+    for fam in FAMILIES.values():
+        walk(fam.schema, "model.")
+    return out
+
+
+def closest_key(key: str) -> str | None:
+    """The schema key a mistyped ``key`` most likely meant."""
+    keys = schema_keys()
+    group = key.rsplit(".", 1)[0] + "." if "." in key else ""
+    near = difflib.get_close_matches(key, [k for k in keys if k.startswith(group)] or list(keys), n=1, cutoff=0.6)
+    return near[0] if near else None
+
+
+def _check_keys(cfg: DictConfig) -> None:
+    """Keys Hydra lets through but bnexp would silently ignore or miss: a key added
+    with ``+`` inside one of bnexp's own nodes (a typo such as ``+norm.placment=pre``),
+    and a key removed with ``~``."""
+    def walk(node: DictConfig, prefix: str) -> None:
+        cls = OmegaConf.get_type(node)
+        if not is_dataclass(cls):
+            return
+        known = {f.name for f in fields(cls)}
+        for key in node.keys():
+            full = f"{prefix}{key}"
+            if key not in known and prefix:  # top-level extras (+my_note=...) are the user's own
+                near = closest_key(full)
+                hint = f"did you mean {near}? " if near else ""
+                raise ConfigError(full, f"is not a key of bnexp's schema; {hint}(`bnexp show` lists the keys; `+key=value` adds keys outside bnexp's nodes only)")
+            value = node._get_node(key)
+            if key in known and isinstance(value, DictConfig):
+                walk(value, full + ".")
+        for key in sorted(known - set(node.keys())):
+            raise ConfigError(f"{prefix}{key}", "was removed (~key), but bnexp needs every key of its schema; allowed: a value (`bnexp show` prints the defaults)")
+
+    walk(cfg, "")
+
+
+def typed(saved: DictConfig | dict) -> DictConfig:
+    """A saved config (``.hydra/config.yaml``) merged onto the schema of its model family.
+
+    Keys a run added with Hydra's ``+key=value`` are part of its saved config:
+    they are accepted (types of known keys are still checked), then the config
+    is closed again, so that a mistyped change made later is rejected."""
+    saved = OmegaConf.create(saved) if isinstance(saved, dict) else saved
+    kind = OmegaConf.select(saved, "model.kind", default="mlp")
+    schema = OmegaConf.structured(root_schema())
+    schema = OmegaConf.merge(schema, {"model": OmegaConf.structured(family(str(kind)).schema)})
+    OmegaConf.set_struct(schema, False)
+    cfg = OmegaConf.merge(schema, saved)
+    OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+# --------------------------------------------------------------------------- run-dir names
+
+
+def _first_non_empty(*values: Any) -> str:
+    for v in values:
+        if v not in (None, "", "None", "null"):
+            return str(v)
+    return ""
+
+
+def _job_subdir(override_dirname: str, seed: Any) -> str:
+    # Hydra sorts overrides alphabetically in override_dirname; seed is excluded
+    # there and appended last so that one config's seeds sit next to each other.
+    # A path in an override (data.root=/x/y) must not nest the job's directory.
+    name = f"{override_dirname},seed={seed}" if override_dirname else f"seed={seed}"
+    return name.replace("/", "_")
+
+
+def register_resolvers() -> None:
+    """The resolvers configs/config.yaml names run directories with."""
+    if not OmegaConf.has_resolver("bnexp.first"):
+        OmegaConf.register_new_resolver("bnexp.first", _first_non_empty)
+        OmegaConf.register_new_resolver("bnexp.subdir", _job_subdir)
+
+
+def compose(overrides: list[str] | None = None) -> DictConfig:
+    """The composed config for ``overrides`` without running anything (tests, benchmarks, notebooks).
+
+    Commands go through ``@hydra.main`` instead (see bnexp.hydra_app), which adds
+    run directories, multirun and launchers; this uses Hydra's Compose API.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs()
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
+    return OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _positive(cfg: DictConfig, key: str, allow_none: bool = False, allow_zero: bool = False) -> None:
+    value = OmegaConf.select(cfg, key)
+    if value is None and allow_none:
+        return
+    ok = value is not None and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        what = "a number >= 0" if allow_zero else "a number > 0"
+        raise ConfigError(key, f"got {value!r}; allowed: {what}")
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks the types cannot express; raises ConfigError with one clear line."""
+    _check_keys(cfg)
+    n, d, o, t = cfg.norm, cfg.data, cfg.optim, cfg.train
+    flat = flatten(plain(cfg))
+    targets = [k for k in flat if k.rsplit(".", 1)[-1] == "_target_"]
+    if targets:  # bnexp never calls hydra.utils.instantiate on a user's config
+        raise ConfigError(targets[0], "bnexp builds everything from its own registries and never imports a _target_; allowed: the keys `bnexp show` lists")
+    for key, value in flat.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(key, f"got {value}; allowed: a finite number")
+    _positive(cfg, "model.init_std")
+    if not 0.0 <= n.momentum <= 1.0:
+        raise ConfigError("norm.momentum", f"got {n.momentum}; allowed: 0 <= momentum <= 1 (PyTorch convention; Keras momentum m is 1 - m)")
+    _positive(cfg, "norm.eps")
+    if n.placement != Placement.none:
+        if n.kind == NormKind.group:
+            _positive(cfg, "norm.groups")
+        if n.kind == NormKind.ghost_batch:
+            if n.virtual_batch_size is None:
+                raise ConfigError("norm.virtual_batch_size", "is unset; norm=ghost_batch needs a ghost batch size that divides train.batch_size")
+            if n.virtual_batch_size <= 0 or n.virtual_batch_size > t.batch_size or t.batch_size % n.virtual_batch_size:
+                raise ConfigError("norm.virtual_batch_size", f"got {n.virtual_batch_size}; allowed: a positive divisor of train.batch_size={t.batch_size}")
+        if n.kind == NormKind.batch_renorm:
+            if n.rmax < 1:
+                raise ConfigError("norm.rmax", f"got {n.rmax}; allowed: rmax >= 1")
+            if n.dmax < 0:
+                raise ConfigError("norm.dmax", f"got {n.dmax}; allowed: dmax >= 0")
+    family(str(cfg.model.kind)).check(cfg)  # widths, norm.layers, norm.groups dividing widths
+    if not (0 < d.val_size < 1 or (d.val_size >= 1 and float(d.val_size).is_integer()) or d.val_size == 0):
+        raise ConfigError("data.val_size", f"got {d.val_size}; allowed: 0, a fraction in (0, 1), or a whole number of examples")
+    _positive(cfg, "data.subset", allow_none=True)
+    _positive(cfg, "data.num_classes")
+    if d.num_classes < 2:
+        raise ConfigError("data.num_classes", f"got {d.num_classes}; allowed: >= 2")
+    if not d.shape or any(s <= 0 for s in d.shape) or len(d.shape) > 3:
+        raise ConfigError("data.shape", f"got {list(d.shape)}; allowed: 1 to 3 positive sizes, e.g. [32] or [1,28,28]")
+    for key in ("data.n_train", "data.n_test", "data.cluster_std"):
+        _positive(cfg, key)
+    _positive(cfg, "optim.lr")
+    _positive(cfg, "optim.base_batch_size", allow_none=True)
+    _positive(cfg, "optim.momentum", allow_zero=True)
+    _positive(cfg, "optim.weight_decay", allow_zero=True)
+    _positive(cfg, "optim.warmup_steps", allow_zero=True)
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        raise ConfigError("optim.betas", f"got {list(o.betas)}; allowed: two numbers in [0, 1)")
+    if t.steps is None and t.epochs is None:
+        raise ConfigError("train.steps", "both train.steps and train.epochs are null; allowed: set one (train.epochs wins when both are set)")
+    _positive(cfg, "train.steps", allow_none=True)
+    _positive(cfg, "train.epochs", allow_none=True)
+    for key in ("train.batch_size", "train.log_every", "train.eval_batch_size", "train.probe_size"):
+        _positive(cfg, key)
+    _positive(cfg, "train.eval_every", allow_none=True)
+    _positive(cfg, "train.checkpoint_every", allow_zero=True)
+    for name in PROBES:
+        _positive(cfg, f"probes.{name}.every", allow_none=True, allow_zero=True)
+    if t.target_acc is not None and not 0 < t.target_acc <= 1:
+        raise ConfigError("train.target_acc", f"got {t.target_acc}; allowed: an accuracy in (0, 1]")
+    _check_device(t)
+    if DataName(cfg.data.name) not in IN_MEMORY_DATA:
+        from bnexp import datasets
+
+        try:
+            datasets.check_available(DataName(cfg.data.name).value, cfg.data.root, cfg.data.download)
+        except datasets.DataError as e:
+            raise ConfigError("data.root", str(e)) from None
+
+
+def _check_device(t: DictConfig) -> None:
+    import torch
+
+    dev = t.device
+    if not (dev in ("auto", "cpu", "cuda", "mps") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+        raise ConfigError("train.device", f"got {dev!r}; allowed: auto, cpu, cuda, cuda:N, mps")
+    if dev.startswith("cuda"):
+        if not _cuda_available():
+            raise ConfigError("train.device", f"{dev} asked for, but no CUDA device is available here; allowed: auto or cpu")
+        if ":" in dev and int(dev[5:]) >= torch.cuda.device_count():
+            raise ConfigError("train.device", f"{dev} asked for, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("train.device", "mps asked for, but Apple's Metal backend is not available here; allowed: auto or cpu")
+    if t.amp == Amp.fp16 and (dev == "cpu" or (dev == "auto" and not _cuda_available())):
+        raise ConfigError("train.amp", "fp16 autocast needs a GPU; allowed on CPU: none, bf16")

@@ -1,0 +1,280 @@
+"""What one training step is made of: the optimizer and its schedule, the
+sampler that picks each step's batch, the step itself, the logging window that
+collects its losses, and evaluation.
+
+Speed choices, all visible here: the dataset sits on the device as tensors and
+is indexed by a seeded permutation (no DataLoader); the step never copies to
+the host (losses and logits wait in the window until a logging step);
+evaluation runs under ``inference_mode`` in large batches.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import nn
+
+from bnexp.config import Amp, OptimName, Schedule, steps_per_epoch
+
+# --------------------------------------------------------------------------- optimizer and schedule
+
+
+def base_lr(cfg: DictConfig, batch_size: int | None) -> float:
+    """optim.lr, scaled by batch_size / optim.base_batch_size when that is set (linear scaling rule)."""
+    if cfg.get("base_batch_size") is None or batch_size is None:
+        return float(cfg.lr)
+    return float(cfg.lr) * batch_size / cfg.base_batch_size
+
+
+def make_optimizer(cfg: DictConfig, model: nn.Module, batch_size: int | None = None) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    name, lr = OptimName(cfg.name), base_lr(cfg, batch_size)
+    if name == OptimName.sgd:
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov and cfg.momentum > 0)
+    cls = torch.optim.Adam if name == OptimName.adam else torch.optim.AdamW
+    return cls(params, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+
+
+def lr_factor(cfg: DictConfig, total: int) -> Callable[[int], float]:
+    """Multiplier of optim.lr after ``step`` optimizer steps: linear warmup, then the schedule."""
+    warm, kind = cfg.warmup_steps, Schedule(cfg.schedule)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        frac = (step - warm) / max(1, total - warm)
+        if kind == Schedule.cosine:
+            return 0.5 * (1 + math.cos(math.pi * frac))
+        if kind == Schedule.linear:
+            return 1 - frac
+        if kind == Schedule.step:
+            return 0.1 ** ((frac >= 0.5) + (frac >= 0.75))
+        return 1.0
+
+    return factor
+
+
+class LrSchedule:
+    """torch's LambdaLR over :func:`lr_factor`, stepped only when the lr can change:
+    a constant schedule skips LambdaLR.step (~8 us, 1% of a small MLP's step on CPU)."""
+
+    def __init__(self, cfg: DictConfig, optimizer: torch.optim.Optimizer, total: int):
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, total))
+        self.changes = Schedule(cfg.schedule) != Schedule.constant or cfg.warmup_steps > 0
+
+    def step(self) -> None:
+        if self.changes:
+            self.scheduler.step()
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.scheduler.state_dict()
+
+    def load_state_dict(self, s: dict[str, Any]) -> None:
+        self.scheduler.load_state_dict(s)
+
+
+# --------------------------------------------------------------------------- batches
+
+
+class Sampler:
+    """Batches of indices from a seeded permutation per epoch; the last partial
+    batch is dropped so that every BN step sees ``batch_size`` examples."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, device: torch.device):
+        self.n, self.batch_size, self.device = n, batch_size, device
+        self.per_epoch = steps_per_epoch(n, batch_size)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.perm: torch.Tensor | None = None
+        self.pos = 0
+
+    def next(self) -> torch.Tensor:
+        if self.perm is None or self.pos == self.per_epoch:
+            self.perm = torch.randperm(self.n, generator=self.gen).to(self.device)
+            self.pos = 0
+        b = self.batch_size
+        idx = self.perm[self.pos * b : (self.pos + 1) * b]
+        self.pos += 1
+        return idx
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"gen": self.gen.get_state(), "perm": None if self.perm is None else self.perm.cpu(), "pos": self.pos}
+
+    def load_state_dict(self, s: dict[str, Any]) -> None:
+        self.gen.set_state(s["gen"])
+        self.perm = None if s["perm"] is None else s["perm"].to(self.device)
+        self.pos = s["pos"]
+
+
+# --------------------------------------------------------------------------- the step
+
+
+class TrainStep:
+    """forward, loss, backward, update; ``step(x, y)`` returns (loss, logits) on the device.
+
+    They still carry their autograd history (already freed by backward, apart
+    from the node objects): detaching them costs ~1 us each a step, so whoever
+    computes with them does so under ``torch.no_grad()``.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, amp: Amp, device: torch.device, compile: bool):
+        self.model, self.optimizer = model, optimizer
+        self.dtype = {Amp.bf16: torch.bfloat16, Amp.fp16: torch.float16}.get(Amp(amp))
+        self.device_type = device.type
+        # Checkpointed either way; a disabled one is a no-op without fp16.
+        self.scaler = torch.amp.GradScaler(device.type, enabled=Amp(amp) == Amp.fp16)
+        # train.compile compiles forward + loss as one graph (backward is compiled
+        # with it by AOTAutograd), so the loss fuses into the forward's kernels;
+        # the optimizer step stays eager (foreach on CUDA).
+        forward_loss = self._forward_loss if self.dtype is None else self._forward_loss_autocast
+        self.forward_loss = torch.compile(forward_loss) if compile else forward_loss
+        self.step = self._scaled_step if self.scaler.is_enabled() else self._plain_step
+
+    # The plain forward, exactly as written by hand: without amp, entering even a
+    # disabled autocast costs 10-40 us on CPU, and the disabled GradScaler's
+    # scale/step/update calls with detaches and casts another ~6 us (together
+    # 2-7% of the BN-paper MLP's ~0.7 ms step on a 2-core CPU).
+    def _forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(x)
+        return F.cross_entropy(logits, y), logits
+
+    def _forward_loss_autocast(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Norm layers keep themselves in fp32 under autocast (bnexp.norms.FP32Norm).
+        with torch.autocast(self.device_type, dtype=self.dtype):
+            logits = self.model(x)
+        return F.cross_entropy(logits.float(), y), logits
+
+    def _plain_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, logits = self.forward_loss(x, y)
+        loss.backward()
+        self.optimizer.step()
+        return loss, logits
+
+    def _scaled_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, logits = self.forward_loss(x, y)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss, logits
+
+
+# --------------------------------------------------------------------------- the logging window
+
+# Logits kept pending before they are folded (16 MB of floats).
+WINDOW_LOGITS = 1 << 22
+
+
+class LogWindow:
+    """The training steps since the last logging step: their losses and correct counts.
+
+    On the device, row 0 of ``buf`` holds each step's loss and row 1 its correct
+    count (column 0: the window's first step). A step only keeps references to
+    its loss, logits and labels (:meth:`add`): no copy, no kernel, no host sync.
+    A per-step argmax and sums into running totals cost several kernels a step
+    (~10% of the BN-paper MLP's step on an H200, which is launch-bound), and even
+    one copy into a preallocated buffer cost ~1.4% of it on a 2-core CPU, where
+    keeping the references costs ~0.5%. :meth:`fold` stacks the pending losses
+    and counts correct predictions in one batched pass: at logging steps, before
+    a checkpoint, and whenever ``limit_logits`` logits are pending.
+
+    The window's first step is derived, not stored: logging steps are the
+    multiples of ``log_every`` (and the last step, after which nothing follows).
+    """
+
+    def __init__(self, log_every: int, total: int, batch_size: int, num_classes: int, device: torch.device,
+                 limit_logits: int = WINDOW_LOGITS):
+        self.log_every, self.batch_size = log_every, batch_size
+        self.buf = torch.zeros(2, min(log_every, total), device=device)
+        self.limit = max(1, limit_logits // (batch_size * num_classes))
+        self.losses: list[torch.Tensor] = []
+        self.logits: list[torch.Tensor] = []
+        self.labels: list[torch.Tensor] = []
+
+    def start(self, step: int) -> int:
+        """The last logging step before ``step`` (0 before the first): the window holds the steps after it."""
+        return (step - 1) // self.log_every * self.log_every
+
+    def is_logging_step(self, step: int, total: int) -> bool:
+        return step % self.log_every == 0 or step == total
+
+    def add(self, step: int, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.losses.append(loss)
+        self.logits.append(logits)
+        self.labels.append(labels)
+        if len(self.logits) == self.limit:
+            self.fold(step)
+
+    @torch.no_grad()
+    def fold(self, step: int) -> None:
+        """Write the pending steps (the last one is ``step``) into their columns.
+        Each step's values are its own, whichever steps are folded together, so a
+        run resumed mid-window logs bit-identical values."""
+        if not self.logits:
+            return
+        last = step - self.start(step) - 1
+        cols = slice(last - len(self.logits) + 1, last + 1)
+        # Written in place (out=): this runs once per window with cold caches,
+        # where each op saved is ~20 us on CPU. Losses are fp32 (amp casts logits first).
+        torch.stack(self.losses, out=self.buf[0, cols])
+        # argmax via max(): over 10 classes argmax runs ~4x slower on CPU.
+        correct = torch.stack(self.logits).max(-1).indices == torch.stack(self.labels)
+        torch.sum(correct, 1, dtype=self.buf.dtype, out=self.buf[1, cols])
+        self.losses, self.logits, self.labels = [], [], []
+
+    def sums(self, step: int) -> dict[str, torch.Tensor]:
+        """The window's summed losses and correct counts up to logging step ``step``, on the device."""
+        self.fold(step)
+        loss_sum, correct = self.buf[:, : step - self.start(step)].sum(1).unbind()
+        return {"window/loss_sum": loss_sum, "window/correct": correct}
+
+    def values(self, step: int, host: dict[str, float]) -> tuple[dict[str, float], int | None]:
+        """``train/loss`` and ``train/acc`` from the host copy of :meth:`sums`
+        (its keys are removed from ``host``), and the first step whose loss is not
+        finite (None: none). Only a non-finite sum looks at single steps."""
+        loss_sum, correct = host.pop("window/loss_sum"), host.pop("window/correct")
+        first, steps = self.start(step) + 1, step - self.start(step)
+        bad_step = None
+        if not math.isfinite(loss_sum):
+            bad = (~torch.isfinite(self.buf[0, :steps])).nonzero().flatten().tolist()
+            bad_step = first + (bad[0] if bad else steps - 1)  # no single bad step: the sum overflowed
+        return {"train/loss": loss_sum / steps, "train/acc": correct / (steps * self.batch_size)}, bad_step
+
+    def state_dict(self) -> list[torch.Tensor]:
+        return list(self.buf.cpu())  # two rows, losses and correct counts (checkpoint format 1)
+
+    def load_state_dict(self, rows: list[torch.Tensor]) -> None:
+        self.buf.copy_(torch.stack(rows))
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> dict[str, torch.Tensor]:
+    """Mean loss and accuracy over (x, y) in eval mode (running statistics), on the device."""
+    model.eval()
+    loss = torch.zeros((), device=x.device)
+    correct = torch.zeros((), device=x.device, dtype=torch.long)
+    for i in range(0, len(x), batch_size):
+        logits = model(x[i : i + batch_size]).float()
+        loss += F.cross_entropy(logits, y[i : i + batch_size], reduction="sum")
+        correct += (logits.argmax(1) == y[i : i + batch_size]).sum()
+    model.train()
+    return {"loss": loss / len(x), "acc": correct.float() / len(x)}
+
+
+def to_host(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """One device->host copy for a dict of scalar tensors."""
+    if not values:
+        return {}
+    with torch.no_grad():  # 0-d float32 tensors (most of them) go into the stack as they are
+        parts = [v if v.dtype == torch.float32 and v.dim() == 0 else v.float().reshape(()) for v in values.values()]
+        return dict(zip(values, torch.stack(parts).cpu().tolist()))
