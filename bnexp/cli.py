@@ -67,6 +67,15 @@ def _hydra_error_line(e: BaseException) -> str:
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
+def _os_error_line(e: OSError) -> str:
+    import errno
+
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = Path(e.filename).parent if e.filename else "the disk"
+        return str(e) if e.strerror and e.strerror.startswith("no space left") else f"no space left on {where}"
+    return f"{e.strerror or e}: {e.filename}" if e.filename else str(e)
+
+
 def _sigterm_interrupts() -> None:
     """SIGTERM (a scheduler's preemption notice, ``kill``) stops bnexp like Ctrl-C:
     the training loop finishes its step and checkpoints; elsewhere it unwinds
@@ -89,7 +98,7 @@ def _interrupted(e: KeyboardInterrupt, again: str | None = None) -> typer.Exit:
                      else "it stopped before it could save a checkpoint: nothing to resume; run the command again")
         typer.echo(f"interrupted: {e}; {again}", err=True)
     else:
-        typer.echo(f"interrupted; {again or 'nothing to resume'}", err=True)
+        typer.echo(f"interrupted; {again or 'it stopped before training began: nothing to resume; run the command again'}", err=True)
     return typer.Exit(EXIT_INTERRUPTED)
 
 
@@ -111,11 +120,15 @@ def _run_hydra(argv: list[str], sweep: bool = False) -> None:
         raise fail(str(e)) from None
     except hydra_app.RunFailed as e:
         raise fail(str(e), EXIT_FAILED) from None
-    except (HydraException, OmegaConfBaseException) as e:
+    except (HydraException, OmegaConfBaseException) as e:  # before OSError: MissingConfigException is an IOError
         raise fail(_hydra_error_line(e)) from None
+    except OSError as e:  # Hydra's own writes (.hydra/, its log) on a full or read-only disk
+        hydra_app.take_back_pending()
+        raise fail(_os_error_line(e), EXIT_FAILED) from None
     except KeyboardInterrupt as e:
         if sweep:
             raise
+        hydra_app.take_back_pending()  # interrupted while Hydra wrote .hydra/, before the task began
         raise _interrupted(e) from None
     except SystemExit as e:  # argparse inside Hydra: bad flag, or --help
         raise typer.Exit(e.code if isinstance(e.code, int) else EXIT_USAGE) from None
@@ -441,6 +454,11 @@ def show(ctx: typer.Context) -> None:
 
 
 def main() -> None:
+    import logging
+
+    # A log file that cannot be written (a full disk) must not print a traceback
+    # per record: the run's own error says what happened.
+    logging.raiseExceptions = False
     app()
 
 

@@ -29,7 +29,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from bnexp.config import ConfigError, config_dir
-from bnexp.io import write_json
+from bnexp.io import NoSpace, write_json
 from bnexp.rundir import (
     LOCK_FILE, METRICS, Action, RunDirGuard, RunInterrupted, RunLocked, acquire_run_lock, is_finished, policy, read_record,
     release_run_lock, run_lock,
@@ -82,13 +82,16 @@ class ValidateCallback(Callback):
             if decision.action == Action.refuse:
                 raise ConfigError("hydra.run.dir", decision.reason)
             guard = RunDirGuard(run_dir, [*HYDRA_WRITES, LOCK_FILE])
-            if decision.action == Action.skip:  # nothing will train, so no lock; Hydra's rewrites are undone
-                _PENDING[run_dir] = guard
-                return
-            # Taken before Hydra writes .hydra/ and its log: a second `bnexp train`
-            # into this run dir is refused with nothing touched.
-            acquire_run_lock(run_dir)
             _PENDING[run_dir] = guard
+            if decision.action == Action.skip:  # nothing will train, so no lock; Hydra's rewrites are undone
+                return
+            try:
+                # Taken before Hydra writes .hydra/ and its log: a second `bnexp train`
+                # into this run dir is refused with nothing touched.
+                acquire_run_lock(run_dir)
+            except OSError as e:  # the directory cannot be made or written (a read-only or full file system)
+                take_back_pending()
+                raise ConfigError("hydra.run.dir", f"cannot write into {run_dir}: {e.strerror}; allowed: a directory you can write to") from None
             if policy(cfg, run_dir).action == Action.refuse:  # again, under the lock: another process may have trained it since
                 _take_back(run_dir)
                 raise ConfigError("hydra.run.dir", policy(cfg, run_dir).reason)
@@ -103,6 +106,13 @@ def _check_run_dir(run_dir: Path) -> None:
         raise ConfigError("hydra.run.dir", f"{existing} is a file, not a directory; allowed: a directory path")
     if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError("hydra.run.dir", f"{existing} is not writable by this user; allowed: a directory you can write to")
+
+
+def take_back_pending() -> None:
+    """Undo every `bnexp train` this process checked but whose task never ran
+    (Hydra failed in between, e.g. writing .hydra/ on a full disk)."""
+    for run_dir in list(_PENDING):
+        _take_back(run_dir)
 
 
 def _take_back(run_dir: Path) -> None:
@@ -155,7 +165,7 @@ def _execute_locked(cfg: DictConfig, run_dir: Path, multirun: bool, overrides: l
         raise
     except Exception as e:  # noqa: BLE001  a failed job must not stop a sweep
         log.error("run failed: %s\n%s", e, traceback.format_exc())
-        result = _failed(run_dir, f"{type(e).__name__}: {e}", overrides)
+        result = _failed(run_dir, str(e) if isinstance(e, NoSpace) else f"{type(e).__name__}: {e}", overrides)
         if not multirun:
             raise RunFailed(result["error"], run_dir) from None
         return result
@@ -169,7 +179,10 @@ def _skipped(run_dir: Path, record: dict[str, Any], why: str) -> dict[str, Any]:
 def _failed(run_dir: Path, error: str, overrides: list[str]) -> dict[str, Any]:
     record = read_record(run_dir) or {"writer": "bnexp", "steps": 0, "final": {}, "best": {}, "overrides": overrides}
     record.update(status="failed", error=error)
-    write_json(run_dir / METRICS, record)
+    try:
+        write_json(run_dir / METRICS, record)
+    except OSError as e:  # a full disk: the job is failed all the same, and the sweep goes on
+        log.error("could not record the failure in %s: %s", run_dir / METRICS, e)
     return {**record, "run_dir": str(run_dir)}
 
 

@@ -181,12 +181,12 @@ def _cuda_available() -> bool:
 
 def validate(cfg: DictConfig) -> None:
     """Checks the types cannot express; raises ConfigError with one clear line."""
-    _check_keys(cfg)
     n, d, o, t = cfg.norm, cfg.data, cfg.optim, cfg.train
     flat = flatten(plain(cfg))
     targets = [k for k in flat if k.rsplit(".", 1)[-1] == "_target_"]
     if targets:  # bnexp never calls hydra.utils.instantiate on a user's config
         raise ConfigError(targets[0], "bnexp builds everything from its own registries and never imports a _target_; allowed: the keys `bnexp show` lists")
+    _check_keys(cfg)
     for key, value in flat.items():
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(key, f"got {value}; allowed: a finite number")
