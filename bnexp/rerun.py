@@ -59,13 +59,18 @@ def load_saved_config(run_dir: Path, overrides: list[str] | None = None) -> Dict
 
 
 def log_to(run_dir: Path) -> None:
-    """Log like a Hydra job: to the console and, appended, to the run's own log file."""
+    """Log like a Hydra job: to the console and, appended, to the run's own log file
+    (replacing the handlers an earlier call in this process added)."""
     root = logging.getLogger()
     root.setLevel(logging.INFO)
+    for h in [h for h in root.handlers if getattr(h, "bnexp_rerun", False)]:
+        h.close()
+        root.removeHandler(h)
     formatter = logging.Formatter(LOG_FORMAT)
     # delay=True: the file is opened on the first record, so a resume refused while setting up leaves it alone.
     for handler in (logging.StreamHandler(), logging.FileHandler(run_dir / "bnexp.log", mode="a", delay=True)):
         handler.setFormatter(formatter)
+        handler.bnexp_rerun = True  # type: ignore[attr-defined]
         root.addHandler(handler)
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import difflib
 import math
 from dataclasses import field, fields, is_dataclass, make_dataclass
-from functools import cache
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -29,12 +28,20 @@ from bnexp.probes import PROBES
 # --------------------------------------------------------------------------- the typed nodes
 
 
-@cache
+# :class:`bnexp.config.Config` plus ``probes``: one node per registered probe.
+# Made from the probe registry when this module loads, and bound to module
+# names so that pickles of a config (joblib and submitit carry jobs' configs
+# between processes) refer to these classes by name; a class pickled by value
+# would be rebuilt over these in the parent process, with foreign dataclass
+# sentinels that break OmegaConf.
+ProbesConfig = make_dataclass("ProbesConfig", [(name, kind.schema, field(default_factory=kind.schema))
+                                               for name, kind in PROBES.items() if kind.schema])
+RootConfig = make_dataclass("RootConfig", [("probes", ProbesConfig, field(default_factory=ProbesConfig))], bases=(Config,))
+ProbesConfig.__module__ = RootConfig.__module__ = __name__
+
+
 def root_schema() -> type:
-    """:class:`bnexp.config.Config` plus ``probes``: one node per registered probe."""
-    probe_fields = [(name, kind.schema, field(default_factory=kind.schema)) for name, kind in PROBES.items() if kind.schema]
-    probes = make_dataclass("ProbesConfig", probe_fields)
-    return make_dataclass("Config", [("probes", probes, field(default_factory=probes))], bases=(Config,))
+    return RootConfig
 
 
 def register_configs() -> None:

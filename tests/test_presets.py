@@ -39,9 +39,10 @@ def data_overrides(preset: str) -> list[str]:
 
 
 def grid(preset: str) -> list[list[str]]:
-    """Every job of the preset's hydra.sweeper.params, as override lists."""
+    """Every job of the preset's hydra.sweeper.params but the seed's, as override lists
+    (a seed changes no config's validity; composing costs ~0.2 s a point)."""
     params = dict(OmegaConf.load(config_dir() / "experiment" / f"{preset}.yaml").hydra.sweeper.params)
-    assert "seed" in params, "a preset's sweep should cover several seeds"
+    assert len(str(params.pop("seed", "")).split(",")) >= 3, "a preset's sweep should cover several seeds"
     axes = [[f"{k}={v.strip()}" for v in str(values).split(",")] for k, values in params.items()]
     return [list(point) for point in itertools.product(*axes)]
 
@@ -75,7 +76,7 @@ def test_seed_keras_is_the_keras_tutorial_network():
 def test_every_point_of_a_presets_sweep_grid_is_a_valid_config(preset):
     extra = data_overrides(preset)
     points = grid(preset)
-    assert len(points) >= 6
+    assert len(points) >= 2
     for point in points:
         cfg = compose([f"experiment={preset}", *point, *extra])
         validate(cfg)  # group norm's groups divide the widths, ghost batch's virtual size divides the batch, ...

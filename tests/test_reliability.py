@@ -27,20 +27,18 @@ from omegaconf import OmegaConf
 from bnexp.config import config_hash
 from bnexp.schema import typed
 from bnexp.rundir import HEARTBEAT_SEC, process_info, run_is_alive
-from tests.conftest import REPO, run_cli, snapshot, start_cli
+from tests.conftest import REPO, TINY as SUITE_TINY, run_inprocess, snapshot, start_cli
 
-# A small, fast, deterministic CPU run: a 2x32 MLP on synthetic clusters (about 1000 steps/s).
-TINY = [
-    "data=synthetic", "model.hidden=[32,32]", "train.log_every=10", "train.eval_every=50",
-    "train.deterministic=true", "train.device=cpu", "train.progress=false",
-]
+# The suite's tiny config, wider and deterministic: resumed runs must match bit for bit.
+TINY = [*SUITE_TINY, "model.hidden=[32,32]", "train.eval_every=50", "train.deterministic=true"]
 
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # a 2x32 MLP runs fastest on one thread, and steadily on a busy machine
 
 
-def bnexp(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return run_cli(list(args), cwd, env=ONE_THREAD)
+def bnexp(*args: str, cwd: Path):
+    """``bnexp ARGS`` in this process (signals and kills go through :func:`start`)."""
+    return run_inprocess(list(args), cwd)
 
 
 def start(*args: str, cwd: Path) -> subprocess.Popen:

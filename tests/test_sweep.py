@@ -20,11 +20,11 @@ import pytest
 import yaml
 
 from bnexp.runs import load_scalars
-from tests.conftest import REPO, run_cli, start_cli
+from tests.conftest import REPO, TINY as SUITE_TINY, run_inprocess, start_cli
 
 PLACEMENTS = ("pre", "post", "none")
-# 20 steps with an eval every 10: enough for curves, seed bands and a test metric.
-TINY = ("train.steps=20", "train.eval_every=10", "train.log_every=10", "train.progress=false")
+# The suite's tiny config, 20 steps with an eval every 10: enough for curves, seed bands and a test metric.
+TINY = (*SUITE_TINY, "train.steps=20", "train.eval_every=10")
 ENV = {
     # One intra-op thread: these networks are too small to gain from torch's
     # thread pool, which on a small shared CPU costs several times its worth.
@@ -33,8 +33,9 @@ ENV = {
 }
 
 
-def bnexp(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return run_cli(list(args), cwd, timeout=180, env=ENV)
+def bnexp(*args: str, cwd: Path):
+    """``bnexp ARGS`` in this process (Ctrl-C tests start a real one with start_cli)."""
+    return run_inprocess(list(args), cwd, env=ENV)
 
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
