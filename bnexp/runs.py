@@ -65,6 +65,54 @@ def _number(v: Any) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _numbers(v: Any) -> bool:
+    return isinstance(v, dict) and all(_is_number(x) or x is None for x in v.values())
+
+
+# What the readers of metrics.json (listings, reports, liveness checks) rely
+# on, as JSON types. A dozen checks written out: a schema library would be a
+# new dependency of `bnexp runs` for less than this.
+RECORD_SHAPE: dict[str, tuple[Any, str]] = {
+    "status": (lambda v: isinstance(v, str), "a string"),
+    "steps": (_is_int, "an integer"),
+    "total_steps": (_is_int, "an integer"),
+    "final": (_numbers, "an object of numbers"),
+    "best": (_numbers, "an object of numbers"),
+    "steps_to_target": (lambda v: v is None or _is_number(v), "a number or null"),
+    "time": (_numbers, "an object of numbers"),
+    "overrides": (lambda v: isinstance(v, list) and all(isinstance(o, str) for o in v), "a list of strings"),
+    "process": (lambda v: isinstance(v, dict) and isinstance(v.get("host", ""), str)
+                and all(v.get(k) is None or _is_int(v[k]) for k in ("pid", "start_ticks")), "an object with host, pid"),
+    "error": (lambda v: isinstance(v, str), "a string"),
+    "reproduce_of": (lambda v: isinstance(v, str), "a string"),
+    "config_hash": (lambda v: isinstance(v, str), "a string"),
+}
+
+
+def _json_kind(v: Any) -> str:
+    if v is None or isinstance(v, bool):
+        return json.dumps(v)
+    return {str: "a string", list: "a list", dict: "an object"}.get(type(v), "a number")
+
+
+def record_problem(record: Any) -> str | None:
+    """Why a parsed metrics.json cannot be used as a run's record, or None."""
+    if not isinstance(record, dict):
+        return f"metrics.json holds {_json_kind(record)}, not an object"
+    for key, (ok, expected) in RECORD_SHAPE.items():
+        if key in record and not ok(record[key]):
+            return f"metrics.json: {key} is {_json_kind(record[key])}, expected {expected}"
+    return None
+
+
 def is_run_dir(path: Path) -> bool:
     return (path / METRICS).is_file() or (path / CONFIG).is_file()
 
@@ -115,9 +163,10 @@ def read_run(path: Path, with_config: bool = True) -> Run:
     problems: list[str] = []
     if (path / METRICS).exists():
         run.metrics = read_json(path / METRICS)
-        if not isinstance(run.metrics, dict):
+        shape = "metrics.json is unreadable" if run.metrics is None else record_problem(run.metrics)
+        if shape:  # valid JSON of another shape is as unusable as a torn file: listed, never a crash
             run.metrics = None
-            problems.append("metrics.json is unreadable")
+            problems.append(shape)
     else:
         problems.append("no metrics.json (the run never started training, or its files were lost)")
     if with_config:

@@ -178,3 +178,31 @@ def test_runs_that_differ_only_in_eval_every_are_separate_groups_not_seeds(sweep
     assert r.returncode == 0, r.stdout + r.stderr
     groups = json.loads(r.stdout)["groups"]
     assert sorted(g["group"] for g in groups) == ["train.eval_every=10", "train.eval_every=15"]
+
+
+@pytest.mark.parametrize("broken", [
+    {"status": "running", "time": "x"},
+    {"status": "completed", "final": ["val/acc", 0.5]},
+    {"status": "completed", "steps": "20", "best": {"val/acc": "high"}},
+    {"status": "running", "process": {"host": 3, "pid": "12"}},
+    ["not", "an", "object"],
+])
+def test_a_metrics_json_of_the_wrong_shape_is_listed_as_unreadable_by_runs_and_report(sweep, tmp_path, broken):
+    root = tmp_path / "sw"
+    shutil.copytree(sweep, root)
+    (root / "norm.placement=pre,seed=1" / "metrics.json").write_text(json.dumps(broken))
+
+    listing = run_inprocess(["runs", str(root)], Path.cwd())
+    assert listing.returncode == 0, listing.stdout + listing.stderr
+    rows = {line.split("│")[1].strip(): line for line in listing.stdout.splitlines() if line.startswith("│") and "seed=" in line}
+    assert len(rows) == 4
+    assert "unreadable" in rows["norm.placement=pre,seed=1"]
+    assert all("completed" in line for name, line in rows.items() if name != "norm.placement=pre,seed=1")
+
+    doc = json.loads(report(root, "--format", "json").stdout)
+    (problem,) = doc["unreadable"]
+    assert Path(problem["path"]).name == "norm.placement=pre,seed=1" and problem["problem"].startswith("metrics.json")
+    counts = {g["group"]: g["status"] for g in doc["groups"]}
+    assert counts == {"norm.placement=none": {"completed": 2}, "norm.placement=pre": {"completed": 1, "unreadable": 1}}
+    table = report(root)
+    assert table.returncode == 0 and f"unreadable: {root / 'norm.placement=pre,seed=1'}: metrics.json" in table.stdout
