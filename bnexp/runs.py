@@ -14,6 +14,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -33,6 +34,11 @@ class Run:
     metrics: dict[str, Any] | None = None  # metrics.json
     overrides: list[str] = field(default_factory=list)
     problem: str | None = None  # why this run cannot be used, if it cannot
+
+    @cached_property
+    def job_num(self) -> int:
+        """Hydra's job number of a sweep's run (``.hydra/hydra.yaml``); a large number where there is none."""
+        return _read_job_num(self.path)
 
     @property
     def status(self) -> str:
@@ -182,6 +188,17 @@ def read_run(path: Path, with_config: bool = True) -> Run:
             pass
     run.problem = "; ".join(problems) or None
     return run
+
+
+def _read_job_num(run_dir: Path) -> int:
+    import yaml
+
+    try:
+        with open(run_dir / ".hydra" / "hydra.yaml") as f:
+            # libyaml's loader where PyYAML has it: ~10x faster on Hydra's long record (~4 ms a job otherwise).
+            return int(yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))["hydra"]["job"]["num"])
+    except Exception:  # noqa: BLE001
+        return 1 << 30
 
 
 def find_runs(paths: Iterable[str | os.PathLike], with_config: bool = True) -> list[Run]:

@@ -92,17 +92,6 @@ class Job:
         return "skipped" if self.skipped else self.run.status
 
 
-def _job_num(run_dir: Path) -> int:
-    import yaml
-
-    try:
-        with open(run_dir / ".hydra" / "hydra.yaml") as f:
-            # libyaml's loader where PyYAML has it: ~10x faster on Hydra's long record (~4 ms a job otherwise).
-            return int(yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))["hydra"]["job"]["num"])
-    except Exception:  # noqa: BLE001
-        return 1 << 30
-
-
 def read_sweep(sweep_dir: Path) -> list[Run]:
     """Every run dir under ``sweep_dir``, read (metrics.json, config, overrides)."""
     return [read_run(p) for p in find_run_dirs([sweep_dir])]
@@ -123,7 +112,7 @@ def sweep_jobs(runs: list[Run], started: float) -> list[Job]:
             continue
         finished = ((run.metrics or {}).get("time") or {}).get("finished_at") or math.inf
         skipped = run.status == "completed" and finished < started
-        jobs.append(Job(run, _job_num(run.path), skipped))
+        jobs.append(Job(run, run.job_num, skipped))
     return sorted(jobs, key=lambda j: (j.num, str(j.run.path)))
 
 
@@ -135,13 +124,17 @@ def _shown_overrides(jobs: list[Job]) -> tuple[list[list[str]], list[str]]:
     return [seed_last(os) for os in lists], [o for o in (lists[0] if lists else []) if o in common]
 
 
-def jobs_table(jobs: list[Job], sweep_dir: Path, interrupted: bool = False):
+def jobs_heading(sweep_dir: Path, interrupted: bool = False) -> str:
+    return f"sweep {sweep_dir}" + (" (interrupted: the jobs that ran)" if interrupted else "")
+
+
+def jobs_table(jobs: list[Job]):
+    """One row per job (its heading, :func:`jobs_heading`, is printed above it whole)."""
     from rich.table import Table
 
     shown, common = _shown_overrides(jobs)
     caption = f"every job: {' '.join(common)}" if common else None
-    title = f"sweep {sweep_dir}" + (" (interrupted: the jobs that ran)" if interrupted else "")
-    table = Table(title=title, caption=caption, show_header=True, header_style="bold")
+    table = Table(caption=caption, show_header=True, header_style="bold")
     table.add_column("#", justify="right")
     table.add_column("job", overflow="fold")
     table.add_column("status")
@@ -256,14 +249,14 @@ def finish(start: SweepStart, interrupted: bool = False) -> list[Job]:
 
 def print_summary(start: SweepStart, runs: list[Run], interrupted: bool = False) -> list[Job]:
     """Every job, the failures, and the seed-aggregated comparison (``runs``: as in :func:`sweep_jobs`)."""
-    from bnexp.report import aggregate, console as make_console, to_rich
+    from bnexp.report import aggregate, choose_baseline, console as make_console, print_titled, to_rich
 
     console = make_console()
     jobs = sweep_jobs(runs, start.started)
     if not jobs:
         console.print(f"sweep {start.dir}: no job of this sweep began training", highlight=False, soft_wrap=True)
         return jobs
-    console.print(jobs_table(jobs, start.dir, interrupted))
+    print_titled(console, jobs_heading(start.dir, interrupted), jobs_table(jobs))
     for j in jobs:
         if j.status in ("failed", "dead", "unreadable"):
             error = (j.run.metrics or {}).get("error") or j.run.problem or "no error recorded"
@@ -272,6 +265,8 @@ def print_summary(start: SweepStart, runs: list[Run], interrupted: bool = False)
     runs = [j.run for j in jobs]
     groups = group_runs(runs)
     if len(jobs) > 1 and any(g.completed for g in groups):
-        console.print(to_rich(aggregate(groups), list(DEFAULT_METRICS), title="comparison (mean ± std over seeds)", compact=True))
+        base = choose_baseline(groups)
+        console.print(to_rich(aggregate(groups, DEFAULT_METRICS, base), list(DEFAULT_METRICS),
+                              title="comparison (mean ± std over seeds)", compact=True, baseline=base))
     console.print(f"compare: bnexp report {start.dir}    dashboards: bnexp tb {start.dir}", highlight=False, soft_wrap=True)
     return jobs

@@ -134,7 +134,7 @@ class Console_:
             self.progress = None
 
 
-def summary_table(title: str, record: dict[str, Any]) -> Table:
+def summary_table(title: str | None, record: dict[str, Any]) -> Table:
     table = Table(title=title, show_header=True)
     table.add_column("metric")
     table.add_column("final", justify="right")
@@ -192,5 +192,6 @@ class Tracker:
 
 
 def print_summary(record: dict[str, Any], run_dir: Path) -> None:
-    console = Console(file=sys.stdout)
-    console.print(summary_table(str(run_dir), record))
+    from bnexp.report import print_titled
+
+    print_titled(Console(file=sys.stdout), str(run_dir), summary_table(None, record))
