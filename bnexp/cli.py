@@ -418,7 +418,8 @@ def reproduce(
 def list_runs(path: Path = typer.Argument(Path("runs"), help="Where to look (default: runs/).")) -> None:
     """List runs with status (a running run whose heartbeat stopped shows as dead), overrides and headline metrics."""
     from bnexp.report import console
-    from bnexp.runs import find_runs, runs_table
+    from bnexp.report import print_titled
+    from bnexp.runs import find_runs, runs_tables
 
     if not path.exists():
         raise fail(f"{path} does not exist; allowed: a directory of runs (default: runs/)")
@@ -426,7 +427,9 @@ def list_runs(path: Path = typer.Argument(Path("runs"), help="Where to look (def
     if not runs:
         typer.echo(f"no runs under {path}")
         return
-    console().print(runs_table(runs, path))
+    out = console()
+    for heading, table in runs_tables(runs):
+        print_titled(out, heading, table)
 
 
 @app.command(context_settings=PASSTHROUGH)
@@ -437,16 +440,33 @@ def tb(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; 0.0.0.0 for every interface."),
 ) -> None:
     """Start TensorBoard on runs/ (or LOGDIR). Other TensorBoard flags pass through (e.g. --reload_interval 5)."""
+    import contextlib
+    import io
+
     if not logdir.exists():
         raise fail(f"{logdir} does not exist; allowed: a directory of runs (default: runs/)")
+    if not _has_event_files(logdir):
+        raise fail(f"{logdir} holds no TensorBoard event files (events.out.tfevents.*); allowed: a run or sweep "
+                   "directory, or a folder of them (default: runs/)")
     from tensorboard import program
 
     board = program.TensorBoard()
+    said = io.StringIO()
     try:
-        board.configure(argv=["tensorboard", "--logdir", str(logdir), "--port", str(port), "--host", host, *ctx.args])
+        # TensorBoard's argparse prints its whole usage before the error line: keep only that line.
+        with contextlib.redirect_stderr(said):
+            board.configure(argv=["tensorboard", "--logdir", str(logdir), "--port", str(port), "--host", host, *ctx.args])
     except (SystemExit, ValueError) as e:
-        raise fail(f"tensorboard: {e}") from None
+        lines = [line for line in said.getvalue().splitlines() if line.strip()]
+        raise fail(lines[-1] if lines else f"tensorboard: {e}") from None
     raise typer.Exit(board.main() or 0)
+
+
+def _has_event_files(logdir: Path) -> bool:
+    for _, _, files in os.walk(logdir):
+        if any(f.startswith("events.out.tfevents.") for f in files):
+            return True
+    return False
 
 
 @app.command(context_settings=PASSTHROUGH)

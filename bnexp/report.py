@@ -41,7 +41,7 @@ from typing import Any, Iterable, Iterator
 
 from bnexp.config import NON_RESULT_KEYS
 from bnexp.io import atomic_write
-from bnexp.runs import HEADLINE, Run, format_value, load_scalars
+from bnexp.runs import HEADLINE, Run, format_value, load_scalars, sweep_order
 
 # Keys that never separate two runs' results: the seed is what a group averages
 # over; the rest change no recorded number.
@@ -178,11 +178,6 @@ def differing_keys(runs: list[Run], ignore: set[str] = IGNORED_KEYS) -> list[str
         if len({json.dumps(c.get(k, "<missing>"), sort_keys=True, default=str) for c in configs}) > 1:
             out.append(k)
     return out
-
-
-def sweep_order(runs: list[Run]) -> list[Run]:
-    """Runs in the order their sweeps launched them: by directory, then Hydra's job number."""
-    return sorted(runs, key=lambda r: (str(r.path.parent), r.job_num, str(r.path)))
 
 
 def _identity(run: Run) -> str:

@@ -278,27 +278,50 @@ def shown_overrides(run: Run) -> list[str]:
     return [o for o in run.overrides if not o.startswith("train.progress=")]
 
 
-def runs_table(runs: list[Run], root: Path):
-    """``bnexp runs``: one row per run with status, overrides and headline metrics."""
+def sweep_order(runs: list[Run]) -> list[Run]:
+    """Runs in the order their sweeps launched them: by directory, then Hydra's job number."""
+    return sorted(runs, key=lambda r: (str(r.path.parent), r.job_num, str(r.path)))
+
+
+def _cut(text: str):
+    from rich.text import Text
+
+    return Text(text, no_wrap=True, overflow="ellipsis")  # one line per run at any width: cut, never wrapped
+
+
+def runs_tables(runs: list[Run]) -> list[tuple[str, Any]]:
+    """``bnexp runs``: per directory of runs (a sweep, runs/default), its path and a
+    table with one row per run: its name, status, steps, the overrides that tell
+    it from the others there (and are not in its name already: a sweep job's
+    name is its swept values), headline metrics, and when it last wrote. The
+    overrides every run there shares go into the caption."""
     from rich.table import Table
 
-    table = Table(title=f"runs under {root}", show_header=True, header_style="bold")
-    table.add_column("run", overflow="fold")
-    table.add_column("status")
-    table.add_column("steps", justify="right")
-    table.add_column("overrides", overflow="fold")
-    for tag in HEADLINE:
-        table.add_column(tag, justify="right")
-    table.add_column("updated", justify="right")
-    for r in runs:
-        try:
-            name = str(r.path.relative_to(root)) if r.path != root else r.path.name
-        except ValueError:
-            name = str(r.path)
-        m = r.metrics or {}
-        steps = f"{m.get('steps', '-')}/{m['total_steps']}" if m.get("total_steps") else str(m.get("steps", "-"))
-        status = r.status
-        beat = (m.get("time") or {}).get("heartbeat")
-        table.add_row(name, status_cell(status, {"dead": "dead (no heartbeat)"}.get(status)), steps,
-                      " ".join(shown_overrides(r)) or "-", *headline_cells(r), age(beat))
-    return table
+    by_dir: dict[Path, list[Run]] = {}
+    for r in sweep_order(runs):
+        by_dir.setdefault(r.path.parent, []).append(r)
+    out = []
+    for folder, group in by_dir.items():
+        lists = [shown_overrides(r) for r in group]
+        common = [o for o in lists[0] if all(o in other for other in lists[1:])] if len(group) > 1 else []
+        own = [[o for o in os if o not in common and f",{o.replace('/', '_')}," not in f",{r.path.name},"]
+               for r, os in zip(group, lists)]
+        table = Table(caption=f"every run: {' '.join(common)}" if common else None, show_header=True, header_style="bold")
+        table.add_column("run")
+        table.add_column("status", no_wrap=True)
+        table.add_column("steps", justify="right", no_wrap=True)
+        if any(own):
+            table.add_column("overrides")
+        for tag in HEADLINE:
+            table.add_column(tag, justify="right", no_wrap=True)
+        table.add_column("updated", justify="right", no_wrap=True)
+        for r, overrides in zip(group, own):
+            m = r.metrics or {}
+            steps = f"{m.get('steps', '-')}/{m['total_steps']}" if m.get("total_steps") else str(m.get("steps", "-"))
+            status = r.status
+            cells = [_cut(r.path.name), status_cell(status, {"dead": "dead (no heartbeat)"}.get(status)), steps]
+            if any(own):
+                cells.append(_cut(" ".join(overrides) or "-"))
+            table.add_row(*cells, *headline_cells(r), age((m.get("time") or {}).get("heartbeat")))
+        out.append((str(folder), table))
+    return out

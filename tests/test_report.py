@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import math
+import re
 import shutil
 import statistics
 from pathlib import Path
@@ -385,3 +386,75 @@ def test_result_tables_print_a_long_run_dir_path_whole_on_its_own_line(sweep, tm
     assert made.returncode == 0 and f"{deep / 'norm.placement=pre,seed=0'} -> {again}" in made.stdout.splitlines()
     # and the summary of `bnexp train`, printed by the run itself
     assert str(again) in made.stdout.splitlines()
+
+
+def tensorboard(logdir: Path):
+    """TensorBoard's own plugins over ``logdir``, in this process: ``(runs, get)`` with
+    ``get(plugin, route, **query)`` / ``post(plugin, route, body)`` answering as `tensorboard` would."""
+    from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
+    from tensorboard.plugins import base_plugin
+    from tensorboard.plugins.custom_scalar.custom_scalars_plugin import CustomScalarsPlugin
+    from tensorboard.plugins.hparams.hparams_plugin import HParamsPlugin
+    from tensorboard.plugins.scalar.scalars_plugin import ScalarsPlugin
+    from werkzeug.test import Client
+
+    mux = plugin_event_multiplexer.EventMultiplexer()
+    mux.AddRunsFromDirectory(str(logdir))
+    mux.Reload()
+    context = base_plugin.TBContext(logdir=str(logdir), multiplexer=mux, data_provider=data_provider.MultiplexerDataProvider(mux, str(logdir)))
+    plugins = {"scalars": ScalarsPlugin(context)}
+    context.plugin_name_to_instance = plugins
+    plugins.update(hparams=HParamsPlugin(context), custom_scalars=CustomScalarsPlugin(context))
+
+    def call(plugin: str, route: str, body: dict | None = None, **query):
+        client = Client(plugins[plugin].get_plugin_apps()[route])
+        r = client.post("/", json=body) if body is not None else client.get("/", query_string=query)
+        assert r.status_code == 200, r.get_data(as_text=True)
+        return r.get_json()
+
+    return sorted(mux.Runs()), call
+
+
+def test_tensorboard_names_each_trial_by_its_run_shows_seeds_as_integers_and_finds_every_seed_band_tag(sweep, tmp_path):
+    root = tmp_path / "sw"
+    shutil.copytree(sweep, root)
+    assert report(root, "--tensorboard").returncode == 0
+    runs, call = tensorboard(root)
+    jobs = sorted(p.name for p in sweep.iterdir())
+    # No stray run for the sweep's own records: the jobs and their seed bands only.
+    assert runs == sorted([*jobs, "aggregate/norm.placement=pre", "aggregate/norm.placement=none"])
+
+    statuses = ["STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING", "STATUS_UNKNOWN"]
+    groups = call("hparams", "/session_groups", {"experimentName": "", "allowedStatuses": statuses, "colParams": [],
+                                                 "startIndex": 0, "sliceSize": 100})["sessionGroups"]
+    # The Trial ID column is the session group's name: the run dir's name within the sweep.
+    assert sorted(g["name"] for g in groups) == jobs
+    for g in groups:
+        assert [s["name"] for s in g["sessions"]] == [g["name"]]
+        assert g["hparams"]["seed"] == g["name"].rsplit("seed=", 1)[1]  # "0", shown as 0 (a number shows as 0.0000)
+    experiment = call("hparams", "/experiment", {"experimentName": ""})
+    infos = {h["name"]: h for h in experiment["hparamInfos"]}
+    assert infos["seed"]["domainDiscrete"] == ["0", "1"] and infos["norm.placement"]["domainDiscrete"] == ["none", "pre"]
+
+    # Each margin chart's three tags: every run has all of them or none (else the chart says "Missing Tags").
+    layout = call("custom_scalars", "/layout")
+    margins = [c["margin"]["series"][0] for cat in layout["category"] for c in cat["chart"] if "margin" in c]
+    assert {m["value"] for m in margins} >= {"val/acc/mean", "train/loss/mean"}
+    for series in margins:
+        wanted = [series["value"], series["lower"], series["upper"]]
+        regex = "|".join(f"({re.escape(t)})" for t in wanted)  # what the margin chart card asks for
+        for run in runs:
+            found = call("custom_scalars", "/scalars", run=run, tag=regex)["tag_to_events"]
+            assert len([t for t in wanted if t in found]) in (0, 3), (run, series, sorted(found))
+            assert (len([t for t in wanted if t in found]) == 3) == run.startswith("aggregate/")
+
+
+def test_bnexp_tb_on_a_folder_without_events_or_with_a_wrong_flag_says_so_in_one_line(sweep, tmp_path):
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    r = run_inprocess(["tb", str(tmp_path / "empty")], Path.cwd())
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr == f"error: {tmp_path / 'empty'} holds no TensorBoard event files (events.out.tfevents.*); " \
+                       "allowed: a run or sweep directory, or a folder of them (default: runs/)\n"
+    r = run_inprocess(["tb", str(sweep), "--bogus"], Path.cwd())
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr == "error: tensorboard: error: unrecognized arguments: --bogus\n"
