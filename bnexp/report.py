@@ -200,14 +200,13 @@ def group_runs(runs: list[Run], by: list[str] | None = None) -> list[Group]:
         key = {k: r.config.get(k) for k in keys}
         groups.setdefault(json.dumps(key, sort_keys=True, default=str), Group(key=key)).runs.append(r)
     for g in groups.values():
+        identities = [_identity(r) for r in g.runs]
         same: dict[str, list[Run]] = {}
-        for r in g.runs:
-            same.setdefault(_identity(r), []).append(r)
-        counted = {id(min(rs, key=_preference)) for rs in same.values()}  # min: the first of the most preferred
-        for rs in same.values():
-            kept = next(r for r in rs if id(r) in counted)
-            g.duplicates += [(r, kept) for r in rs if r is not kept]
-        g.runs = [r for r in g.runs if id(r) in counted]
+        for r, identity in zip(g.runs, identities):
+            same.setdefault(identity, []).append(r)
+        kept = {identity: min(rs, key=_preference) for identity, rs in same.items()}  # min: the first of the preferred
+        g.duplicates = [(r, kept[i]) for r, i in zip(g.runs, identities) if r is not kept[i]]
+        g.runs = [r for r, i in zip(g.runs, identities) if r is kept[i]]
     return list(groups.values())
 
 
