@@ -287,9 +287,12 @@ def compared_columns(g: Group) -> list[str]:
     return [c for c in g.columns if c != STEPS_PER_SEC]
 
 
-def aggregate(groups: list[Group], metrics: Iterable[str] = DEFAULT_METRICS, baseline: Baseline | None = None) -> list[Group]:
+def aggregate(groups: list[Group], metrics: Iterable[str] = DEFAULT_METRICS, baseline: Baseline | None = None,
+              differences: bool = True) -> list[Group]:
     """Fill each group's columns (mean ± std over its completed runs) and, with a
-    ``baseline``, its reference group, differences and steps-to-target speed-up."""
+    ``baseline``, its reference group, steps-to-target speed-up and (unless
+    ``differences`` is off: the sweep's summary shows none, and needs no scipy)
+    the differences from it."""
     metrics = list(metrics)
     for g in groups:
         done = g.completed
@@ -305,7 +308,7 @@ def aggregate(groups: list[Group], metrics: Iterable[str] = DEFAULT_METRICS, bas
         ref = g.reference = _reference(g, groups, baseline)
         if ref is None:
             continue
-        if ref is not g:
+        if ref is not g and differences:
             g.differences = {c: Difference.welch(g.columns[c], ref.columns[c]) for c in compared_columns(g)}
         ours, theirs = g.columns[STEPS_TO_TARGET].mean, ref.columns[STEPS_TO_TARGET].mean
         g.speedup = theirs / ours if ours and theirs else None

@@ -357,7 +357,7 @@ def print_summary(start: SweepStart, runs: list[Run], interrupted: bool = False)
     groups = group_runs(runs)
     if len(jobs) > 1 and any(g.completed for g in groups):
         base = choose_baseline(groups)
-        console.print(to_rich(aggregate(groups, DEFAULT_METRICS, base), list(DEFAULT_METRICS),
+        console.print(to_rich(aggregate(groups, DEFAULT_METRICS, base, differences=False), list(DEFAULT_METRICS),
                               title="comparison (mean ± std over seeds)", compact=True, baseline=base))
     console.print(f"compare: bnexp report {start.dir}    dashboards: bnexp tb {start.dir}", highlight=False, soft_wrap=True)
     return jobs
