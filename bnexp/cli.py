@@ -319,11 +319,14 @@ def report(
     paths: List[Path] = typer.Argument(None, help="Run or sweep directories to search for runs (default: runs/)."),
     by: List[str] = typer.Option(None, "--by", help="Group by this config key (repeatable); default: every key that differs except seed."),
     metric: List[str] = typer.Option(None, "--metric", "-m", help="Metric tag to show (repeatable); default: val/acc, test/acc, train/loss."),
+    baseline: List[str] = typer.Option(None, "--baseline", help="KEY=VALUE of the group the others are compared with (repeatable); default: norm.placement=none where a group has it, else the first group."),
     format: Format = typer.Option(Format.table, "--format", "-f", help="Output format."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Write learning curves with seed bands and act/* percentiles to this PNG."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write learning curves with seed bands and act/* percentiles to this image (PNG unless the name ends in another format, e.g. .pdf, .svg)."),
+    overwrite: bool = typer.Option(False, "--overwrite", "--force", help="Let --plot replace an existing file (otherwise refused)."),
     tensorboard: bool = typer.Option(False, "--tensorboard", help="Also (re)write the HParams config, custom-scalars layout and aggregate/ seed bands into the one sweep directory given."),
 ) -> None:
-    """Compare runs: group by the config keys that differ (except seed), mean ± std (n) over seeds.
+    """Compare runs: group by the config keys that differ (except seed); mean ± std (n) and 95% CI
+    over seeds; each group against the baseline group: difference, its 95% CI, Welch's p, speed-up.
 
     Example: bnexp report runs/placement_ablation/2024-05-01_12-00-00 --format markdown --plot curves.png
     """
@@ -334,6 +337,13 @@ def report(
     for p in paths:
         if not p.exists():
             raise fail(f"{p} does not exist; allowed: run or sweep directories (default: runs/)")
+    if tensorboard and (len(paths) != 1 or not paths[0].is_dir()):
+        raise fail("--tensorboard writes into one sweep directory; give exactly one")
+    if plot is not None:
+        try:
+            rep.check_plot_file(plot, overwrite)  # before anything is printed or drawn
+        except rep.PlotError as e:
+            raise fail(f"--plot {e}") from None
     runs = find_runs(paths)
     unreadable = [r for r in runs if r.config is None or r.metrics is None]
     usable = [r for r in runs if r.config is not None]
@@ -349,30 +359,40 @@ def report(
             raise fail(f"--metric {m}: no run has it; allowed: {', '.join(known)}")
     # Defaults no run has yet (no test/acc while every run is still running) are left out.
     metrics = list(metric) if metric else [m for m in rep.DEFAULT_METRICS if m in known]
-    groups = rep.aggregate(rep.group_runs(usable, by), metrics)
+    groups = rep.group_runs(usable, by)
+    try:
+        base = rep.choose_baseline(groups, baseline)
+    except rep.BaselineError as e:
+        raise fail(str(e)) from None
+    groups = rep.aggregate(groups, metrics, base)
     console = rep.console()
-    problems = [f"unreadable: {r.path}: {r.problem}" for r in unreadable]
+    notes = [f"unreadable: {r.path}: {r.problem}" for r in unreadable] + [line for line in [rep.duplicates_text(groups)] if line]
     if format == Format.table:
-        console.print(rep.to_rich(groups, metrics, title=f"{len(usable)} runs in {len(groups)} groups (mean ± std over seeds)"))
-        for line in problems:
+        counted = sum(len(g.runs) for g in groups)
+        rep.print_titled(console, ", ".join(map(str, paths)),
+                         rep.to_rich(groups, metrics, title=f"{counted} runs in {len(groups)} groups (mean ± std over seeds)", baseline=base))
+        console.print(rep.comparison_to_rich(groups, metrics, base))
+        for line in notes:
             console.print(line, style="yellow", highlight=False, soft_wrap=True)
     else:
-        out = {Format.csv: lambda: rep.to_csv(groups, metrics), Format.json: lambda: rep.to_json(groups, metrics, unreadable),
-               Format.markdown: lambda: rep.to_markdown(groups, metrics)}[format]()
+        out = {Format.csv: lambda: rep.to_csv(groups, metrics), Format.json: lambda: rep.to_json(groups, metrics, unreadable, base),
+               Format.markdown: lambda: rep.to_markdown(groups, metrics, base)}[format]()
         typer.echo(out.rstrip("\n"))
         if format != Format.json:
-            for line in problems:
+            for line in notes:
                 typer.echo(line, err=True)
     if plot is not None:
         try:
-            typer.echo(f"plot: {rep.plot(groups, plot)}", err=format != Format.table)
+            written = rep.plot(groups, plot, overwrite)
+        except rep.PlotError as e:
+            raise fail(f"--plot {e}") from None
         except ValueError as e:
             raise fail(f"--plot: {e}") from None
+        said = f" (PNG: {plot} has no extension)" if written != plot else ""
+        typer.echo(f"plot: {written}{said}", err=format != Format.table)
     if tensorboard:
         from bnexp.sweep import write_tensorboard_extras
 
-        if len(paths) != 1 or not paths[0].is_dir():
-            raise fail("--tensorboard writes into one sweep directory; give exactly one")
         written = write_tensorboard_extras(paths[0], runs)  # the runs this report read already
         typer.echo(f"tensorboard: HParams over {', '.join(written.get('hparams', []))}; aggregate/ runs for {len(written.get('groups', []))} groups", err=format != Format.table)
 
@@ -399,10 +419,10 @@ def reproduce(
     out = out or rp.default_out_dir(run_dir)
     new_dir, record = _train_outside_hydra(lambda: rp.reproduce(run_dir, out, overrides), out)
     rows = rp.differences(original, record)
-    from bnexp.report import console as make_console
+    from bnexp.report import console as make_console, print_titled
 
     console = make_console()
-    console.print(rp.differences_table(rows, f"{run_dir} -> {new_dir}"))
+    print_titled(console, f"{run_dir} -> {new_dir}", rp.differences_table(rows, None))
     verdict = "identical: every metric matches exactly" if rp.identical(rows) else "differs (see the difference column)"
     console.print(f"{verdict}; timing (time/*) is not compared", highlight=False)
 
@@ -411,7 +431,8 @@ def reproduce(
 def list_runs(path: Path = typer.Argument(Path("runs"), help="Where to look (default: runs/).")) -> None:
     """List runs with status (a running run whose heartbeat stopped shows as dead), overrides and headline metrics."""
     from bnexp.report import console
-    from bnexp.runs import find_runs, runs_table
+    from bnexp.report import print_titled
+    from bnexp.runs import find_runs, runs_tables
 
     if not path.exists():
         raise fail(f"{path} does not exist; allowed: a directory of runs (default: runs/)")
@@ -419,7 +440,9 @@ def list_runs(path: Path = typer.Argument(Path("runs"), help="Where to look (def
     if not runs:
         typer.echo(f"no runs under {path}")
         return
-    console().print(runs_table(runs, path))
+    out = console()
+    for heading, table in runs_tables(runs):
+        print_titled(out, heading, table)
 
 
 @app.command(context_settings=PASSTHROUGH)
@@ -430,16 +453,33 @@ def tb(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; 0.0.0.0 for every interface."),
 ) -> None:
     """Start TensorBoard on runs/ (or LOGDIR). Other TensorBoard flags pass through (e.g. --reload_interval 5)."""
+    import contextlib
+    import io
+
     if not logdir.exists():
         raise fail(f"{logdir} does not exist; allowed: a directory of runs (default: runs/)")
+    if not _has_event_files(logdir):
+        raise fail(f"{logdir} holds no TensorBoard event files (events.out.tfevents.*); allowed: a run or sweep "
+                   "directory, or a folder of them (default: runs/)")
     from tensorboard import program
 
     board = program.TensorBoard()
+    said = io.StringIO()
     try:
-        board.configure(argv=["tensorboard", "--logdir", str(logdir), "--port", str(port), "--host", host, *ctx.args])
+        # TensorBoard's argparse prints its whole usage before the error line: keep only that line.
+        with contextlib.redirect_stderr(said):
+            board.configure(argv=["tensorboard", "--logdir", str(logdir), "--port", str(port), "--host", host, *ctx.args])
     except (SystemExit, ValueError) as e:
-        raise fail(f"tensorboard: {e}") from None
+        lines = [line for line in said.getvalue().splitlines() if line.strip()]
+        raise fail(lines[-1] if lines else f"tensorboard: {e}") from None
     raise typer.Exit(board.main() or 0)
+
+
+def _has_event_files(logdir: Path) -> bool:
+    for _, _, files in os.walk(logdir):
+        if any(f.startswith("events.out.tfevents.") for f in files):
+            return True
+    return False
 
 
 @app.command(context_settings=PASSTHROUGH)

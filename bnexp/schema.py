@@ -134,12 +134,10 @@ def _first_non_empty(*values: Any) -> str:
     return ""
 
 
-def _job_subdir(override_dirname: str, seed: Any) -> str:
-    # Hydra sorts overrides alphabetically in override_dirname; seed is excluded
-    # there and appended last so that one config's seeds sit next to each other.
-    # A path in an override (data.root=/x/y) must not nest the job's directory.
-    name = f"{override_dirname},seed={seed}" if override_dirname else f"seed={seed}"
-    return name.replace("/", "_")
+def _job_subdir(task: Any, seed: Any, params: Any, sweep_dir: str) -> str:
+    from bnexp import sweep  # evaluated where the job runs (a joblib or SLURM worker too): all it needs is on disk
+
+    return sweep.job_dir_name(task, seed, sweep.sweep_overrides(sweep_dir, params))
 
 
 def register_resolvers() -> None:
