@@ -56,10 +56,9 @@ def _hydra_error_line(e: BaseException) -> str:
         key = getattr(cause, "full_key", None) or ""
         msg = str(cause).splitlines()[0]
         if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and text.startswith("Could not override"):
-            from bnexp.schema import closest_key
+            from bnexp.schema import unknown_key_hint
 
-            near = closest_key(key)
-            return f"unknown key '{key}'; " + (f"did you mean {near}? " if near else "") + "(`bnexp show` lists the keys)"
+            return f"unknown key '{key}'; {unknown_key_hint(key)}"
         return f"{key}: {msg}" if key else msg
     if isinstance(e, OmegaConfBaseException):
         key = getattr(e, "full_key", None) or ""
@@ -303,8 +302,13 @@ def _train_outside_hydra(call, run_dir: Path, again: str | None = None):
     except KeyboardInterrupt as e:
         raise _interrupted(e, again) from None
     except Exception as e:  # noqa: BLE001  the run is marked failed; the log has the traceback
+        from bnexp.hydra_app import one_line
+        from bnexp.io import NoSpace
+
+        if isinstance(e, NoSpace):  # nothing to debug, and the log is on the full disk too
+            raise fail(str(e), EXIT_FAILED) from None
         logging.getLogger("bnexp").error("run failed: %s\n%s", e, traceback.format_exc())
-        raise fail(f"run failed: {type(e).__name__}: {e} (see {run_dir}/bnexp.log)", EXIT_FAILED) from None
+        raise fail(f"run failed: {one_line(e)} (see {run_dir}/bnexp.log)", EXIT_FAILED) from None
 
 
 class Format(str, Enum):

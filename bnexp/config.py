@@ -236,9 +236,27 @@ NON_RESULT_KEYS = ("notes", "train.progress", "train.checkpoint_every", "probes"
 # key existed keeps its hash (and stays resumable, skippable, reproducible).
 LATER_KEYS: dict[str, Any] = {}
 
+# bnexp 0.1 kept every family's keys in one model node, so an MLP's recorded
+# config_hash covers the CNN keys at their defaults too.
+V01_MODEL_KEYS = {"kernel_size": 3, "pool": True}
+
 
 def is_non_result_key(key: str) -> bool:
     return any(key == k or key.startswith(k + ".") for k in NON_RESULT_KEYS)
+
+
+def normalized(flat: dict[str, Any]) -> dict[str, Any]:
+    """A run's flattened config as this version would compose it, so that runs
+    recorded by another version compare equal when their training was: bnexp 0.1's
+    MLP configs lose the CNN keys they carried, and keys added since (LATER_KEYS)
+    get their defaults where missing."""
+    out = dict(flat)
+    if out.get("model.kind") == "mlp":
+        for k in V01_MODEL_KEYS:
+            out.pop(f"model.{k}", None)
+    for k, default in LATER_KEYS.items():
+        out.setdefault(k, default)
+    return out
 
 
 def _pop(d: dict, key: str) -> Any:
@@ -265,11 +283,6 @@ def config_hash(cfg: DictConfig | dict) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-# bnexp 0.1 kept every family's keys in one model node, so an MLP's recorded
-# config_hash covers the CNN keys at their defaults too.
-_V01_MLP_KEYS = {"kernel_size": 3, "pool": True}
-
-
 def hash_matches(recorded: str | None, cfg: DictConfig | dict) -> bool:
     """Whether a metrics.json's config_hash is that of ``cfg`` (as this version or bnexp 0.1 computed it)."""
     if recorded is None:
@@ -278,8 +291,8 @@ def hash_matches(recorded: str | None, cfg: DictConfig | dict) -> bool:
         return True
     d = plain(cfg) if not isinstance(cfg, dict) else json.loads(json.dumps(cfg))
     model = d.get("model")
-    if isinstance(model, dict) and model.get("kind") == "mlp" and not _V01_MLP_KEYS.keys() & model.keys():
-        return recorded == config_hash({**d, "model": {**model, **_V01_MLP_KEYS}})
+    if isinstance(model, dict) and model.get("kind") == "mlp" and not V01_MODEL_KEYS.keys() & model.keys():
+        return recorded == config_hash({**d, "model": {**model, **V01_MODEL_KEYS}})
     return False
 
 

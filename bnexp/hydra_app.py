@@ -31,16 +31,12 @@ from omegaconf import DictConfig, OmegaConf
 from bnexp.config import ConfigError, config_dir
 from bnexp.io import NoSpace, write_json
 from bnexp.rundir import (
-    LOCK_FILE, METRICS, Action, RunDirGuard, RunInterrupted, RunLocked, acquire_run_lock, is_finished, policy, read_record,
-    release_run_lock, run_lock,
+    LOCK_FILE, METRICS, Action, RunDirGuard, RunInterrupted, RunLocked, acquire_run_lock, is_finished, before_writing, policy,
+    read_record, release_run_lock, run_lock,
 )
 from bnexp.schema import register_configs, register_resolvers, validate
-from bnexp.train import train
 
 log = logging.getLogger("bnexp")
-
-# What Hydra writes into a run dir before the task runs (job name "bnexp": its log is bnexp.log).
-HYDRA_WRITES = (".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "bnexp.log")
 
 # `bnexp train` run dirs whose callback has checked them and taken their lock
 # and guard, waiting for the task (Hydra gives callbacks no channel to the task).
@@ -61,6 +57,12 @@ class RejectedConfig(BaseException):
         self.error = error
 
 
+def one_line(e: BaseException) -> str:
+    """An exception as one line: its own words for a full disk, else its type and words."""
+    text = str(e) if isinstance(e, NoSpace) else f"{type(e).__name__}: {e}"
+    return " ".join(text.split())
+
+
 class RunFailed(BaseException):
     """A `bnexp train` run failed (it is recorded as failed in its metrics.json); carried to the CLI, which exits 1."""
 
@@ -75,28 +77,48 @@ class ValidateCallback(Callback):
         HydraConfig.instance().set_config(config)  # run.dir interpolates hydra:runtime.choices
         run_dir = Path(config.hydra.run.dir).resolve()
         cfg = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
+        writes = hydra_writes(config)
         try:
             validate(cfg)
-            _check_run_dir(run_dir)
             decision = policy(cfg, run_dir)
             if decision.action == Action.refuse:
                 raise ConfigError("hydra.run.dir", decision.reason)
-            guard = RunDirGuard(run_dir, [*HYDRA_WRITES, LOCK_FILE])
-            _PENDING[run_dir] = guard
             if decision.action == Action.skip:  # nothing will train, so no lock; Hydra's rewrites are undone
+                _PENDING[run_dir] = RunDirGuard(run_dir, writes)
                 return
+            _check_run_dir(run_dir)
+            before = before_writing(run_dir, (LOCK_FILE,))
             try:
                 # Taken before Hydra writes .hydra/ and its log: a second `bnexp train`
                 # into this run dir is refused with nothing touched.
                 acquire_run_lock(run_dir)
             except OSError as e:  # the directory cannot be made or written (a read-only or full file system)
-                take_back_pending()
+                RunDirGuard(run_dir, [], before).undo()
                 raise ConfigError("hydra.run.dir", f"cannot write into {run_dir}: {e.strerror}; allowed: a directory you can write to") from None
-            if policy(cfg, run_dir).action == Action.refuse:  # again, under the lock: another process may have trained it since
-                _take_back(run_dir)
-                raise ConfigError("hydra.run.dir", policy(cfg, run_dir).reason)
+            try:
+                guard = RunDirGuard(run_dir, writes, before)  # under the lock: what is there now is this run's to restore
+                decision = policy(cfg, run_dir)  # again, under the lock: another process may have trained it since
+                if decision.action == Action.refuse:
+                    guard.undo()
+                    raise ConfigError("hydra.run.dir", decision.reason)
+            except BaseException:
+                release_run_lock(run_dir)
+                raise
+            if decision.action == Action.skip:
+                release_run_lock(run_dir)
+            _PENDING[run_dir] = guard
         except ConfigError as e:
             raise RejectedConfig(e) from None
+
+
+def hydra_writes(config: DictConfig) -> list[str]:
+    """What Hydra writes into a run dir before the task runs: its job log and, unless
+    ``hydra.output_subdir`` is null, the three yaml records of the run."""
+    files = [f"{config.hydra.job.name}.log"]
+    sub = config.hydra.output_subdir
+    if sub is not None:
+        files += [f"{sub}/{name}" for name in ("config.yaml", "hydra.yaml", "overrides.yaml")]
+    return files
 
 
 def _check_run_dir(run_dir: Path) -> None:
@@ -143,6 +165,9 @@ def execute(cfg: DictConfig, run_dir: Path, multirun: bool, overrides: list[str]
 
 
 def _execute_locked(cfg: DictConfig, run_dir: Path, multirun: bool, overrides: list[str]) -> dict[str, Any]:
+    # Here, not at the top: a config refused before this point is said without loading TensorBoard.
+    from bnexp.train import train
+
     try:
         validate(cfg)
         decision = policy(cfg, run_dir)
@@ -164,8 +189,12 @@ def _execute_locked(cfg: DictConfig, run_dir: Path, multirun: bool, overrides: l
     except KeyboardInterrupt:
         raise
     except Exception as e:  # noqa: BLE001  a failed job must not stop a sweep
-        log.error("run failed: %s\n%s", e, traceback.format_exc())
-        result = _failed(run_dir, str(e) if isinstance(e, NoSpace) else f"{type(e).__name__}: {e}", overrides)
+        error = one_line(e)
+        if isinstance(e, NoSpace):  # nothing to debug, and the log file is on the full disk too
+            log.error("run failed: %s", error)
+        else:
+            log.error("run failed: %s\n%s", error, traceback.format_exc())
+        result = _failed(run_dir, error, overrides)
         if not multirun:
             raise RunFailed(result["error"], run_dir) from None
         return result

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from bnexp.config import NON_RESULT_KEYS
+from bnexp.config import NON_RESULT_KEYS, is_non_result_key
 from bnexp.io import atomic_write
 from bnexp.runs import HEADLINE, Run, format_value, load_scalars, sweep_order
 
@@ -173,7 +173,7 @@ def differing_keys(runs: list[Run], ignore: set[str] = IGNORED_KEYS) -> list[str
     keys = sorted({k for c in configs for k in c})
     out = []
     for k in keys:
-        if k in ignore:
+        if k in ignore or (ignore is IGNORED_KEYS and is_non_result_key(k)):  # probes.*: a node covers its keys
             continue
         if len({json.dumps(c.get(k, "<missing>"), sort_keys=True, default=str) for c in configs}) > 1:
             out.append(k)

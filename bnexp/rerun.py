@@ -28,7 +28,10 @@ from omegaconf import DictConfig, OmegaConf
 from bnexp import checkpoint as ckpt_mod
 from bnexp.config import ConfigError, hash_matches
 from bnexp.io import atomic_write
-from bnexp.rundir import CHECKPOINT, Action, RunDirGuard, RunLocked, policy, read_record, run_lock
+from bnexp.rundir import (
+    CHECKPOINT, LOCK_FILE, Action, RunDirGuard, RunLocked, acquire_run_lock, before_writing, policy, read_record, release_run_lock,
+    run_lock,
+)
 from bnexp.runs import CONFIG, read_run
 from bnexp.schema import typed, validate
 from bnexp.train import train
@@ -140,10 +143,16 @@ def reproduce(run_dir: Path, out_dir: Path | None = None, overrides: list[str] |
         raise ConfigError("--out", f"{out} exists and is not a directory; allowed: a new directory")
     if out.exists() and any(out.iterdir()):
         raise ConfigError("--out", f"{out} exists and is not empty; allowed: a new directory")
-    guard = RunDirGuard(out, [*HYDRA_FILES, "bnexp.log", ".bnexp.lock"])
+    before = before_writing(out, (LOCK_FILE,))
     try:
-        with run_lock(out):
-            if policy(cfg, out).action != Action.train or any(p.name != ".bnexp.lock" for p in out.iterdir()):
+        acquire_run_lock(out)  # refused (RunLocked, nothing touched) if another process took it since the check
+    except OSError as e:
+        RunDirGuard(out, [], before).undo()
+        raise ConfigError("--out", f"cannot write into {out}: {e.strerror}; allowed: a directory you can write to") from None
+    try:
+        guard = RunDirGuard(out, [*HYDRA_FILES, "bnexp.log"], before)  # under the lock
+        try:
+            if policy(cfg, out).action != Action.train or any(p.name != LOCK_FILE for p in out.iterdir()):
                 raise ConfigError("--out", f"{out} was written to by another process meanwhile; allowed: a new directory")
             (out / ".hydra").mkdir(parents=True, exist_ok=True)
             for name in HYDRA_FILES:
@@ -156,9 +165,15 @@ def reproduce(run_dir: Path, out_dir: Path | None = None, overrides: list[str] |
             log_to(out)
             original = read_run(run_dir)
             record = train(cfg, out, extra_record={"overrides": original.overrides + list(overrides or []), "reproduce_of": str(run_dir.resolve())})
-    except ConfigError:
-        guard.undo()
-        raise
+        except ConfigError:
+            guard.undo()
+            raise
+        except KeyboardInterrupt:
+            if read_record(out) is None:  # stopped before training began: nothing of the new run to keep
+                guard.undo()
+            raise
+    finally:
+        release_run_lock(out)
     return out, record
 
 

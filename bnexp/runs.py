@@ -18,7 +18,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterable
 
-from bnexp.config import flatten
+from bnexp.config import flatten, normalized
 from bnexp.io import read_json
 
 METRICS = "metrics.json"
@@ -159,7 +159,7 @@ def _read_config(path: Path, problems: list[str]) -> dict[str, Any] | None:
     if not isinstance(container, dict):
         problems.append(".hydra/config.yaml is not a mapping")
         return None
-    return flatten(container)
+    return normalized(flatten(container))
 
 
 def read_run(path: Path, with_config: bool = True) -> Run:

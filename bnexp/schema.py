@@ -20,7 +20,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from bnexp.config import (
-    IN_MEMORY_DATA, Amp, Config, ConfigError, DataConfig, DataName, NormConfig, NormKind, OptimConfig, Placement, config_dir, flatten, plain,
+    IN_MEMORY_DATA, V01_MODEL_KEYS, Amp, Config, ConfigError, DataConfig, DataName, NormConfig, NormKind, OptimConfig, Placement, config_dir, flatten, plain,
 )
 from bnexp.models import FAMILIES, family
 from bnexp.probes import PROBES
@@ -88,36 +88,58 @@ def _check_keys(cfg: DictConfig) -> None:
     """Keys Hydra lets through but bnexp would silently ignore or miss: a key added
     with ``+`` inside one of bnexp's own nodes (a typo such as ``+norm.placment=pre``),
     and a key removed with ``~``."""
-    def walk(node: DictConfig, prefix: str) -> None:
-        cls = OmegaConf.get_type(node)
+    def walk(node: DictConfig, prefix: str, cls: type) -> None:
         if not is_dataclass(cls):
             return
-        known = {f.name for f in fields(cls)}
+        known = {f.name: f for f in fields(cls)}
         for key in node.keys():
             full = f"{prefix}{key}"
             if key not in known and prefix:  # top-level extras (+my_note=...) are the user's own
-                near = closest_key(full)
-                hint = f"did you mean {near}? " if near else ""
-                raise ConfigError(full, f"is not a key of bnexp's schema; {hint}(`bnexp show` lists the keys; `+key=value` adds keys outside bnexp's nodes only)")
+                raise ConfigError(full, f"is not a key of bnexp's schema; {unknown_key_hint(full, cfg)}")
             value = node._get_node(key)
             if key in known and isinstance(value, DictConfig):
-                walk(value, full + ".")
-        for key in sorted(known - set(node.keys())):
+                walk(value, full + ".", OmegaConf.get_type(value))
+        for key in sorted(set(known) - set(node.keys())):
             raise ConfigError(f"{prefix}{key}", "was removed (~key), but bnexp needs every key of its schema; allowed: a value (`bnexp show` prints the defaults)")
 
-    walk(cfg, "")
+    # The root of a copy without `hydra` (as the callback makes) is untyped: its schema is RootConfig.
+    walk(cfg, "", root_schema())
+
+
+def unknown_key_hint(key: str, cfg: DictConfig | None = None) -> str:
+    """What to say about an unknown ``key``: the model family it belongs to, or the closest key."""
+    if key.startswith("model."):
+        leaf = key.split(".", 1)[1]
+        owners = [name for name, fam in FAMILIES.items() if leaf in {f.name for f in fields(fam.schema)}]
+        if owners:
+            current = OmegaConf.select(cfg, "model.kind", default=None) if cfg is not None else None
+            now = f", not model={current}" if current else ""
+            return f"it belongs to model={'/'.join(owners)}{now} (`bnexp show model=...` lists a family's keys)"
+    near = closest_key(key)
+    return (f"did you mean {near}? " if near and near != key else "") + "(`bnexp show` lists the keys; `+key=value` adds keys outside bnexp's nodes only)"
 
 
 def typed(saved: DictConfig | dict) -> DictConfig:
     """A saved config (``.hydra/config.yaml``) merged onto the schema of its model family.
 
-    Keys a run added with Hydra's ``+key=value`` are part of its saved config:
-    they are accepted (types of known keys are still checked), then the config
-    is closed again, so that a mistyped change made later is rejected."""
+    Keys a run added at the top level with Hydra's ``+key=value`` are part of its
+    saved config and accepted (types of known keys are still checked); the config
+    is closed again, so that a mistyped change made later is rejected. A config
+    saved by bnexp 0.1 holds every family's model keys in one node: those of
+    other families are dropped (its config hash stays valid, see
+    :func:`bnexp.config.hash_matches`)."""
     saved = OmegaConf.create(saved) if isinstance(saved, dict) else saved
-    kind = OmegaConf.select(saved, "model.kind", default="mlp")
-    schema = OmegaConf.structured(root_schema())
-    schema = OmegaConf.merge(schema, {"model": OmegaConf.structured(family(str(kind)).schema)})
+    kind = str(OmegaConf.select(saved, "model.kind", default="mlp"))
+    schema_cls = family(kind).schema
+    if isinstance(saved.get("model"), DictConfig):
+        known = {f.name for f in fields(schema_cls)}
+        legacy = [k for k in V01_MODEL_KEYS if k in saved.model and k not in known]
+        if legacy:
+            container = OmegaConf.to_container(saved, resolve=False)
+            for k in legacy:
+                container["model"].pop(k)
+            saved = OmegaConf.create(container)
+    schema = OmegaConf.merge(OmegaConf.structured(root_schema()), {"model": OmegaConf.structured(schema_cls)})
     OmegaConf.set_struct(schema, False)
     cfg = OmegaConf.merge(schema, saved)
     OmegaConf.set_struct(cfg, True)

@@ -29,7 +29,7 @@ from bnexp.models import build_model
 from bnexp.probes import ProbeContext, ProbeSetup, build_probes
 from bnexp.rundir import CHECKPOINT, RunInterrupted, process_info, run_lock
 from bnexp.runtime import clock, frozen_gc, pick_device, seed_everything, stop_on_signal
-from bnexp.step import LogWindow, LrSchedule, Sampler, TrainStep, evaluate, make_optimizer, to_host
+from bnexp.step import LogWindow, LrSchedule, Sampler, TrainStep, evaluate, grad_norm, make_optimizer, to_host
 from bnexp.tracking import Tracker, env_info, print_summary
 
 log = logging.getLogger("bnexp")
@@ -75,6 +75,8 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, extra_record: di
                 else:
                     status = "completed"
             if status == "completed" and not state.done:
+                if run.resumed_at == run.total:  # stopped at the last step (by bnexp 0.1: before its report): give it again
+                    report(run, run.total, run.probe_x, run.probe_y)
                 test = evaluate(run.model, run.data.x_test, run.data.y_test, cfg.train.eval_batch_size)
                 tracker.scalars(run.total, to_host({f"test/{k}": v for k, v in test.items()}), is_eval=True)
                 state.done = True
@@ -103,12 +105,17 @@ def report(run: "Run", step: int, x: torch.Tensor, y: torch.Tensor) -> str | Non
     if evaluating and len(run.data.x_val):
         out.update({f"val/{k}": v for k, v in evaluate(run.model, run.data.x_val, run.data.y_val, run.cfg.train.eval_batch_size).items()})
     out.update(run.probes.due(step, run.total, lambda: run.probe_context(step, x, y)))
+    # The gradient's divergence check does not depend on how often the norm probe runs.
+    # fp16's GradScaler skips steps with inf gradients by design; its loss check suffices.
+    check_grad = logging_step and not run.train_step.scaler.is_enabled()
+    if check_grad and "grad_norm/total" not in out:
+        out["window/grad_norm"] = grad_norm(run.model)
     values = to_host(out)
+    grad_total = values.pop("window/grad_norm", values.get("grad_norm/total", 0.0))
     if logging_step:
         train_values, bad_step = run.window.values(step, values)
         values.update(train_values)
-        # fp16's GradScaler skips steps with inf gradients by design; its loss check suffices.
-        bad_grad = not math.isfinite(values.get("grad_norm/total", 0.0)) and not run.train_step.scaler.is_enabled()
+        bad_grad = check_grad and not math.isfinite(grad_total)
         if bad_step is not None or bad_grad:
             start = run.window.start(step)  # the last logging step before it, whose values are the last finite ones
             run.state.diverged = {"step": bad_step if bad_step is not None else step, "detected_at": step,
@@ -153,6 +160,7 @@ class Run:
         self.probes = build_probes(ProbeSetup(cfg, self.model, self.log_every, self.eval_every, self.probe_x, self.probe_y, data))
         self.cadences = tuple(sorted({self.log_every, self.eval_every, *self.probes.cadences()}))
         self.state = ckpt_mod.LoopState()
+        self.resumed_at: int | None = None  # the step a resumed run continues after
         self.tracker: Tracker  # made last by setup(), once nothing can be rejected any more
         self.t0 = self.window_t0 = 0.0
 
@@ -189,7 +197,10 @@ def setup(cfg: DictConfig, run_dir: Path, resume: bool, checkpoint: dict[str, An
         run.state = ckpt_mod.restore(ckpt, run.parts, run_dir / CHECKPOINT)
         record.update(final=ckpt["final"], best=ckpt["best"], steps_to_target=run.state.steps_to_target,
                       resumed_from=run.state.step, steps=run.state.step)
-        purge_step = run.state.step + 1  # drop events logged after the checkpoint by the dead run
+        run.resumed_at = run.state.step
+        # Drop events logged after the checkpoint by the dead run (and the last step's own,
+        # when its report is given again: see train()).
+        purge_step = run.total if run.state.step == run.total and not run.state.done else run.state.step + 1
         log.info("resuming %s from step %d", run_dir, run.state.step)
     elif any(run_dir.glob("events.out.tfevents.*")):
         purge_step = 0  # a restart from scratch: TensorBoard drops the earlier attempt's events

@@ -97,3 +97,15 @@ def test_ctrl_c_while_training_names_the_run_dir_that_bnexp_resume_continues(tmp
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert f"`bnexp resume {(tmp_path / 'run').resolve()}` continues it" in err, err
+
+
+@pytest.mark.parametrize("hydra_flag", ["hydra.job.name=myjob", "hydra.output_subdir=cfg"])
+@pytest.mark.parametrize("bad", [["+norm.placment=pre"], ["train.batch_size=99999"]], ids=["typo", "found while setting up"])
+def test_a_rejected_run_leaves_nothing_whatever_hydra_calls_its_log_and_record(tmp_path, hydra_flag, bad):
+    assert_refused(tmp_path, [*TINY, "hydra.run.dir=jn/x", hydra_flag, *bad], bad[0].lstrip("+").split("=")[0])
+    assert not (tmp_path / "jn").exists()
+
+
+def test_a_key_of_another_model_family_says_which_family_it_belongs_to(tmp_path):
+    err = assert_refused(tmp_path, [*TINY, "hydra.run.dir=run", "model.kernel_size=5"], "model.kernel_size", "model=cnn")
+    assert "did you mean" not in err

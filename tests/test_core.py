@@ -181,3 +181,4 @@ def test_every_bnexp_module_imports_alone_in_a_fresh_interpreter():
         if out.returncode:
             failures[name] = out.stderr.strip().splitlines()[-1]
     assert not failures, failures
+

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bnexp.rundir import LOCK_FILE, RunDirGuard
+from bnexp.rundir import LOCK_FILE, RunDirGuard, before_writing
 from tests.conftest import TINY, run_cli, run_inprocess, snapshot
 
 ONE_LINE_EXIT_2 = 2
@@ -38,12 +38,14 @@ def test_a_rejected_run_takes_back_its_own_files_and_leaves_a_sibling_run_made_m
     # `bnexp train name=newexp ... &` rejected during setup while another `bnexp train name=newexp`
     # started a second later: the first created runs/newexp/, the second wrote its run dir into it.
     mine = tmp_path / "runs" / "newexp" / "2026-12-01_10-00-00"
-    guard = RunDirGuard(mine, [".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "bnexp.log", LOCK_FILE])
+    before = before_writing(mine, (LOCK_FILE,))  # taken before the lock makes the run dir and the lock file
+    (mine).mkdir(parents=True)
+    (mine / LOCK_FILE).write_text("{}")
+    guard = RunDirGuard(mine, [".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "bnexp.log"], before)
     (mine / ".hydra").mkdir(parents=True)
     for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
         (mine / ".hydra" / name).write_text("written by this process")
     (mine / "bnexp.log").write_text("log")
-    (mine / LOCK_FILE).write_text("{}")
     theirs = tmp_path / "runs" / "newexp" / "2026-12-01_10-00-01"
     (theirs / ".hydra").mkdir(parents=True)
     (theirs / ".hydra" / "config.yaml").write_text("the other run's")

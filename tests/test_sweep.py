@@ -174,7 +174,7 @@ def test_a_sweep_with_one_impossible_job_completes_the_others_reports_it_and_exi
     assert records["norm=batch"]["status"] == "completed"
     assert records["norm=group"]["status"] == "failed" and "norm.groups" in records["norm=group"]["error"]
     assert "2 jobs: 1 completed, 1 failed" in r.stdout
-    assert "does not divide hidden layer 0's width 100" in r.stdout
+    assert "does not divide hidden layer 0's width 16" in r.stdout
     # Event files are named events.out.tfevents.<time>.<host>.<pid>.<n>: the job
     # ran in a worker process, the sweep's records (with its seed band) were written by the main one.
     pid = lambda event_file: event_file.name.split(".")[5]  # noqa: E731
