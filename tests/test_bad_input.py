@@ -39,11 +39,13 @@ BAD = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, names", BAD.values(), ids=BAD.keys())
 def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, args, names):
     assert_refused(tmp_path, [*TINY, "hydra.run.dir=run", *args], *names)
 
 
+@pytest.mark.slow
 def test_a_user_key_added_at_the_top_level_with_plus_still_trains(tmp_path):
     out = run_inprocess(["train", *TINY, "data=synthetic", "+my_note=hello", "hydra.run.dir=run"], cwd=tmp_path)
     assert out.returncode == 0, out.stderr

@@ -446,6 +446,7 @@ REF_X_TRAIN_0 = [
 ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_mnist1d_shapes_and_determinism(tmp_path):
     d = D.load_arrays("mnist1d", str(tmp_path / "unused"), download=True)
     assert not (tmp_path / "unused").exists()  # generated, never downloaded or cached on disk
@@ -464,6 +465,7 @@ def test_mnist1d_shapes_and_determinism(tmp_path):
         np.testing.assert_array_equal(d[k], again[k])
 
 
+@pytest.mark.slow
 def test_mnist1d_matches_reference():
     d = D.load_arrays("mnist1d", "", download=False)
     assert d["y_train"][:20].tolist() == REF_Y_TRAIN_HEAD

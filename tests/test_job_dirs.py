@@ -53,6 +53,7 @@ def test_interval_and_glob_sweeps_vary_and_an_unknown_sweep_names_every_override
     assert job_dir_name(["norm=group", "train.steps=20", "seed=1"], 1, None) == "norm=group,train.steps=20,seed=1"
 
 
+@pytest.mark.slow
 def test_a_sweep_with_many_long_overrides_gets_short_unique_stable_names():
     constant = [f"+extra.key_number_{i}=a_long_value_that_is_the_same_in_every_job_{i}" for i in range(12)]
     deep = "/" + "/".join(["a_deep_folder_of_datasets"] * 12)

@@ -64,6 +64,7 @@ def finals(run_dirs, tag: str = "val/acc") -> list[float]:
     return [json.loads((d / "metrics.json").read_text())["final"][tag] for d in run_dirs]
 
 
+@pytest.mark.slow
 def test_report_groups_by_the_key_that_differs_and_aggregates_over_seeds(sweep):
     r = report(sweep)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -170,6 +171,7 @@ def test_report_lists_broken_and_half_written_runs_and_reports_the_rest(sweep, t
     assert "norm.placement=none,seed=0: no readable TensorBoard events; left out of the curves" in r.stderr
 
 
+@pytest.mark.slow
 def test_report_plot_draws_learning_curves_and_activation_percentiles(sweep, tmp_path):
     import matplotlib.image
 
@@ -180,6 +182,7 @@ def test_report_plot_draws_learning_curves_and_activation_percentiles(sweep, tmp
     assert width > 1.5 * height and height > 500
 
 
+@pytest.mark.slow
 def test_load_scalars_reads_every_point_not_tensorboards_default_sample(tmp_path):
     from torch.utils.tensorboard import SummaryWriter
 
@@ -303,6 +306,7 @@ def _welch(a: list[float], b: list[float]) -> tuple[float, tuple[float, float], 
     return d, (d - half, d + half), 2 * (1 - _t_cdf(abs(d) / se, df))
 
 
+@pytest.mark.slow
 def test_report_gives_95_percent_intervals_and_welch_differences_from_the_baseline_in_every_format(sweep):
     pre, none = (finals(sorted(sweep.glob(f"norm.placement={p},*")), "train/loss") for p in ("pre", "none"))
     ci_pre, ci_none = _ci95(pre), _ci95(none)
@@ -346,6 +350,7 @@ def test_a_group_of_one_seed_says_it_needs_two_seeds_instead_of_an_interval(swee
         assert "needs >= 2 seeds" in none_line and pre_line.count("needs >= 2 seeds") == 2, fmt
 
 
+@pytest.mark.slow
 def test_plot_never_replaces_an_existing_file_unless_told_to(sweep, tmp_path):
     target = tmp_path / "curves.png"
     target.write_bytes(b"an earlier figure")

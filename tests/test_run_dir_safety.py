@@ -117,6 +117,7 @@ def test_metrics_and_checkpoint_get_the_permissions_the_umask_gives_any_new_file
 # ---------------------------------------------------------------- 5. temp files of a killed writer
 
 
+@pytest.mark.slow
 def test_temp_files_a_killed_writer_left_are_removed_when_the_run_is_resumed(tmp_path):
     assert train(tmp_path, "hydra.run.dir=run").returncode == 0
     run = tmp_path / "run"

@@ -55,6 +55,7 @@ def sweep(tmp_path_factory):
     return cwd / "sw", r
 
 
+@pytest.mark.slow
 def test_sweep_makes_one_run_dir_per_job_named_by_its_swept_values_with_seed_last(sweep):
     sweep_dir, r = sweep
     dirs = job_dirs(sweep_dir)
@@ -69,6 +70,7 @@ def test_sweep_makes_one_run_dir_per_job_named_by_its_swept_values_with_seed_las
     assert "comparison (mean ± std over seeds)" in r.stdout
 
 
+@pytest.mark.slow
 def test_rerunning_a_sweep_into_the_same_sweep_dir_skips_every_completed_job(sweep):
     sweep_dir, _ = sweep
     before = {d.name: (d / "metrics.json").read_text() for d in job_dirs(sweep_dir)}
@@ -78,6 +80,7 @@ def test_rerunning_a_sweep_into_the_same_sweep_dir_skips_every_completed_job(swe
     assert {d.name: (d / "metrics.json").read_text() for d in job_dirs(sweep_dir)} == before
 
 
+@pytest.mark.slow
 def test_report_on_the_sweep_shows_three_placement_groups_of_three_seeds(sweep):
     sweep_dir, _ = sweep
     r = bnexp("report", str(sweep_dir), "--format", "json", cwd=sweep_dir.parent)
@@ -92,6 +95,7 @@ def test_report_on_the_sweep_shows_three_placement_groups_of_three_seeds(sweep):
         assert g["metrics"]["val/acc"]["std"] == pytest.approx(statistics.stdev(finals))
 
 
+@pytest.mark.slow
 def test_aggregate_runs_hold_the_seed_mean_and_mean_plus_minus_std_per_step(sweep):
     sweep_dir, _ = sweep
     assert sorted(p.name for p in (sweep_dir / "aggregate").iterdir()) == [f"norm.placement={p}" for p in sorted(PLACEMENTS)]
@@ -163,6 +167,7 @@ def test_tensorboard_started_by_bnexp_tb_lists_every_run_in_its_hparams_plugin(s
     assert charts["val/acc"]["margin"]["series"] == [{"value": "val/acc/mean", "lower": "val/acc/mean-std", "upper": "val/acc/mean+std"}]
 
 
+@pytest.mark.slow
 def test_a_sweep_with_one_impossible_job_completes_the_others_reports_it_and_exits_1(tmp_path):
     # norm.groups=7 divides no hidden width (100): only the norm=group job is impossible.
     # Through the joblib launcher, so the jobs run in worker processes and the
@@ -184,6 +189,7 @@ def test_a_sweep_with_one_impossible_job_completes_the_others_reports_it_and_exi
     assert [p.name for p in (tmp_path / "sw" / "aggregate").iterdir()] == ["norm.kind=batch"]
 
 
+@pytest.mark.slow
 def test_optuna_sweeper_gets_val_acc_as_the_objective(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="extra `optuna` not installed")
     r = bnexp("sweep", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.direction=maximize",
@@ -194,6 +200,7 @@ def test_optuna_sweeper_gets_val_acc_as_the_objective(tmp_path):
     assert len(accs) == 2 and best == pytest.approx(max(accs))
 
 
+@pytest.mark.slow
 def test_reproduce_of_a_deterministic_cpu_run_gives_identical_metrics(sweep, tmp_path):
     orig = job_dirs(sweep[0])[0]
     r = bnexp("reproduce", str(orig), "--out", "again", cwd=tmp_path)
@@ -206,6 +213,7 @@ def test_reproduce_of_a_deterministic_cpu_run_gives_identical_metrics(sweep, tmp
     assert (tmp_path / "again" / ".hydra" / "config.yaml").read_text() == (orig / ".hydra" / "config.yaml").read_text()
 
 
+@pytest.mark.slow
 def test_reproduce_writes_next_to_runs_reproduce_by_default(sweep, tmp_path):
     orig = job_dirs(sweep[0])[0]
     r = bnexp("reproduce", str(orig), "train.steps=10", cwd=tmp_path)
@@ -216,6 +224,7 @@ def test_reproduce_writes_next_to_runs_reproduce_by_default(sweep, tmp_path):
     assert "differs" in r.stdout
 
 
+@pytest.mark.slow
 def test_reproduce_with_a_config_that_fails_at_setup_exits_2_and_leaves_no_directory(sweep, tmp_path):
     orig = job_dirs(sweep[0])[0]
     r = bnexp("reproduce", str(orig), "--out", "new/rp", "train.batch_size=100000", cwd=tmp_path)
@@ -223,6 +232,7 @@ def test_reproduce_with_a_config_that_fails_at_setup_exits_2_and_leaves_no_direc
     assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.slow
 def test_reproduce_logs_into_its_run_dir(sweep, tmp_path):
     orig = job_dirs(sweep[0])[0]
     r = bnexp("reproduce", str(orig), "--out", "rp", "train.steps=10", cwd=tmp_path)
@@ -237,6 +247,7 @@ def test_reproduce_of_a_directory_that_is_not_a_run_exits_2_with_one_line(tmp_pa
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_runs_lists_each_run_and_shows_a_running_run_without_heartbeat_as_dead(sweep, tmp_path):
     sweep_dir, _ = sweep
     src = job_dirs(sweep_dir)[0]
@@ -260,6 +271,7 @@ def test_a_bad_override_exits_2_with_the_allowed_values_and_leaves_no_sweep_dire
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_reproduce_accepts_a_run_made_with_an_added_key_but_rejects_unknown_overrides(tmp_path):
     made = bnexp("train", "+notes_extra=hello", "train.steps=10", "train.log_every=5", "train.eval_every=5",
                  "model.hidden=[8]", "train.progress=false", "hydra.run.dir=orig", cwd=tmp_path)
@@ -313,6 +325,7 @@ def _hparams_domains(sweep_dir: Path) -> dict[str, list]:
     return {h.name: [v.number_value or v.string_value for v in h.domain_discrete.values] for h in data.experiment.hparam_infos}
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_a_sweep_summarizes_the_jobs_that_ran_and_the_printed_command_continues_it(tmp_path):
     args = [*QUICK, "optim.lr=0.05,0.1,0.2", "hydra.sweep.dir=sw"]
     job = lambda lr: next((tmp_path / "sw").glob(f"*optim.lr={lr},*"), tmp_path / "none")  # noqa: E731
@@ -348,6 +361,7 @@ def test_ctrl_c_in_a_sweep_summarizes_the_jobs_that_ran_and_the_printed_command_
     assert _hparams_domains(tmp_path / "sw")["optim.lr"] == [0.05, 0.1, 0.2]
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_stops_a_sweep_at_once_without_the_summary(tmp_path):
     # Runs of an earlier sweep in the same directory: reading them makes the
     # summary take long enough to be interrupted in the middle of it.
@@ -372,6 +386,7 @@ def test_a_second_ctrl_c_stops_a_sweep_at_once_without_the_summary(tmp_path):
     assert err.strip().splitlines()[-1].endswith("hydra.sweep.dir=sw")
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_the_summary_of_a_finished_sweep_exits_130_and_says_how_to_get_it(tmp_path, monkeypatch):
     from tensorboard.plugins.hparams import summary_v2
 

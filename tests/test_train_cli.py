@@ -21,6 +21,7 @@ def scalars(run_dir: Path) -> EventAccumulator:
     return acc
 
 
+@pytest.mark.slow
 def test_short_run_writes_every_contract_tag(workdir):
     result = run_cli(["train", *TINY, "model.activation=sigmoid"], workdir)  # the console script, as a user runs it
     assert result.returncode == 0, result.stderr
@@ -51,6 +52,7 @@ def test_metrics_json_records_status_results_and_env(workdir):
     assert (only_run_dir(workdir) / ".hydra" / "config.yaml").exists()
 
 
+@pytest.mark.slow
 def test_hydra_run_dir_override_and_experiment_name_pick_the_directory(workdir):
     assert run_inprocess(["train", *TINY, "hydra.run.dir=out/here"], workdir).returncode == 0
     assert (workdir / "out/here/metrics.json").exists()
@@ -84,6 +86,7 @@ def test_drug_trial_tutorial_command_trains(workdir):
     ("train.device=tpu", "train.device"),
     ("train.batch_size=100000", "train.batch_size"),
 ])
+@pytest.mark.slow
 def test_invalid_config_exits_2_with_one_line_and_no_run_dir(workdir, bad, key):
     (workdir / "keep.txt").write_text("precious")
     before = snapshot(workdir)
