@@ -97,6 +97,27 @@ class Ranks:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
+    def stop_vote(self) -> Callable[[bool], bool]:
+        """One run's per-step vote on stopping (a signal reaches the ranks at
+        different steps): ``vote(asked)`` is whether any rank was asked to stop
+        by the step before, the same answer on every rank. Each step starts the
+        all-reduce of its own flag and reads the previous step's, so no step
+        waits for a round trip (the stop comes one step after the signal)."""
+        if self.world_size == 1:
+            return lambda asked: asked
+        pending: list[tuple[Any, torch.Tensor]] = []
+
+        def vote(asked: bool) -> bool:
+            flag = torch.tensor([int(asked)])
+            pending.append((dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True), flag))
+            if len(pending) == 1:
+                return False
+            work, previous = pending.pop(0)
+            work.wait()
+            return bool(previous.item())
+
+        return vote
+
     def _send(self, message: tuple) -> None:
         dist.broadcast_object_list([message], src=0, device=torch.device("cpu"))
 
@@ -116,20 +137,26 @@ class Ranks:
 
     def models(self, model: nn.Module, norm: DictConfig, batch_size: int, device: torch.device) -> tuple[nn.Module, nn.Module]:
         """(the raw model, the model the step trains through). With several
-        ranks: norm.sync=true synchronizes the batch-statistics norms; the step
-        model is the DDP wrapper, which averages gradients across ranks; and
-        the running statistics each rank moves alone are averaged after every
-        training forward, so that every rank holds the same buffers at every
-        step (DDP's broadcast of rank 0's buffers would keep only rank 0's)."""
+        ranks, norm.sync=true synchronizes the batch-statistics norms, and the
+        step model is the DDP wrapper, which averages gradients across ranks."""
         if self.world_size == 1:
             return model, model
         if norm.sync:
             synchronize(model, batch_size // self.world_size, self.world_size, device.type == "cuda")
-        buffers = per_device_buffers(model, self.world_size)
-        if buffers:
-            model.register_forward_hook(lambda module, args, out: _average(buffers, self.world_size) if module.training else None)
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None, **_NO_BUFFER_SYNC)
         return model, ddp
+
+    def share_running_stats(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Average the running statistics that each rank moves alone (per-device
+        norms) across ranks after every optimizer step: then every rank holds
+        the same buffers at every step, and they are those of one process's
+        ghost BN over the global batch. (DDP's broadcast of rank 0's buffers
+        would keep rank 0's alone. After the step, not in a forward hook:
+        torch's BatchNorm keeps its running statistics for backward.) A step
+        that fp16's GradScaler skips leaves its update to the next one's."""
+        buffers = per_device_buffers(model, self.world_size) if self.world_size > 1 else []
+        if buffers:
+            optimizer.register_step_post_hook(lambda *args: _average(buffers, self.world_size))
 
     def tracker(self, run_dir: Path, hparams: dict[str, Any], total_steps: int, progress: bool,
                 base_record: dict[str, Any], purge_step: int | None = None) -> Tracker:

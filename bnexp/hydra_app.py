@@ -87,7 +87,7 @@ class RanksCallback(Callback):
     def _redirect(config: DictConfig, key: str) -> None:
         if distributed.current().is_master:
             return
-        changes = {key: distributed.scratch_dir(), "hydra.job_logging.root.level": "WARNING"}
+        changes = {key: distributed.scratch_dir(), "hydra.job_logging.root.level": "WARNING", "hydra.hydra_logging.root.level": "WARNING"}
         with read_write(config.hydra), open_dict(config.hydra):
             for k, v in changes.items():
                 OmegaConf.update(config, k, v)

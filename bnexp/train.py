@@ -71,7 +71,7 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, extra_record: di
                     if run.checkpoint_every and step % run.checkpoint_every == 0 and step != run.total:
                         save(run)
                     tracker.record.heartbeat()
-                    if run.ranks.any(stop.is_set()):
+                    if run.stop_vote(stop.is_set()):
                         status = "interrupted"
                         break
                 else:
@@ -151,9 +151,11 @@ class Run:
         t = cfg.train
         self.cfg, self.run_dir, self.device, self.data, self.total = cfg, run_dir, device, data, total
         self.ranks = distributed.current()  # one process, or this rank's share of a data-parallel run
+        self.stop_vote = self.ranks.stop_vote()  # signals reach ranks at different steps: they agree on one
         # The step trains through the DDP wrapper (step_model); all else sees the raw model.
         self.model, step_model = self.ranks.models(build_run_model(cfg, data, device), cfg.norm, t.batch_size, device)
         self.optimizer = make_optimizer(cfg.optim, self.model, t.batch_size)
+        self.ranks.share_running_stats(self.model, self.optimizer)
         self.schedule = LrSchedule(cfg.optim, self.optimizer, total)
         self.train_step = TrainStep(step_model, self.optimizer, Amp(t.amp), device, t.compile)
         self.sampler = self.ranks.sampler(len(data.x_train), t.batch_size, cfg.seed, device)
