@@ -81,6 +81,11 @@ class RanksCallback(Callback):
         self._redirect(config, "hydra.run.dir")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        launcher = str(OmegaConf.select(config, "hydra.launcher._target_", default=""))
+        if distributed.current().world_size > 1 and not launcher.endswith(".BasicLauncher"):
+            # Its workers or cluster jobs would each inherit this process's rank.
+            raise RejectedConfig(ConfigError("hydra/launcher", f"{launcher.rsplit('.', 1)[-1]} under torchrun; allowed: basic "
+                                                               "(every job of the sweep runs on all the processes, one job after another)"))
         self._redirect(config, "hydra.sweep.dir")
 
     @staticmethod

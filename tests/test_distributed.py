@@ -22,7 +22,7 @@ from bnexp.config import ConfigError, config_hash
 from bnexp.runs import load_scalars
 from bnexp.schema import compose, validate
 from bnexp.train import train
-from tests.conftest import REPO
+from tests.conftest import REPO, run_inprocess
 
 # 20 steps of a 2x16 MLP on synthetic clusters, global batch 32 (16 per process),
 # the loss and every layer's gradient norm logged at every step.
@@ -176,9 +176,24 @@ def test_a_global_batch_that_does_not_split_over_the_processes_is_refused_naming
         _check_world(compose(["data=synthetic", "train.device=cuda:1"]), 4)
 
 
-def test_norm_sync_is_refused_for_norms_without_batch_statistics():
-    with pytest.raises(ConfigError, match=r"^norm.sync: true, but norm=layer normalizes each example by itself"):
-        validate(compose(["data=synthetic", "norm=layer", "norm.sync=true"]))
+def test_norm_sync_for_a_norm_without_batch_statistics_exits_2_with_one_line_and_no_run_dir(tmp_path):
+    out = run_inprocess(["train", "data=synthetic", "norm=layer", "norm.sync=true", "train.device=cpu"], tmp_path)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == ["error: norm.sync: true, but norm=layer normalizes each example by itself: there "
+                                               "are no batch statistics to synchronize; allowed: false (true for batch, ghost_batch, batch_renorm)"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sync_bn_ablation_sweeps_per_device_batches_2_to_32_with_and_without_sync_on_2_processes(monkeypatch):
+    from tests.test_presets import grid
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    points = grid("sync_bn_ablation")
+    assert len(points) == 30
+    assert sorted({int(p[0].removeprefix("train.batch_size=")) // 2 for p in points}) == [2, 4, 8, 16, 32]
+    assert {p[1] for p in points} == {"norm.sync=false", "norm.sync=true"}
+    for point in (points[0], points[-1]):  # per-device batch 2 without sync, 32 with
+        validate(compose(["experiment=sync_bn_ablation", *point]))
 
 
 def test_single_process_runs_keep_the_config_hash_they_had_before_world_size_and_norm_sync_existed():
