@@ -44,7 +44,8 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, extra_record: di
     With ``resume``, continues from ``checkpoint`` (as :func:`bnexp.checkpoint.load`
     returned it; ``bnexp resume`` has checked it already) or else from
     ``run_dir/checkpoint.pt`` if there is one. Holds the run dir's lock from
-    before the first write to after the last. Raises ConfigError (RunLocked
+    before the first write to after the last (in a data-parallel run, rank 0
+    does, and alone writes; every rank calls train()). Raises ConfigError (RunLocked
     included) for problems found while setting up, before anything is written;
     RunInterrupted (a KeyboardInterrupt) after an interruption was saved.
     """

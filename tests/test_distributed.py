@@ -202,3 +202,14 @@ def test_single_process_runs_keep_the_config_hash_they_had_before_world_size_and
     assert config_hash(compose(["data=synthetic", "norm=ghost_batch", "train.batch_size=32"])) == "9adace646f990c1c"
     cfg = compose(["data=synthetic"])
     assert len({config_hash(cfg), config_hash(cfg, world_size=2), config_hash(compose(["data=synthetic", "norm.sync=true"]))}) == 3
+
+
+def test_a_sweep_under_torchrun_refuses_a_launcher_whose_workers_would_inherit_its_rank(monkeypatch, tmp_path):
+    from bnexp import distributed
+
+    monkeypatch.setattr(distributed, "_RANKS", distributed.Ranks(world_size=2, rank=0))  # rank 0 of two, as torchrun starts it
+    out = run_inprocess(["sweep", "hydra/launcher=joblib", "data=synthetic", "seed=0,1"], tmp_path)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == ["error: hydra/launcher: JoblibLauncher under torchrun; allowed: basic (every job of "
+                                               "the sweep runs on all the processes, one job after another)"]
+    assert not (tmp_path / "runs").exists()
