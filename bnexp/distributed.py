@@ -204,6 +204,7 @@ def current() -> Ranks:
                     dist.init_process_group("cpu:gloo,cuda:nccl")
                 else:
                     dist.init_process_group("gloo")
+                atexit.register(dist.destroy_process_group)  # as nanoGPT does at its end; NCCL warns of a leak otherwise
             _RANKS = Ranks(dist.get_world_size(), dist.get_rank(), local)
     return _RANKS
 
