@@ -30,8 +30,14 @@ PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 
+def _follower() -> bool:
+    """A rank other than 0 of a data-parallel run (torchrun): rank 0 says everything once."""
+    return os.environ.get("RANK", "0") != "0"
+
+
 def fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
+    if not _follower():
+        typer.echo(f"error: {message}", err=True)
     return typer.Exit(code)
 
 
@@ -91,9 +97,13 @@ def _interrupted(e: KeyboardInterrupt, again: str | None = None) -> typer.Exit:
     """Exit 130, saying how to go on: ``again``, or for a run what its run dir bears out."""
     from bnexp.rundir import RunInterrupted
 
+    if _follower():
+        return typer.Exit(EXIT_INTERRUPTED)
     if isinstance(e, RunInterrupted):
+        world = os.environ.get("WORLD_SIZE", "1")
+        resume = "bnexp resume" if world == "1" else f"torchrun --nproc_per_node={world} -m bnexp resume"
         if again is None:
-            again = (f"`bnexp resume {e.run_dir}` continues it" if e.resumable
+            again = (f"`{resume} {e.run_dir}` continues it" if e.resumable
                      else "it stopped before it could save a checkpoint: nothing to resume; run the command again")
         typer.echo(f"interrupted: {e}; {again}", err=True)
     else:
@@ -111,12 +121,15 @@ def _run_hydra(argv: list[str], sweep: bool = False) -> None:
 
     from bnexp import hydra_app
     from bnexp.config import ConfigError
+    from bnexp.distributed import RankStopped
 
     _sigterm_interrupts()
     try:
         hydra_app.hydra_main(argv)
     except (ConfigError, hydra_app.RejectedConfig) as e:
         raise fail(str(e)) from None
+    except RankStopped as e:  # a follower rank: rank 0 has said why
+        raise typer.Exit(e.code) from None
     except hydra_app.RunFailed as e:
         raise fail(str(e), EXIT_FAILED) from None
     except (HydraException, OmegaConfBaseException) as e:  # before OSError: MissingConfigException is an IOError
@@ -174,6 +187,8 @@ def sweep(ctx: typer.Context) -> None:
             sweep_mod.STARTED[-1].remove_if_unused()
         raise
     except KeyboardInterrupt as e:
+        if _follower():
+            raise typer.Exit(EXIT_INTERRUPTED) from None
         if len(sweep_mod.STARTED) == before:
             raise _interrupted(e, "no job had started") from None
         from bnexp.rundir import RunInterrupted
@@ -182,7 +197,7 @@ def sweep(ctx: typer.Context) -> None:
         # second signal means the first one's wind-down was cut short: stop at once.
         saved = isinstance(e, RunInterrupted) and e.step is not None
         _sweep_interrupted(e, sweep_mod.STARTED[-1], args, second=received() > 1 and not saved)
-    if len(sweep_mod.STARTED) == before:
+    if len(sweep_mod.STARTED) == before or _follower():  # rank 0 of a data-parallel sweep sums it up
         return
     try:
         jobs = sweep_mod.finish(sweep_mod.STARTED[-1])
@@ -293,12 +308,15 @@ def _train_outside_hydra(call, run_dir: Path, again: str | None = None):
     import traceback
 
     from bnexp.config import ConfigError
+    from bnexp.distributed import RankStopped
 
     _sigterm_interrupts()
     try:
         return call()
     except ConfigError as e:
         raise fail(str(e)) from None
+    except RankStopped as e:
+        raise typer.Exit(e.code) from None
     except KeyboardInterrupt as e:
         raise _interrupted(e, again) from None
     except Exception as e:  # noqa: BLE001  the run is marked failed; the log has the traceback
@@ -421,7 +439,10 @@ def reproduce(
         raise fail(f"reproduce takes key=value changes to the saved config; got {' '.join(overrides)}")
     original = read_record(run_dir) or {}
     out = out or rp.default_out_dir(run_dir)
-    new_dir, record = _train_outside_hydra(lambda: rp.reproduce(run_dir, out, overrides), out)
+    result = _train_outside_hydra(lambda: rp.reproduce(run_dir, out, overrides), out)
+    if _follower():  # it trained rank 0's copy; rank 0 compares
+        return
+    new_dir, record = result
     rows = rp.differences(original, record)
     from bnexp.report import console as make_console, print_titled
 

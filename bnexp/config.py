@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -127,6 +128,10 @@ class NormConfig:
     virtual_batch_size: Optional[int] = None  # ghost batch norm
     rmax: float = 3.0  # batch renorm
     dmax: float = 5.0  # batch renorm
+    # Data-parallel runs (torchrun): false, each process normalizes with its own
+    # batch's statistics (per-device BN, Wu & He 2018's setting); true, with the
+    # statistics of the whole global batch (synchronized BN). Batch-statistics norms only.
+    sync: bool = False
 
 
 @dataclass
@@ -234,7 +239,17 @@ NON_RESULT_KEYS = ("notes", "train.progress", "train.checkpoint_every", "probes"
 # Keys added after runs were first recorded, with their defaults: at its
 # default a key is left out of config_hash, so that a run recorded before the
 # key existed keeps its hash (and stays resumable, skippable, reproducible).
-LATER_KEYS: dict[str, Any] = {}
+# ``world_size`` is no config key: it is the number of processes that train one
+# run together (torchrun's WORLD_SIZE), hashed as if it were one.
+LATER_KEYS: dict[str, Any] = {"norm.sync": False, "world_size": 1}
+
+
+def launch_world_size() -> int:
+    """How many processes train this process's run together: torchrun's WORLD_SIZE, else 1."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
 
 # bnexp 0.1 kept every family's keys in one model node, so an MLP's recorded
 # config_hash covers the CNN keys at their defaults too.
@@ -267,10 +282,13 @@ def _pop(d: dict, key: str) -> Any:
     return node.pop(leaf, None) if isinstance(node, dict) else None
 
 
-def config_hash(cfg: DictConfig | dict) -> str:
-    """A stable hash of the composed config, ignoring NON_RESULT_KEYS (and LATER_KEYS at their defaults)."""
+def config_hash(cfg: DictConfig | dict, world_size: int | None = None) -> str:
+    """A stable hash of the composed config and the world size (default: this
+    process's, :func:`launch_world_size`), ignoring NON_RESULT_KEYS (and
+    LATER_KEYS at their defaults, so a single-process run hashes as before)."""
     d = plain(cfg) if not isinstance(cfg, dict) else dict(cfg)
     d = json.loads(json.dumps(d))
+    d["world_size"] = launch_world_size() if world_size is None else world_size
     for key in NON_RESULT_KEYS:
         _pop(d, key)
     for key, default in LATER_KEYS.items():

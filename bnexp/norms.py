@@ -80,6 +80,11 @@ class _RunningStatsNorm(nn.Module):
             self.running_mean.lerp_(mean.detach(), self.momentum)
             self.running_var.lerp_(var_unbiased.detach(), self.momentum)
 
+    def _moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Per-channel mean, biased variance and count of the batch (bnexp.sync_norms: of the global batch)."""
+        dims = _reduce_dims(x)
+        return x.mean(dims), x.var(dims, unbiased=False), x.numel() // x.shape[1]
+
     def _use_batch_stats(self) -> bool:
         return self.training or not self.track_running_stats
 
@@ -153,8 +158,7 @@ class _BatchRenorm(_RunningStatsNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._use_batch_stats():
             return self._eval(x)
-        dims = _reduce_dims(x)
-        mean, var = x.mean(dims), x.var(dims, unbiased=False)
+        mean, var, count = self._moments(x)
         std = torch.sqrt(var + self.eps)
         x_hat = (x - _broadcast(mean, x)) / _broadcast(std, x)
         if self.track_running_stats:
@@ -163,7 +167,6 @@ class _BatchRenorm(_RunningStatsNorm):
                 r = (std / running_std).clamp(1.0 / self.rmax, self.rmax)
                 d = ((mean - self.running_mean) / running_std).clamp(-self.dmax, self.dmax)
             x_hat = x_hat * _broadcast(r, x) + _broadcast(d, x)
-            count = x.numel() // x.shape[1]
             self._update_running(mean, _unbiased(var, count))
         return self._affine(x_hat)
 

@@ -30,11 +30,11 @@ from bnexp.config import ConfigError, hash_matches
 from bnexp.io import atomic_write
 from bnexp.rundir import (
     CHECKPOINT, LOCK_FILE, Action, RunDirGuard, RunLocked, acquire_run_lock, before_writing, policy, read_record, release_run_lock,
-    run_lock,
+    run_lock, world_mismatch,
 )
 from bnexp.runs import CONFIG, read_run
 from bnexp.schema import typed, validate
-from bnexp.train import train
+from bnexp.train import led, train
 
 log = logging.getLogger("bnexp")
 
@@ -90,6 +90,9 @@ def check_resumable(run_dir: str | Path) -> tuple[DictConfig, dict[str, Any], di
     record = read_record(run_dir)
     if record is None:
         raise ConfigError("RUN_DIR", f"{run_dir} is not a bnexp run directory (no readable metrics.json); `bnexp runs` lists run directories")
+    world = world_mismatch(record, run_dir)
+    if world:
+        raise ConfigError("RUN_DIR", world)
     cfg = load_saved_config(run_dir)  # fits the schema; data files and device still there
     if record.get("config_hash") is not None and not hash_matches(record["config_hash"], cfg):
         raise ConfigError("RUN_DIR", f"{run_dir}/.hydra/config.yaml no longer matches the run in metrics.json (config hash {record['config_hash']})")
@@ -112,6 +115,10 @@ def resume(run_dir: str | Path) -> dict[str, Any]:
     KeyboardInterrupt) if it is interrupted again.
     """
     run_dir = Path(run_dir).resolve()
+    return led(lambda: _resume(run_dir))  # in a data-parallel run: rank 0 checks, every rank trains
+
+
+def _resume(run_dir: Path) -> dict[str, Any]:
     cfg, record, checkpoint = check_resumable(run_dir)
     with run_lock(run_dir):  # refused if another process trains here; held until train() is done
         if read_record(run_dir) != record:
@@ -136,7 +143,12 @@ def reproduce(run_dir: Path, out_dir: Path | None = None, overrides: list[str] |
     """Train ``run_dir``'s config into a new run dir; returns (new dir, its metrics.json record).
 
     A config that fails while setting up (e.g. a batch larger than the data)
-    leaves nothing behind of what this call wrote (see RunDirGuard)."""
+    leaves nothing behind of what this call wrote (see RunDirGuard). In a
+    data-parallel run the other ranks train rank 0's copy and return its record."""
+    return led(lambda: _reproduce(run_dir, out_dir, overrides))
+
+
+def _reproduce(run_dir: Path, out_dir: Path | None, overrides: list[str] | None) -> tuple[Path, dict[str, Any]]:
     cfg = load_saved_config(run_dir, overrides)
     out = out_dir or default_out_dir(run_dir)
     if out.exists() and not out.is_dir():

@@ -23,7 +23,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Iterator
 
-from bnexp.config import ConfigError, hash_matches
+from bnexp.config import ConfigError, hash_matches, launch_world_size
 from bnexp.io import TEMP_SUFFIX, read_json, write_json
 
 try:
@@ -135,9 +135,9 @@ class RunInterrupted(KeyboardInterrupt):
     (``step`` set), or before it could save one (``step`` None).
     (Raised by bnexp.train; defined here so that the CLI can catch it without importing torch.)"""
 
-    def __init__(self, run_dir: Path, step: int | None):
+    def __init__(self, run_dir: Path, step: int | None, signum: int | None = None):
         super().__init__(f"{run_dir} interrupted after step {step}; checkpoint saved" if step is not None else f"{run_dir} interrupted")
-        self.run_dir, self.step = Path(run_dir), step
+        self.run_dir, self.step, self.signum = Path(run_dir), step, signum  # signum: the signal that stopped the loop
 
     @property
     def resumable(self) -> bool:
@@ -414,6 +414,17 @@ class Decision:
     live: bool = False  # refused because a live process is training this very run (a sweep skips it)
 
 
+def world_mismatch(record: dict[str, Any], run_dir: Path) -> str | None:
+    """Why ``record``'s run does not fit this process, when it was trained by
+    another number of processes (world size is part of config_hash); None if it fits."""
+    recorded, here = record.get("world_size") or 1, launch_world_size()
+    if recorded == here:
+        return None
+    again = "bnexp resume" if recorded == 1 else f"torchrun --nproc_per_node={recorded} -m bnexp resume"
+    return (f"{run_dir} was trained by {recorded} process(es) and this is a run of {here}; "
+            f"continue it as it began (`{again} {run_dir}`) or choose another directory")
+
+
 def is_finished(record: dict[str, Any] | None, cfg: Any) -> bool:
     """Whether ``record`` (a metrics.json) is a finished run of ``cfg``: a rerun skips it."""
     if record is None or record.get("status") not in ("completed", "diverged"):
@@ -442,6 +453,9 @@ def policy(cfg: Any, run_dir: str | os.PathLike) -> Decision:
     if run_is_alive(record):
         return Decision(Action.refuse, str(RunLocked(run_dir, record.get("process"))), record, live=True)
     same = record.get("config_hash") is None or hash_matches(record["config_hash"], cfg)
+    world = None if same else world_mismatch(record, run_dir)
+    if world:
+        return Decision(Action.refuse, world, record)
     if not same:
         return Decision(Action.refuse, f"{run_dir} holds a run of a different config (status {record.get('status')}); "
                                        "choose another directory, or delete that run to reuse its name", record)

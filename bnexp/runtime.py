@@ -38,19 +38,27 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = True
 
 
+# The signal a cluster sends ahead of preemption or the time limit: submitit's
+# (SUBMITIT_PREEMPT_SIGNAL, USR2 by default; Slurm's --signal). None on Windows.
+PREEMPT_SIGNAL = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), None)
+
+
 @contextmanager
 def stop_on_signal() -> Iterator[threading.Event]:
-    """SIGINT/SIGTERM ask the loop to stop after the current step; a second SIGINT stops at once."""
+    """SIGINT, SIGTERM and PREEMPT_SIGNAL ask the loop to stop after the current
+    step (the event's ``signum`` says which came); a second SIGINT stops at once."""
     stop = threading.Event()
+    stop.signum = None  # type: ignore[attr-defined]
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
 
     def handler(signum, _frame):
+        stop.signum = stop.signum or signum  # type: ignore[attr-defined]
         stop.set()
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM, PREEMPT_SIGNAL) if s is not None}
     try:
         yield stop
     finally:

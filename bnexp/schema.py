@@ -20,7 +20,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from bnexp.config import (
-    IN_MEMORY_DATA, V01_MODEL_KEYS, Amp, Config, ConfigError, DataConfig, DataName, NormConfig, NormKind, OptimConfig, Placement, config_dir, flatten, plain,
+    IN_MEMORY_DATA, V01_MODEL_KEYS, Amp, Config, ConfigError, DataConfig, DataName, NormConfig, NormKind, OptimConfig, Placement,
+    config_dir, flatten, launch_world_size, plain,
 )
 from bnexp.models import FAMILIES, family
 from bnexp.probes import PROBES
@@ -265,6 +266,7 @@ def validate(cfg: DictConfig) -> None:
     if t.target_acc is not None and not 0 < t.target_acc <= 1:
         raise ConfigError("train.target_acc", f"got {t.target_acc}; allowed: an accuracy in (0, 1]")
     _check_device(t)
+    _check_world(cfg, launch_world_size())
     if DataName(cfg.data.name) not in IN_MEMORY_DATA:
         from bnexp import datasets
 
@@ -272,6 +274,32 @@ def validate(cfg: DictConfig) -> None:
             datasets.check_available(DataName(cfg.data.name).value, cfg.data.root, cfg.data.download)
         except datasets.DataError as e:
             raise ConfigError("data.root", str(e)) from None
+
+
+def _check_world(cfg: DictConfig, world: int) -> None:
+    """norm.sync, and what a data-parallel run of ``world`` processes needs: a
+    global batch that splits evenly, ghost batches that fit the per-device batch."""
+    n, t = cfg.norm, cfg.train
+    batch_stats = (NormKind.batch, NormKind.ghost_batch, NormKind.batch_renorm)
+    if n.sync and n.placement != Placement.none and n.kind not in batch_stats:
+        raise ConfigError("norm.sync", f"true, but norm={NormKind(n.kind).value} normalizes each example by itself: there are no batch "
+                                       "statistics to synchronize; allowed: false (true for batch, ghost_batch, batch_renorm)")
+    if world == 1:
+        return
+    if t.batch_size % world:
+        raise ConfigError("train.batch_size", f"{t.batch_size} does not split evenly over {world} processes; allowed: a multiple "
+                                              f"of {world} (train.batch_size is the global batch, each process gets batch_size / {world})")
+    if t.device.startswith("cuda:") or t.device == "mps":
+        raise ConfigError("train.device", f"{t.device}, but in a data-parallel run each process uses cuda:LOCAL_RANK; allowed: auto, cuda, cpu")
+    per_device, vbs = t.batch_size // world, n.virtual_batch_size
+    if n.kind == NormKind.ghost_batch and n.placement != Placement.none and vbs is not None and per_device % vbs:
+        if not n.sync:
+            raise ConfigError("norm.virtual_batch_size", f"{vbs} does not divide the per-device batch {per_device} "
+                                                         f"(train.batch_size / {world}); allowed: a divisor of {per_device}, "
+                                                         "or norm.sync=true for ghost batches that span devices")
+        if vbs % per_device:
+            raise ConfigError("norm.virtual_batch_size", f"{vbs} neither divides the per-device batch {per_device} nor is a multiple "
+                                                         f"of it; allowed: a divisor or a multiple of {per_device}")
 
 
 def _check_device(t: DictConfig) -> None:
