@@ -24,6 +24,7 @@ from torch import nn
 
 from bnexp import checkpoint as ckpt_mod
 from bnexp import data as data_mod
+from bnexp.augment import make_augment
 from bnexp.config import Amp, ConfigError, config_hash, flatten, plain, steps_per_epoch
 from bnexp.models import build_model
 from bnexp.probes import ProbeContext, ProbeSetup, build_probes
@@ -58,7 +59,7 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, extra_record: di
             with stop_on_signal() as stop, frozen_gc():
                 for step in range(state.step + 1, run.total + 1):
                     idx = run.sampler.next()
-                    x, y = run.data.x_train[idx], run.data.y_train[idx]
+                    x, y = run.augment(run.data.x_train[idx]), run.data.y_train[idx]  # data.augment, on the device
                     loss, logits = run.train_step.step(x, y)
                     run.window.add(step, loss, logits, y)
                     run.schedule.step()
@@ -143,6 +144,7 @@ class Run:
         self.schedule = LrSchedule(cfg.optim, self.optimizer, total)
         self.train_step = TrainStep(self.model, self.optimizer, Amp(t.amp), device, t.compile)
         self.sampler = Sampler(len(data.x_train), t.batch_size, cfg.seed, device)
+        self.augment = make_augment(cfg.data, cfg.seed, device)
         self.window = LogWindow(int(t.log_every), total, t.batch_size, data.num_classes, device)
         # Plain ints for the per-step checks: a DictConfig lookup costs ~8 us.
         self.log_every, self.checkpoint_every = int(t.log_every), int(t.checkpoint_every)
@@ -160,7 +162,7 @@ class Run:
     def parts(self) -> dict[str, Any]:
         """The stateful parts a checkpoint holds (bnexp.checkpoint.PARTS)."""
         return {"model": self.model, "optimizer": self.optimizer, "scheduler": self.schedule,
-                "scaler": self.train_step.scaler, "sampler": self.sampler, "window": self.window}
+                "scaler": self.train_step.scaler, "sampler": self.sampler, "window": self.window, "augment": self.augment}
 
     def reports_at(self, step: int) -> bool:
         return step == self.total or any(step % c == 0 for c in self.cadences)

@@ -13,10 +13,10 @@ from collections import OrderedDict
 from typing import Any
 
 import torch
-from omegaconf import ListConfig
+from omegaconf import DictConfig, ListConfig
 from torch import nn
 
-from bnexp.config import Activation, ConfigError, Init, ModelConfig, NormConfig, NormKind, Placement
+from bnexp.config import Activation, ConfigError, DataName, Init, ModelConfig, NormConfig, NormKind, Placement, example_shape
 from bnexp.norms import is_centered
 
 ACTIVATIONS = {
@@ -41,14 +41,17 @@ def hidden_block(layer_name: str, layer: nn.Module, norm: nn.Module | None, act:
     pre:  layer -> norm -> act   (Ioffe & Szegedy 2015: normalize x = Wu, the nonlinearity's input)
     post: layer -> act -> norm   (normalize the activation's output, the next layer's input)
     none: layer -> act
+    (preact is a residual block's order: bnexp/models/resnet.py; plain families refuse it, see check_plain_norm.)
     """
     parts: list[tuple[str, nn.Module]] = [(layer_name, layer)]
     if norm is None or placement == Placement.none:
         parts.append(("act", act))
     elif placement == Placement.pre:
         parts += [("norm", norm), ("act", act)]
-    else:
+    elif placement == Placement.post:
         parts += [("act", act), ("norm", norm)]
+    else:
+        raise ValueError(f"a plain block has no {placement.value} placement")
     return nn.Sequential(OrderedDict(parts))
 
 
@@ -153,3 +156,32 @@ def check_groups_divide(norm_cfg: NormConfig, normalized_widths: dict[str, int])
     for name, width in normalized_widths.items():
         if width % norm_cfg.groups:
             raise ConfigError("norm.groups", f"{norm_cfg.groups} does not divide {name}'s width {width}; allowed: a divisor of every normalized width")
+
+
+def check_plain_norm(cfg: DictConfig) -> None:
+    """A family without residual blocks has no pre-activation order and no residual branch to zero."""
+    kind = cfg.model.kind
+    if Placement(cfg.norm.placement) == Placement.preact:
+        raise ConfigError("norm.placement", f"preact (norm -> act -> layer) orders residual blocks, and model={kind} has none; "
+                                            "allowed: pre, post, none (or model=resnet)")
+    if cfg.norm.zero_init_residual:
+        raise ConfigError("norm.zero_init_residual", f"model={kind} has no residual blocks; allowed: false (or model=resnet)")
+
+
+def check_images(cfg: DictConfig) -> None:
+    """Families built for [C,H,W] images refuse other data at validation, before any file is read."""
+    shape = example_shape(cfg.data)
+    if len(shape) != 3:
+        raise ConfigError("model.kind", f"model={cfg.model.kind} needs images [C,H,W], and data={DataName(cfg.data.name).value} gives examples "
+                                        f"of shape {list(shape)}; allowed data: mnist, fashion_mnist, cifar10, or synthetic with a 3-D data.shape")
+
+
+def scaled(channels: int, width: float) -> int:
+    """A width multiplier applied to a channel count (at least one channel)."""
+    return max(1, int(round(channels * width)))
+
+
+def activation_modules(net: nn.Module) -> dict[str, nn.Module]:
+    """Module path -> nonlinearity, for the families whose nonlinearities are
+    the children named ``act``, ``act1``, ``act2``, ... (ResNet, VGG)."""
+    return {name: m for name, m in net.named_modules() if name.rsplit(".", 1)[-1].rstrip("0123456789") == "act"}
