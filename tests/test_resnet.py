@@ -160,8 +160,13 @@ def test_every_norm_kind_trains_in_every_residual_placement(kind, placement):
                       (3, 8, 8), 10)
     norms = [m for m in net.modules() if type(m).__name__ in ("BatchNorm2d", "GhostBatchNorm", "BatchRenorm", "GroupNorm")]
     assert len(norms) >= 7  # stem or final + 2 per block + the normalized projections (pre)
-    opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 10, (16,))
+    assert_fits_a_batch(net, torch.randn(16, 3, 8, 8))
+
+
+def assert_fits_a_batch(net: nn.Module, x: torch.Tensor, lr: float = 0.1) -> None:
+    """Five SGD steps on one batch lower its loss: every layer is wired into the graph and trains."""
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
+    y = torch.randint(0, 10, (len(x),))
     before = F.cross_entropy(net(x), y)
     for _ in range(5):
         opt.zero_grad()

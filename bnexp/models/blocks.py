@@ -90,6 +90,35 @@ class Net(nn.Module):
         return self.output(self.head(x))
 
 
+class StagedNet(nn.Module):
+    """The image families' layout (ResNet, VGG): ``stem`` (if any), ``stage1..stageS``,
+    ``final`` (if any), ``head`` (global pool + flatten), ``output``. Their
+    nonlinearities are the children named ``act``, ``act1``, ``act2``, ..., and
+    ``act/*`` tags name them by module path (``stage1.block0.act1``)."""
+
+    def __init__(self, stem: nn.Module | None, stages: list[nn.Module], final: nn.Module | None, output: nn.Module):
+        super().__init__()
+        if stem is not None:
+            self.stem = stem
+        for i, stage in enumerate(stages, start=1):
+            self.add_module(f"stage{i}", stage)
+        if final is not None:
+            self.final = final
+        self.head = nn.Sequential(OrderedDict([("pool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten())]))
+        self.output = output
+        # The same modules as a plain tuple (registered above): forward iterates it without attribute lookups.
+        self._body = tuple(m for m in (stem, *stages, final) if m is not None)
+
+    def activations(self) -> dict[str, nn.Module]:
+        """Module path -> nonlinearity, whose input ``act/*`` tracks."""
+        return {name: m for name, m in self.named_modules() if name.rsplit(".", 1)[-1].rstrip("0123456789") == "act"}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for part in self._body:
+            x = part(x)
+        return self.output(self.head(x))
+
+
 def init_weights(net: nn.Module, cfg: ModelConfig) -> None:
     init = Init(cfg.init)
     if init == Init.default:
@@ -179,9 +208,3 @@ def check_images(cfg: DictConfig) -> None:
 def scaled(channels: int, width: float) -> int:
     """A width multiplier applied to a channel count (at least one channel)."""
     return max(1, int(round(channels * width)))
-
-
-def activation_modules(net: nn.Module) -> dict[str, nn.Module]:
-    """Module path -> nonlinearity, for the families whose nonlinearities are
-    the children named ``act``, ``act1``, ``act2``, ... (ResNet, VGG)."""
-    return {name: m for name, m in net.named_modules() if name.rsplit(".", 1)[-1].rstrip("0123456789") == "act"}

@@ -43,7 +43,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from bnexp.config import ConfigError, ModelConfig, NormConfig, Placement
-from bnexp.models.blocks import activation, activation_modules, check_groups_divide, check_images, hidden_block, init_weights, needs_bias, scaled
+from bnexp.models.blocks import StagedNet, activation, check_groups_divide, check_images, hidden_block, init_weights, needs_bias, scaled
 from bnexp.models.registry import register
 from bnexp.norms import make_norm
 
@@ -143,31 +143,11 @@ class BasicBlock(nn.Module):
         return self.norm2 if self.placement == Placement.pre else self.conv2
 
 
-class ResNet(nn.Module):
+class ResNet(StagedNet):
     """``stem``, ``stage1..stage3`` (each ``block0..``), ``final`` (preact only), ``head``, ``output``."""
-
-    def __init__(self, stem: nn.Module, stages: list[nn.Sequential], final: nn.Module | None, head: nn.Module, output: nn.Module):
-        super().__init__()
-        self.stem = stem
-        for i, stage in enumerate(stages, start=1):
-            self.add_module(f"stage{i}", stage)
-        if final is not None:
-            self.final = final
-        self.head, self.output = head, output
-        self._body = tuple(stages) + ((final,) if final is not None else ())
 
     def blocks(self) -> list[BasicBlock]:
         return [m for m in self.modules() if isinstance(m, BasicBlock)]
-
-    def activations(self) -> dict[str, nn.Module]:
-        """Module path (``stage1.block0.act1``) -> its nonlinearity, whose input ``act/*`` tracks."""
-        return activation_modules(self)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        for part in self._body:
-            x = part(x)
-        return self.output(self.head(x))
 
 
 def build(cfg: ResNetConfig, norm_cfg: NormConfig, input_shape: tuple[int, ...], num_classes: int) -> ResNet:
@@ -198,8 +178,7 @@ def build(cfg: ResNetConfig, norm_cfg: NormConfig, input_shape: tuple[int, ...],
             cin = cout
         stages.append(nn.Sequential(OrderedDict(blocks)))
     final = nn.Sequential(OrderedDict([("norm", norm(cin)), ("act", act())])) if placement == Placement.preact else None
-    head = nn.Sequential(OrderedDict([("pool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten())]))
-    net = ResNet(stem, stages, final, head, nn.Linear(cin, num_classes))
+    net = ResNet(stem, stages, final, nn.Linear(cin, num_classes))
     init_weights(net, cfg)
     if norm_cfg.zero_init_residual:
         zero_init_residual(net)

@@ -25,14 +25,12 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-import torch
 from omegaconf import DictConfig
 from torch import nn
 
 from bnexp.config import ConfigError, ModelConfig, NormConfig, Placement
 from bnexp.models.blocks import (
-    activation, activation_modules, check_groups_divide, check_images, check_plain_norm, hidden_block, init_weights, needs_bias,
-    normed_indices, scaled,
+    StagedNet, activation, check_groups_divide, check_images, check_plain_norm, hidden_block, init_weights, needs_bias, normed_indices, scaled,
 )
 from bnexp.models.registry import register
 from bnexp.norms import make_norm
@@ -54,27 +52,7 @@ def conv_widths(variant: int, width: float) -> list[list[int]]:
     return [[scaled(c, width)] * k for k, c in zip(STAGES[variant], STAGE_CHANNELS)]
 
 
-class VGG(nn.Module):
-    """``stage1..stage5`` (conv blocks ``block0..`` and ``pool``), ``head`` (global pool, flatten), ``output``."""
-
-    def __init__(self, stages: list[nn.Sequential], head: nn.Module, output: nn.Module):
-        super().__init__()
-        for i, stage in enumerate(stages, start=1):
-            self.add_module(f"stage{i}", stage)
-        self._stages = tuple(stages)
-        self.head, self.output = head, output
-
-    def activations(self) -> dict[str, nn.Module]:
-        """Module path (``stage1.block0.act``) -> its nonlinearity, whose input ``act/*`` tracks."""
-        return activation_modules(self)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for stage in self._stages:
-            x = stage(x)
-        return self.output(self.head(x))
-
-
-def build(cfg: VGGConfig, norm_cfg: NormConfig, input_shape: tuple[int, ...], num_classes: int) -> VGG:
+def build(cfg: VGGConfig, norm_cfg: NormConfig, input_shape: tuple[int, ...], num_classes: int) -> StagedNet:
     if len(input_shape) != 3:
         raise ValueError(f"model=vgg needs [C,H,W] images, got shape {list(input_shape)}")
     placement = Placement(norm_cfg.placement)
@@ -92,8 +70,7 @@ def build(cfg: VGGConfig, norm_cfg: NormConfig, input_shape: tuple[int, ...], nu
             parts.append(("pool", nn.MaxPool2d(2)))
             size //= 2
         stages.append(nn.Sequential(OrderedDict(parts)))
-    head = nn.Sequential(OrderedDict([("pool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten())]))
-    net = VGG(stages, head, nn.Linear(channels, num_classes))
+    net = StagedNet(None, stages, None, nn.Linear(channels, num_classes))
     init_weights(net, cfg)
     return net
 
