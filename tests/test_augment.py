@@ -132,3 +132,14 @@ def test_a_checkpoint_without_augmentation_state_does_not_fit_a_run_with_augment
     cfg = compose([*TINY, "data.augment=crop_flip"])
     with pytest.raises(ConfigError, match="does not fit this run's config.*augmentation is none, this run's is crop_flip"):
         crash_then_resume(cfg, tmp_path / "run", register_probe, edit_checkpoint=lambda ckpt: ckpt.pop("augment"))
+
+
+def test_runs_recorded_before_data_augment_and_zero_init_residual_existed_keep_their_config_hash():
+    from bnexp.config import config_hash, hash_matches, plain
+
+    cfg = compose(["data=synthetic"])
+    old = plain(cfg)
+    del old["data"]["augment"], old["norm"]["zero_init_residual"]  # the config a run saved before these keys
+    assert config_hash(old) == config_hash(cfg) and hash_matches(config_hash(old), cfg)
+    assert config_hash(compose(["data=synthetic", "data.augment=crop_flip"])) != config_hash(cfg)
+    assert config_hash(compose(["data=synthetic", "norm.zero_init_residual=true"])) != config_hash(cfg)

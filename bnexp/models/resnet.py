@@ -78,7 +78,7 @@ class ZeroPadShortcut(nn.Module):
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convs and a shortcut. ``forward`` is ``pre`` -> ``branch`` -> (+ shortcut) -> ``after``:
+    """Two 3x3 convs and a shortcut. ``forward`` is ``lead`` -> ``branch`` -> (+ shortcut) -> ``after``:
     which modules sit in each part is the placement (see the module docstring).
     Children are registered in the order they run, the shortcut right at the addition."""
 
@@ -93,24 +93,23 @@ class BasicBlock(nn.Module):
         conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=needs_bias(norm1 if placement != Placement.preact else norm2, bias_placement))
         conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=needs_bias(norm2, bias_placement))
         named = {"conv1": conv1, "norm1": norm1, "act1": act(), "conv2": conv2, "norm2": norm2, "act2": act()}
-        order = {
+        # (applied to x before the branch and read by it, the branch, after the addition); None norms (none) drop out.
+        parts = {
             Placement.pre: ("", "conv1 norm1 act1 conv2 norm2", "act2"),
             Placement.post: ("", "conv1 act1 norm1 conv2", "act2 norm2"),
             Placement.preact: ("norm1 act1", "conv1 norm2 act2 conv2", ""),
             Placement.none: ("", "conv1 act1 conv2", "act2"),
         }[placement]
-        pre, branch, after = ([named[k] for k in part.split() if named[k] is not None] for part in order)
-        for name in " ".join(order[:2]).split():
-            if named[name] is not None:
-                self.add_module(name, named[name])
+        lead, branch, after = ([k for k in part.split() if named[k] is not None] for part in parts)
+        for k in lead + branch:
+            self.add_module(k, named[k])
         self.shortcut = self._shortcut(cin, cout, stride, shortcut, norm if placement == Placement.pre else None)
-        for name in order[2].split():
-            if named[name] is not None:
-                self.add_module(name, named[name])
-        # Plain tuples (the modules are registered above): forward iterates them without attribute lookups.
-        self._pre, self._branch, self._after = tuple(pre), tuple(branch), tuple(after)
+        for k in after:
+            self.add_module(k, named[k])
+        # Plain tuples of the modules registered above: forward iterates them without attribute lookups.
+        self._lead, self._branch, self._after = (tuple(named[k] for k in ks) for ks in (lead, branch, after))
         # He et al.'s pre-activation code projects the pre-activated input; an identity keeps the raw one.
-        self._shortcut_reads_pre = placement == Placement.preact and not isinstance(self.shortcut, (nn.Identity, ZeroPadShortcut))
+        self._shortcut_reads_lead = placement == Placement.preact and not isinstance(self.shortcut, (nn.Identity, ZeroPadShortcut))
 
     @staticmethod
     def _shortcut(cin: int, cout: int, stride: int, kind: Shortcut, norm: Callable[[int], nn.Module | None] | None) -> nn.Module:
@@ -127,12 +126,12 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x
-        for m in self._pre:
+        for m in self._lead:
             h = m(h)
         out = h
         for m in self._branch:
             out = m(out)
-        out = out + self.shortcut(h if self._shortcut_reads_pre else x)
+        out = out + self.shortcut(h if self._shortcut_reads_lead else x)
         for m in self._after:
             out = m(out)
         return out
