@@ -4,7 +4,8 @@ activation is decided in one place, :func:`hidden_block`.
 Module names are stable and reused by TensorBoard tags: hidden block ``i`` is
 ``hidden{i}`` with children ``linear``/``conv``, ``norm``, ``act`` (and ``pool``),
 and the classifier is ``output``. So ``grad_norm/hidden1.linear`` and
-``act/hidden1/p50`` always mean the same layer.
+``act/hidden1/p50`` always mean the same layer. The image families (ResNet,
+VGG: :class:`StagedNet`) name stages and blocks instead: ``stage1.block0.conv1``.
 """
 
 from __future__ import annotations
