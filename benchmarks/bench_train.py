@@ -183,8 +183,9 @@ def run_dataloader(cfg, data, device) -> tuple[float, dict]:
 CONTENDERS = {"a": ("bnexp (default logging)", run_bnexp), "b": ("hand-written loop", run_hand), "c": ("DataLoader loop", run_dataloader)}
 
 
-def bench(which: str, args: argparse.Namespace) -> dict:
-    cfg = compose(overrides_for(which, args))
+def bench(which: str, args: argparse.Namespace, overrides: list[str] | None = None) -> dict:
+    """The contenders on the model ``which`` (overrides_for's, or ``overrides`` when given)."""
+    cfg = compose(overrides if overrides is not None else overrides_for(which, args))
     device = torch.device(args.device)
     data = data_mod.load(cfg.data, device)
     batch = cfg.train.batch_size

@@ -33,6 +33,7 @@ class Placement(str, Enum):
     pre = "pre"  # layer -> norm -> activation (Ioffe & Szegedy 2015, Sec. 3.2)
     post = "post"  # layer -> activation -> norm
     none = "none"  # layer -> activation, no normalization layers
+    preact = "preact"  # norm -> activation -> layer: residual blocks only (He et al. 2016, "Identity Mappings")
 
 
 class NormKind(str, Enum):
@@ -79,6 +80,21 @@ class DataName(str, Enum):
 # Made in memory by bnexp.data from the config alone: no files, no bnexp.datasets.
 IN_MEMORY_DATA = (DataName.drug_trial, DataName.synthetic)
 
+# One example's shape as bnexp.data gives it (synthetic: data.shape), known
+# before any file is read, so that checks of image-only options run at validation.
+EXAMPLE_SHAPES = {DataName.mnist1d: (1, 40), DataName.drug_trial: (1,), DataName.mnist: (1, 28, 28),
+                  DataName.fashion_mnist: (1, 28, 28), DataName.cifar10: (3, 32, 32)}
+
+
+def example_shape(data_cfg: Any) -> tuple[int, ...]:
+    name = DataName(data_cfg.name)
+    return tuple(data_cfg.shape) if name == DataName.synthetic else EXAMPLE_SHAPES[name]
+
+
+class Augment(str, Enum):
+    none = "none"
+    crop_flip = "crop_flip"  # random 4-pixel-padded crop + horizontal flip per example, on the device (bnexp.augment)
+
 
 class OptimName(str, Enum):
     sgd = "sgd"
@@ -124,6 +140,8 @@ class NormConfig:
     gamma_init: float = 1.0
     beta_init: float = 0.0
     track_running_stats: bool = True
+    # Residual families: each residual branch starts at zero (Goyal et al. 2017, Sec. 5.1; see bnexp.models.resnet).
+    zero_init_residual: bool = False
     groups: int = 8  # group norm
     virtual_batch_size: Optional[int] = None  # ghost batch norm
     rmax: float = 3.0  # batch renorm
@@ -143,6 +161,7 @@ class DataConfig:
     val_size: float = 0.1  # < 1: fraction of the training split; >= 1: number of examples
     subset: Optional[int] = None  # keep only the first N training examples
     seed: int = 0  # generated data and the validation split; fixed across run seeds
+    augment: Augment = Augment.none  # training batches only; images [C,H,W] only
     # synthetic: Gaussian class clusters
     num_classes: int = 10
     shape: list[int] = field(default_factory=lambda: [32])  # per example: [D], [C,L] or [C,H,W]
@@ -241,7 +260,7 @@ NON_RESULT_KEYS = ("notes", "train.progress", "train.checkpoint_every", "probes"
 # key existed keeps its hash (and stays resumable, skippable, reproducible).
 # ``world_size`` is no config key: it is the number of processes that train one
 # run together (torchrun's WORLD_SIZE), hashed as if it were one.
-LATER_KEYS: dict[str, Any] = {"norm.sync": False, "world_size": 1}
+LATER_KEYS: dict[str, Any] = {"norm.sync": False, "world_size": 1, "norm.zero_init_residual": False, "data.augment": "none"}
 
 
 def launch_world_size() -> int:

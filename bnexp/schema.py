@@ -23,6 +23,7 @@ from bnexp.config import (
     IN_MEMORY_DATA, V01_MODEL_KEYS, Amp, Config, ConfigError, DataConfig, DataName, NormConfig, NormKind, OptimConfig, Placement,
     config_dir, flatten, launch_world_size, plain,
 )
+from bnexp import augment
 from bnexp.models import FAMILIES, family
 from bnexp.probes import PROBES
 
@@ -236,6 +237,7 @@ def validate(cfg: DictConfig) -> None:
             if n.dmax < 0:
                 raise ConfigError("norm.dmax", f"got {n.dmax}; allowed: dmax >= 0")
     family(str(cfg.model.kind)).check(cfg)  # widths, norm.layers, norm.groups dividing widths
+    augment.check(cfg)  # image data for crop_flip
     if not (0 < d.val_size < 1 or (d.val_size >= 1 and float(d.val_size).is_integer()) or d.val_size == 0):
         raise ConfigError("data.val_size", f"got {d.val_size}; allowed: 0, a fraction in (0, 1), or a whole number of examples")
     _positive(cfg, "data.subset", allow_none=True)

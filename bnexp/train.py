@@ -25,6 +25,7 @@ from torch import nn
 from bnexp import checkpoint as ckpt_mod
 from bnexp import data as data_mod
 from bnexp import distributed
+from bnexp.augment import make_augment
 from bnexp.config import Amp, ConfigError, config_hash, flatten, plain, steps_per_epoch
 from bnexp.models import build_model
 from bnexp.probes import ProbeContext, ProbeSetup, build_probes
@@ -61,7 +62,7 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, extra_record: di
             with stop_on_signal() as stop, frozen_gc():
                 for step in range(state.step + 1, run.total + 1):
                     idx = run.sampler.next()
-                    x, y = run.data.x_train[idx], run.data.y_train[idx]
+                    x, y = run.augment(run.data.x_train[idx]), run.data.y_train[idx]  # data.augment, on the device
                     loss, logits = run.train_step.step(x, y)
                     run.window.add(step, loss, logits, y)
                     run.schedule.step()
@@ -168,6 +169,7 @@ class Run:
         self.train_step = TrainStep(step_model, self.optimizer, Amp(t.amp), device, t.compile)
         self.sampler = self.ranks.sampler(len(data.x_train), t.batch_size, cfg.seed, device)
         self.window = self.ranks.window(int(t.log_every), total, t.batch_size, data.num_classes, device)
+        self.augment = make_augment(cfg.data, cfg.seed, device)
         # Plain ints for the per-step checks: a DictConfig lookup costs ~8 us.
         self.log_every, self.checkpoint_every = int(t.log_every), int(t.checkpoint_every)
         self.eval_every = int(t.eval_every) if t.eval_every is not None else self.sampler.per_epoch  # null: once per epoch
@@ -185,7 +187,7 @@ class Run:
     def parts(self) -> dict[str, Any]:
         """The stateful parts a checkpoint holds (bnexp.checkpoint.PARTS)."""
         return {"model": self.model, "optimizer": self.optimizer, "scheduler": self.schedule,
-                "scaler": self.train_step.scaler, "sampler": self.sampler, "window": self.window}
+                "scaler": self.train_step.scaler, "sampler": self.sampler, "window": self.window, "augment": self.augment}
 
     def reports_at(self, step: int) -> bool:
         return step == self.total or any(step % c == 0 for c in self.cadences)

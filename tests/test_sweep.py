@@ -267,7 +267,7 @@ def test_runs_lists_each_run_and_shows_a_running_run_without_heartbeat_as_dead(s
 def test_a_bad_override_exits_2_with_the_allowed_values_and_leaves_no_sweep_directory(tmp_path):
     r = bnexp("sweep", "norm.placement=pre,bogus", *TINY, cwd=tmp_path)
     assert r.returncode == 2
-    assert r.stderr.strip() == "error: norm.placement: Invalid value 'bogus', expected one of [pre, post, none]"
+    assert r.stderr.strip() == "error: norm.placement: Invalid value 'bogus', expected one of [pre, post, none, preact]"
     assert list(tmp_path.iterdir()) == []
 
 
