@@ -237,9 +237,9 @@ def test_resnet_placement_preset_trains_each_placement_at_smoke_size(tmp_path):
 def test_every_point_of_the_new_presets_grids_is_a_valid_config(preset):
     from tests.test_presets import data_overrides, grid
 
-    points = grid(preset)
-    assert len(points) == 12
-    for point in (p for p in points if "seed=0" in p):  # seeds change no shape or check
+    points = grid(preset)  # without the seed axis: seeds change no shape or check
+    assert len(points) == 4
+    for point in points:
         cfg = compose([f"experiment={preset}", *point, *data_overrides(preset)])
         validate(cfg)
         assert build_model(cfg.model, cfg.norm, (1, 28, 28), 10)(torch.randn(2, 1, 28, 28)).shape == (2, 10)
