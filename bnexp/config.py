@@ -43,6 +43,13 @@ class NormKind(str, Enum):
     group = "group"
 
 
+class RunningVar(str, Enum):
+    """What BN's running_var averages (bnexp.norms): PyTorch's rule or Keras'."""
+
+    unbiased = "unbiased"  # torch.nn.BatchNorm: the batch variance times n / (n - 1)
+    biased = "biased"  # Keras' BatchNormalization: the batch variance the batch was normalized with
+
+
 class Activation(str, Enum):
     relu = "relu"
     sigmoid = "sigmoid"
@@ -129,6 +136,7 @@ class NormConfig:
     gamma_init: float = 1.0
     beta_init: float = 0.0
     track_running_stats: bool = True
+    running_var: RunningVar = RunningVar.unbiased  # batch, ghost_batch (bnexp.norms)
     groups: int = 8  # group norm
     virtual_batch_size: Optional[int] = None  # ghost batch norm
     rmax: float = 3.0  # batch renorm
