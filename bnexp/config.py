@@ -192,6 +192,7 @@ class TrainConfig:
     eval_batch_size: int = 2048
     probe_size: int = 256  # fixed batch for activation percentiles
     device: str = "auto"
+    threads: Any = "auto"  # torch intra-op threads: "auto" or N (bnexp.runtime.set_threads)
     amp: Amp = Amp.none
     compile: bool = False
     deterministic: bool = False
@@ -375,6 +376,8 @@ def validate(cfg: DictConfig) -> None:
     _positive(cfg, "train.checkpoint_every", allow_zero=True)
     if t.target_acc is not None and not 0 < t.target_acc <= 1:
         raise ConfigError("train.target_acc", f"got {t.target_acc}; allowed: an accuracy in (0, 1]")
+    if t.threads != "auto" and not (isinstance(t.threads, int) and not isinstance(t.threads, bool) and t.threads > 0):
+        raise ConfigError("train.threads", f"got {t.threads!r}; allowed: auto or a positive number of threads")
     dev = t.device
     if not (dev in ("auto", "cpu", "cuda", "mps") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise ConfigError("train.device", f"got {dev!r}; allowed: auto, cpu, cuda, cuda:N, mps")

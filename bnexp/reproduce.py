@@ -58,6 +58,7 @@ def reproduce(run_dir: Path, out_dir: Path | None = None, overrides: list[str] |
     from bnexp.hydra_app import RunDirGuard
     from bnexp.io import atomic_write
     from bnexp.resume import log_to
+    from bnexp.runtime import recorded_threads
     from bnexp.train import train
 
     cfg = load_saved_config(run_dir, overrides)
@@ -76,7 +77,8 @@ def reproduce(run_dir: Path, out_dir: Path | None = None, overrides: list[str] |
             atomic_write(out / ".hydra" / "overrides.yaml", lambda f: OmegaConf.save(OmegaConf.create([*saved, *overrides]), f))
         log_to(out)
         original = read_run(run_dir)
-        record = train(cfg, out, extra_record={"overrides": original.overrides + list(overrides or []), "reproduce_of": str(run_dir.resolve())})
+        with recorded_threads(cfg, original.metrics):  # results depend on the thread count
+            record = train(cfg, out, extra_record={"overrides": original.overrides + list(overrides or []), "reproduce_of": str(run_dir.resolve())})
     except ConfigError:
         guard.undo()
         raise

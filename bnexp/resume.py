@@ -70,6 +70,7 @@ def resume(run_dir: str | Path) -> dict[str, Any]:
     (RunLocked if another process is training it); RunInterrupted (a
     KeyboardInterrupt) if it is interrupted again.
     """
+    from bnexp.runtime import recorded_threads
     from bnexp.train import train
 
     run_dir = Path(run_dir).resolve()
@@ -80,4 +81,5 @@ def resume(run_dir: str | Path) -> dict[str, Any]:
             # (perhaps finished it): check again what it left.
             cfg, record, checkpoint = check_resumable(run_dir)
         log_to(run_dir)
-        return train(cfg, run_dir, resume=True, extra_record={"overrides": record.get("overrides", [])}, checkpoint=checkpoint)
+        with recorded_threads(cfg, record):  # results depend on the thread count
+            return train(cfg, run_dir, resume=True, extra_record={"overrides": record.get("overrides", [])}, checkpoint=checkpoint)

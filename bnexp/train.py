@@ -31,7 +31,7 @@ from torch import nn
 from bnexp import data as data_mod
 from bnexp.config import Amp, ConfigError, ModelKind, OptimName, Schedule, config_hash, flatten, plain, steps_per_epoch
 from bnexp.models import build_model
-from bnexp.runtime import pick_device, seed_everything
+from bnexp.runtime import pick_device, seed_everything, set_threads
 from bnexp.probes import ActivationProbe, LayerNorms, to_host
 from bnexp.record import CHECKPOINT, RunInterrupted, process_info, run_lock  # noqa: F401  (CHECKPOINT, RunInterrupted: their home is torch-free)
 from bnexp.tracking import Tracker, env_info, print_summary
@@ -381,6 +381,7 @@ def _train(cfg: DictConfig, run_dir: Path, resume: bool, extra_record: dict[str,
     data = data_mod.load(cfg, device)
     total = total_steps(cfg, len(data.x_train))
     model = build_run_model(cfg, data, device)
+    set_threads(t.threads, model, data.x_train[:1], t.batch_size, device)
     optimizer = make_optimizer(cfg.optim, model, t.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.optim, total))
     # A constant schedule never changes the lr: skip LambdaLR.step (~8 us, 1% of a small MLP's step on CPU).
