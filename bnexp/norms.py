@@ -83,7 +83,7 @@ class BiasedBatchNorm2d(_BiasedRunningVar, nn.BatchNorm2d):
     """nn.BatchNorm2d whose running_var averages the biased batch variance (norm.running_var=biased)."""
 
 
-class _BatchStatsNorm(nn.Module):
+class _RunningStatsNorm(nn.Module):
     """What the two batch-statistics norms written here share: gamma, beta, eps, momentum."""
 
     def __init__(self, num_features: int, eps: float, momentum: float, track_running_stats: bool):
@@ -107,7 +107,7 @@ class _BatchStatsNorm(nn.Module):
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, track_running_stats={self.track_running_stats}"
 
 
-class GhostBatchNorm(_BatchStatsNorm):
+class GhostBatchNorm(_RunningStatsNorm):
     """BatchNorm whose training statistics come from virtual sub-batches (Hoffer et al. 2017, Sec. 4).
 
     The batch is cut into chunks of ``virtual_batch_size``; each chunk is
@@ -164,7 +164,7 @@ class GhostBatchNorm(_BatchStatsNorm):
         return super().extra_repr() + f", virtual_batch_size={self.virtual_batch_size}, unbiased={self.unbiased}"
 
 
-class BatchRenorm(_BatchStatsNorm):
+class BatchRenorm(_RunningStatsNorm):
     """Batch renormalization, Ioffe 2017, Algorithm 1.
 
     Training, per channel, with the batch's mu_B and sigma_B = sqrt(biased
@@ -263,9 +263,9 @@ def _unbiased(var: torch.Tensor, count: int) -> torch.Tensor:
 
 
 # Every normalization layer make_norm builds (bnexp.train.keep_norms_fp32 runs them in fp32).
-NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, _BatchStatsNorm)
+NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, _RunningStatsNorm)
 
 
 def is_centered(norm: nn.Module | None) -> bool:
     """Whether the norm subtracts a per-feature mean, which makes a preceding bias redundant."""
-    return isinstance(norm, (nn.modules.batchnorm._BatchNorm, _BatchStatsNorm))
+    return isinstance(norm, (nn.modules.batchnorm._BatchNorm, _RunningStatsNorm))
