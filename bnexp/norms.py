@@ -100,6 +100,11 @@ class _RunningStatsNorm(nn.Module):
             x_hat = x_hat + _broadcast(self.bias, x_hat)
         return x_hat
 
+    def _moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Per-channel mean and biased variance of the batch, and how many values each is over."""
+        var, mean = torch.var_mean(x, _reduce_dims(x), unbiased=False)
+        return mean, var, _per_channel(x)
+
     def _use_batch_stats(self) -> bool:
         return self.training or not self.track_running_stats
 
@@ -129,7 +134,14 @@ class GhostBatchNorm(_RunningStatsNorm):
             self.running_mean = self.running_var = None
 
     def _running_var_of(self, var: torch.Tensor, count: int) -> torch.Tensor:
+        """What running_var moves towards for a biased variance of ``count`` values."""
         return _unbiased(var, count) if self.unbiased else var
+
+    def _update_running(self, mean: torch.Tensor, var: torch.Tensor) -> None:
+        # The rule of torch.nn.BatchNorm: running = (1 - m) * running + m * batch.
+        with torch.no_grad():
+            self.running_mean.lerp_(mean.detach(), self.momentum)
+            self.running_var.lerp_(var.detach(), self.momentum)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._use_batch_stats():
@@ -140,10 +152,10 @@ class GhostBatchNorm(_RunningStatsNorm):
             # A ragged batch (only seen outside training's fixed batch size) is split unevenly.
             outs, means, vars_ = [], [], []
             for c in torch.split(x, vbs):
-                var, mean = torch.var_mean(c, _reduce_dims(c), unbiased=False)
+                mean, var, count = self._moments(c)
                 outs.append((c - _broadcast(mean, c)) / torch.sqrt(_broadcast(var, c) + self.eps))
                 means.append(mean)
-                vars_.append(self._running_var_of(var, _per_channel(c)))
+                vars_.append(self._running_var_of(var, count))
             x_hat = torch.cat(outs)
             mean, running_var = torch.stack(means).mean(0), torch.stack(vars_).mean(0)
         else:
@@ -154,10 +166,7 @@ class GhostBatchNorm(_RunningStatsNorm):
             mean = mean.flatten(1).mean(0)
             running_var = self._running_var_of(var.flatten(1), g[0].numel() // g.shape[2]).mean(0)
         if self.track_running_stats:
-            # The rule of torch.nn.BatchNorm: running = (1 - m) * running + m * batch.
-            with torch.no_grad():
-                self.running_mean.lerp_(mean.detach(), self.momentum)
-                self.running_var.lerp_(running_var.detach(), self.momentum)
+            self._update_running(mean, running_var)
         return self._affine(x_hat)
 
     def extra_repr(self) -> str:
@@ -198,7 +207,7 @@ class BatchRenorm(_RunningStatsNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._use_batch_stats():
             return self._affine((x - _broadcast(self.running_mean, x)) / _broadcast(self.running_std, x))
-        var, mean = torch.var_mean(x, _reduce_dims(x), unbiased=False)
+        mean, var, _ = self._moments(x)
         std = torch.sqrt(var + self.eps)
         x_hat = (x - _broadcast(mean, x)) / _broadcast(std, x)
         if self.track_running_stats:

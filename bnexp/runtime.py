@@ -55,7 +55,7 @@ _DEFAULT_THREADS = torch.get_num_threads()
 
 # Forward + backward matmul/conv FLOPs per training step from which auto uses
 # more than one thread (benchmarks/bench_threads.py; docs/performance.md).
-AUTO_MIN_FLOPS = 1e9
+AUTO_MIN_FLOPS = 2e8
 
 # Set by recorded_threads() while `bnexp resume`/`reproduce` retrain a run.
 _recorded: list[int | None] = [None]
