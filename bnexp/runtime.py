@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -58,7 +59,7 @@ _DEFAULT_THREADS = torch.get_num_threads()
 AUTO_MIN_FLOPS = 2e8
 
 # Set by recorded_threads() while `bnexp resume`/`reproduce` retrain a run.
-_recorded: list[int | None] = [None]
+_recorded_count: int | None = None
 
 log = logging.getLogger("bnexp")
 
@@ -84,8 +85,6 @@ def idle_cpus(interval: float = 0.2) -> float:
     count minus the 1-minute load average (which lags, and counts this process
     too if it has been busy).
     """
-    import time
-
     cpus = _cpus()
 
     def sample() -> dict[int, tuple[int, int]]:
@@ -138,8 +137,8 @@ def set_threads(setting: Any, model: torch.nn.Module, example: torch.Tensor, bat
     """
     if setting != "auto":
         n, why = int(setting), "train.threads"
-    elif _recorded[0] is not None:
-        n, why = _recorded[0], "as recorded in the run's metrics.json"
+    elif _recorded_count is not None:
+        n, why = _recorded_count, "as recorded in the run's metrics.json"
     elif device.type != "cpu":
         n, why = thread_budget(), f"auto: {device.type} device"
     else:
@@ -163,6 +162,7 @@ def recorded_threads(cfg: Any, record: dict[str, Any] | None) -> Iterator[None]:
     depend on it; an explicit ``train.threads=N`` in the config wins. Warns in
     one line when that count cannot be had here, or only on fewer cores.
     """
+    global _recorded_count
     n = ((record or {}).get("env") or {}).get("threads")
     if cfg.train.threads != "auto" or not isinstance(n, int) or isinstance(n, bool) or n < 1:
         yield
@@ -171,14 +171,14 @@ def recorded_threads(cfg: Any, record: dict[str, Any] | None) -> Iterator[None]:
     torch.set_num_threads(n)
     got = torch.get_num_threads()
     if got != n:
-        log.warning("the run was trained with %d threads, this torch runs %d: results may differ slightly from an uninterrupted run", n, got)
+        log.warning("the run was trained with %d threads, this torch runs %d: results may differ slightly from the run's", n, got)
         n = got
     elif n > thread_budget():
         log.warning("the run was trained with %d threads: retrained with as many for the same results, above this process's "
                     "budget of %d (OMP_NUM_THREADS, CPUs), so slower", n, thread_budget())
-    _recorded[0] = n
+    _recorded_count = n
     try:
         yield
     finally:
-        _recorded[0] = None
+        _recorded_count = None
         torch.set_num_threads(before)
