@@ -177,7 +177,7 @@ def md5_cache_path() -> Path:
 def file_md5(path: Path) -> str:
     """MD5 of ``path``, read from the cache while the file's size, mtime and ctime
     are those it was hashed at (ctime too: copying with ``cp -p`` or ``touch -r``
-    keeps an mtime, but no user can set a ctime), else computed and remembered.
+    keeps an mtime, but only a change of the clock sets a ctime), else computed and remembered.
 
     Hashing costs ~0.03 s for MNIST, ~0.06 s for Fashion-MNIST and ~0.2 s for
     CIFAR-10 on every run (and twice a run: before the run dir, then at load);
