@@ -44,6 +44,13 @@ class NormKind(str, Enum):
     group = "group"
 
 
+class RunningVar(str, Enum):
+    """What BN's running_var averages (bnexp.norms): PyTorch's rule or Keras'."""
+
+    unbiased = "unbiased"  # torch.nn.BatchNorm: the batch variance times n / (n - 1)
+    biased = "biased"  # Keras' BatchNormalization: the batch variance the batch was normalized with
+
+
 class Activation(str, Enum):
     relu = "relu"
     sigmoid = "sigmoid"
@@ -142,6 +149,7 @@ class NormConfig:
     track_running_stats: bool = True
     # Residual families: each residual branch starts at zero (Goyal et al. 2017, Sec. 5.1; see bnexp.models.resnet).
     zero_init_residual: bool = False
+    running_var: RunningVar = RunningVar.unbiased  # batch, ghost_batch (bnexp.norms)
     groups: int = 8  # group norm
     virtual_batch_size: Optional[int] = None  # ghost batch norm
     rmax: float = 3.0  # batch renorm
@@ -202,6 +210,7 @@ class TrainConfig:
     eval_batch_size: int = 2048
     probe_size: int = 256  # fixed batch for activation percentiles
     device: str = "auto"
+    threads: Any = "auto"  # torch intra-op threads: "auto" or N (bnexp.runtime.set_threads)
     amp: Amp = Amp.none
     compile: bool = False
     deterministic: bool = False
@@ -260,7 +269,8 @@ NON_RESULT_KEYS = ("notes", "train.progress", "train.checkpoint_every", "probes"
 # key existed keeps its hash (and stays resumable, skippable, reproducible).
 # ``world_size`` is no config key: it is the number of processes that train one
 # run together (torchrun's WORLD_SIZE), hashed as if it were one.
-LATER_KEYS: dict[str, Any] = {"norm.sync": False, "world_size": 1, "norm.zero_init_residual": False, "data.augment": "none"}
+LATER_KEYS: dict[str, Any] = {"norm.sync": False, "world_size": 1, "norm.zero_init_residual": False, "data.augment": "none",
+                               "norm.running_var": "unbiased", "train.threads": "auto"}
 
 
 def launch_world_size() -> int:

@@ -36,7 +36,7 @@ from bnexp.rundir import (
     LOCK_FILE, METRICS, Action, RunDirGuard, RunInterrupted, RunLocked, acquire_run_lock, is_finished, before_writing, policy,
     read_record, release_run_lock, run_lock,
 )
-from bnexp.runtime import PREEMPT_SIGNAL
+from bnexp.runtime import PREEMPT_SIGNAL, recorded_threads
 from bnexp.schema import register_configs, register_resolvers, validate
 
 log = logging.getLogger("bnexp")
@@ -223,7 +223,9 @@ def _execute_locked(cfg: DictConfig, run_dir: Path, multirun: bool, overrides: l
                 return _skipped(run_dir, decision.record or {}, decision.reason)
             log.error("not run: %s", decision.reason)  # someone else's run lives here: report, touch nothing
             return {"status": "failed", "error": decision.reason, "steps": 0, "final": {}, "best": {}, "overrides": overrides, "run_dir": str(run_dir)}
-        result = train(cfg, run_dir, resume=decision.action == Action.resume, extra_record={"overrides": overrides}, summary=not multirun)
+        # A resumed job keeps the thread count it was trained with (results depend on it).
+        with recorded_threads(cfg, decision.record if decision.action == Action.resume else None):
+            result = train(cfg, run_dir, resume=decision.action == Action.resume, extra_record={"overrides": overrides}, summary=not multirun)
         return {**result, "run_dir": str(run_dir)}
     except ConfigError as e:
         if not multirun:

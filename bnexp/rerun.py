@@ -33,6 +33,7 @@ from bnexp.rundir import (
     run_lock, world_mismatch,
 )
 from bnexp.runs import CONFIG, read_run
+from bnexp.runtime import recorded_threads
 from bnexp.schema import typed, validate
 from bnexp.train import led, train
 
@@ -126,7 +127,8 @@ def _resume(run_dir: Path) -> dict[str, Any]:
             # (perhaps finished it): check again what it left.
             cfg, record, checkpoint = check_resumable(run_dir)
         log_to(run_dir)
-        return train(cfg, run_dir, resume=True, extra_record={"overrides": record.get("overrides", [])}, checkpoint=checkpoint)
+        with recorded_threads(cfg, record):  # results depend on the thread count
+            return train(cfg, run_dir, resume=True, extra_record={"overrides": record.get("overrides", [])}, checkpoint=checkpoint)
 
 
 # --------------------------------------------------------------------------- reproduce
@@ -176,7 +178,8 @@ def _reproduce(run_dir: Path, out_dir: Path | None, overrides: list[str] | None)
                 atomic_write(out / ".hydra" / "overrides.yaml", lambda f: OmegaConf.save(OmegaConf.create([*saved, *overrides]), f))
             log_to(out)
             original = read_run(run_dir)
-            record = train(cfg, out, extra_record={"overrides": original.overrides + list(overrides or []), "reproduce_of": str(run_dir.resolve())})
+            with recorded_threads(cfg, original.metrics):  # results depend on the thread count
+                record = train(cfg, out, extra_record={"overrides": original.overrides + list(overrides or []), "reproduce_of": str(run_dir.resolve())})
         except ConfigError:
             guard.undo()
             raise

@@ -267,6 +267,8 @@ def validate(cfg: DictConfig) -> None:
         _positive(cfg, f"probes.{name}.every", allow_none=True, allow_zero=True)
     if t.target_acc is not None and not 0 < t.target_acc <= 1:
         raise ConfigError("train.target_acc", f"got {t.target_acc}; allowed: an accuracy in (0, 1]")
+    if t.threads != "auto" and not (isinstance(t.threads, int) and not isinstance(t.threads, bool) and t.threads > 0):
+        raise ConfigError("train.threads", f"got {t.threads!r}; allowed: auto or a positive number of threads")
     _check_device(t)
     _check_world(cfg, launch_world_size())
     if DataName(cfg.data.name) not in IN_MEMORY_DATA:

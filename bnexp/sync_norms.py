@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from bnexp.norms import FP32Norm, _BatchRenorm, _broadcast, _GhostBatchNorm, _reduce_dims, _RunningStatsNorm, _unbiased
+from bnexp.norms import FP32Norm, _BatchRenorm, _BiasedRunningVar, _broadcast, _GhostBatchNorm, _reduce_dims, _RunningStatsNorm, _unbiased
 
 
 class AllGather(torch.autograd.Function):
@@ -95,9 +95,10 @@ class _SyncBatchNorm(_Synchronized, nn.modules.batchnorm._BatchNorm):
     In eval mode it is plain BatchNorm: running statistics, nothing exchanged,
     as torch's SyncBatchNorm."""
 
-    def __init__(self, num_features: int, ranks_per_group: int, eps: float, momentum: float, track_running_stats: bool):
+    def __init__(self, num_features: int, ranks_per_group: int, eps: float, momentum: float, track_running_stats: bool,
+                 unbiased: bool = True):
         super().__init__(num_features, eps=eps, momentum=momentum, affine=True, track_running_stats=track_running_stats)
-        self.ranks_per_group = ranks_per_group
+        self.ranks_per_group, self.unbiased = ranks_per_group, unbiased
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
         if x.dim() < 2:
@@ -108,10 +109,10 @@ class _SyncBatchNorm(_Synchronized, nn.modules.batchnorm._BatchNorm):
             return super().forward(x)
         mean, var, count = self._moments(x)
         if self.track_running_stats:
-            with torch.no_grad():  # torch.nn.BatchNorm's rule: momentum towards the batch, unbiased variance
+            with torch.no_grad():  # the rule of the norm it replaces (norm.running_var: unbiased as torch's, or biased)
                 self.num_batches_tracked.add_(1)
                 self.running_mean.lerp_(mean.detach(), self.momentum)
-                self.running_var.lerp_(_unbiased(var.detach(), count), self.momentum)
+                self.running_var.lerp_(_unbiased(var.detach(), count) if self.unbiased else var.detach(), self.momentum)
         return _normalize(x, mean, var, self.eps, self.weight, self.bias)
 
 
@@ -121,8 +122,9 @@ class _SyncGhostBatchNorm(_Synchronized, _GhostBatchNorm):
     together; the running statistics move towards this group's, and the
     groups' are averaged across ranks after the step (bnexp.distributed)."""
 
-    def __init__(self, num_features: int, virtual_batch_size: int, ranks_per_group: int, eps: float, momentum: float, track_running_stats: bool):
-        super().__init__(num_features, virtual_batch_size, eps, momentum, track_running_stats)
+    def __init__(self, num_features: int, virtual_batch_size: int, ranks_per_group: int, eps: float, momentum: float, track_running_stats: bool,
+                 unbiased: bool = True):
+        super().__init__(num_features, virtual_batch_size, eps, momentum, track_running_stats, unbiased)
         self.ranks_per_group = ranks_per_group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -130,7 +132,7 @@ class _SyncGhostBatchNorm(_Synchronized, _GhostBatchNorm):
             return super().forward(x)  # eval: running statistics, or this batch's own without them
         mean, var, count = self._moments(x)
         if self.track_running_stats:
-            self._update_running(mean, _unbiased(var, count))
+            self._update_running(mean, self._running_var_of(var, count))
         return self._affine(_normalize(x, mean, var, self.eps, None, None))
 
 
@@ -164,14 +166,15 @@ def _twin(norm: nn.Module, per_device_batch: int, world: int, cuda: bool) -> nn.
         return None
     common = {"eps": norm.eps, "momentum": norm.momentum, "track_running_stats": norm.track_running_stats}
     if isinstance(norm, nn.modules.batchnorm._BatchNorm) and not isinstance(norm, nn.SyncBatchNorm):
-        if cuda:
+        unbiased = not isinstance(norm, _BiasedRunningVar)
+        if cuda and unbiased:  # torch's has torch's running_var rule only
             return CudaSyncBatchNorm(norm.num_features, affine=True, **common)
-        return SyncBatchNorm(norm.num_features, world, **common)
+        return SyncBatchNorm(norm.num_features, world, **common, unbiased=unbiased)
     if isinstance(norm, _GhostBatchNorm) and not isinstance(norm, _Synchronized):
         vbs = norm.virtual_batch_size
         if vbs <= per_device_batch:  # every virtual batch lies on one device: ghost BN as it is
             return None
-        return SyncGhostBatchNorm(norm.num_features, vbs, vbs // per_device_batch, **common)
+        return SyncGhostBatchNorm(norm.num_features, vbs, vbs // per_device_batch, **common, unbiased=norm.unbiased)
     if isinstance(norm, _BatchRenorm) and not isinstance(norm, _Synchronized):
         return SyncBatchRenorm(norm.num_features, world, norm.rmax, norm.dmax, **common)
     return None
@@ -209,5 +212,5 @@ def per_device_buffers(model: nn.Module, world: int) -> list[torch.Tensor]:
     for m in model.modules():
         full = isinstance(m, nn.SyncBatchNorm) or getattr(m, "ranks_per_group", 0) == world
         if isinstance(m, (nn.modules.batchnorm._BatchNorm, _RunningStatsNorm)) and not full and m.track_running_stats:
-            out += [m.running_mean, m.running_var]
+            out += [m.running_mean, m.running_std if isinstance(m, _BatchRenorm) else m.running_var]  # renorm keeps a std
     return out

@@ -30,7 +30,7 @@ from bnexp.config import Amp, ConfigError, config_hash, flatten, plain, steps_pe
 from bnexp.models import build_model
 from bnexp.probes import ProbeContext, ProbeSetup, build_probes
 from bnexp.rundir import CHECKPOINT, RunInterrupted, process_info
-from bnexp.runtime import clock, frozen_gc, seed_everything, stop_on_signal
+from bnexp.runtime import clock, frozen_gc, seed_everything, set_threads, stop_on_signal
 from bnexp.schema import typed
 from bnexp.step import LrSchedule, TrainStep, evaluate, grad_norm, make_optimizer, to_host
 from bnexp.tracking import Tracker, env_info, print_summary
@@ -205,6 +205,7 @@ def setup(cfg: DictConfig, run_dir: Path, resume: bool, checkpoint: dict[str, An
     seed_everything(cfg.seed, t.deterministic)
     data = data_mod.load(cfg.data, device)
     run = Run(cfg, run_dir, device, data, total_steps(cfg, len(data.x_train)))
+    set_threads(t.threads, run.model, data.x_train[:1], t.batch_size, device)  # train.threads; before env_info records them
     record = {
         "status": "running", "steps": 0, "total_steps": run.total, "final": {}, "best": {}, "steps_to_target": None,
         "time": {"started_at": time.time()}, "env": env_info(device), "config_hash": config_hash(cfg),
