@@ -14,6 +14,10 @@ import pytest
 # timings steady when tests share the 2 CI cores (measured: a 2x32 MLP ran 1554
 # steps/s on one thread vs 329 on two on a loaded machine). Set before torch loads.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Rich sizes tables by COLUMNS when it is set (pytest-xdist's workers set it to
+# 80); the tests read whole table rows, so they run at bnexp's own width
+# (report.console) unless a test sets COLUMNS itself.
+os.environ.pop("COLUMNS", None)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
