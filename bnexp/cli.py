@@ -305,9 +305,9 @@ class Format(str, Enum):
 def report(
     paths: List[Path] = typer.Argument(None, help="Run or sweep directories to search for runs (default: runs/)."),
     by: List[str] = typer.Option(None, "--by", help="Group by this config key (repeatable); default: every key that differs except seed."),
-    metric: List[str] = typer.Option(None, "--metric", "-m", help="Metric tag to show (repeatable); default: val/acc, test/acc, train/loss."),
+    metric: List[str] = typer.Option(None, "--metric", "-m", help="Metric tag to show (repeatable); default: val/acc, test/acc, train/loss (val/loss, test/loss, train/loss for runs without accuracy); with --plot, probe tags get panels (X_min/X_max as a band)."),
     format: Format = typer.Option(Format.table, "--format", "-f", help="Output format."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Write learning curves with seed bands and act/* percentiles to this PNG."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write learning curves with seed bands and act/* percentiles to this PNG, plus a panel per --metric (X_min/X_max: the min..max band)."),
     tensorboard: bool = typer.Option(False, "--tensorboard", help="Also (re)write the HParams config, custom-scalars layout and aggregate/ seed bands into the one sweep directory given."),
 ) -> None:
     """Compare runs: group by the config keys that differ (except seed), mean ± std (n) over seeds.
@@ -315,7 +315,7 @@ def report(
     Example: bnexp report runs/placement_ablation/2024-05-01_12-00-00 --format markdown --plot curves.png
     """
     from bnexp import report as rep
-    from bnexp.runs import find_runs
+    from bnexp.runs import find_runs, headline
 
     paths = paths or [Path("runs")]
     for p in paths:
@@ -335,7 +335,7 @@ def report(
         if m not in known:
             raise fail(f"--metric {m}: no run has it; allowed: {', '.join(known)}")
     # Defaults no run has yet (no test/acc while every run is still running) are left out.
-    metrics = list(metric) if metric else [m for m in rep.DEFAULT_METRICS if m in known]
+    metrics = list(metric) if metric else [m for m in headline(usable) if m in known]
     groups = rep.aggregate(rep.group_runs(usable, by), metrics)
     console = rep.console()
     problems = [f"unreadable: {r.path}: {r.problem}" for r in unreadable]
@@ -352,7 +352,7 @@ def report(
                 typer.echo(line, err=True)
     if plot is not None:
         try:
-            typer.echo(f"plot: {rep.plot(groups, plot)}", err=format != Format.table)
+            typer.echo(f"plot: {rep.plot(groups, plot, metric or [])}", err=format != Format.table)
         except ValueError as e:
             raise fail(f"--plot: {e}") from None
     if tensorboard:

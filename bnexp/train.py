@@ -18,18 +18,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
 from bnexp import checkpoint as ckpt_mod
 from bnexp import data as data_mod
-from bnexp.config import Amp, ConfigError, config_hash, flatten, plain, steps_per_epoch
+from bnexp.config import Amp, ConfigError, Loss, config_hash, flatten, plain, steps_per_epoch
 from bnexp.models import build_model
 from bnexp.probes import ProbeContext, ProbeSetup, build_probes
+from bnexp.probes.bn_gap import recompute_bn_stats
 from bnexp.rundir import CHECKPOINT, RunInterrupted, process_info, run_lock
 from bnexp.runtime import clock, frozen_gc, pick_device, seed_everything, stop_on_signal
-from bnexp.step import LogWindow, LrSchedule, Sampler, TrainStep, evaluate, make_optimizer, to_host
+from bnexp.step import LOSSES, LogWindow, LrSchedule, Sampler, TrainStep, evaluate, make_optimizer, to_host
 from bnexp.tracking import Tracker, env_info, print_summary
 
 log = logging.getLogger("bnexp")
@@ -75,6 +75,7 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, extra_record: di
                 else:
                     status = "completed"
             if status == "completed" and not state.done:
+                run.recalibrate(run.total)
                 test = evaluate(run.model, run.data.x_test, run.data.y_test, cfg.train.eval_batch_size)
                 tracker.scalars(run.total, to_host({f"test/{k}": v for k, v in test.items()}), is_eval=True)
                 state.done = True
@@ -100,6 +101,8 @@ def report(run: "Run", step: int, x: torch.Tensor, y: torch.Tensor) -> str | Non
     logging_step, evaluating = run.window.is_logging_step(step, run.total), step % run.eval_every == 0 or step == run.total
     now = clock(run.device)  # before evaluation and probes, which the window's timing leaves out
     out = run.window.sums(step) if logging_step else {}
+    if evaluating:
+        run.recalibrate(step)
     if evaluating and len(run.data.x_val):
         out.update({f"val/{k}": v for k, v in evaluate(run.model, run.data.x_val, run.data.y_val, run.cfg.train.eval_batch_size).items()})
     out.update(run.probes.due(step, run.total, lambda: run.probe_context(step, x, y)))
@@ -141,9 +144,10 @@ class Run:
         self.model = build_run_model(cfg, data, device)
         self.optimizer = make_optimizer(cfg.optim, self.model, t.batch_size)
         self.schedule = LrSchedule(cfg.optim, self.optimizer, total)
-        self.train_step = TrainStep(self.model, self.optimizer, Amp(t.amp), device, t.compile)
+        self.loss_fn = LOSSES[Loss(t.loss)]
+        self.train_step = TrainStep(self.model, self.optimizer, Amp(t.amp), device, t.compile, self.loss_fn)
         self.sampler = Sampler(len(data.x_train), t.batch_size, cfg.seed, device)
-        self.window = LogWindow(int(t.log_every), total, t.batch_size, data.num_classes, device)
+        self.window = LogWindow(int(t.log_every), total, t.batch_size, data.num_classes, device, accuracy=not data.regression)
         # Plain ints for the per-step checks: a DictConfig lookup costs ~8 us.
         self.log_every, self.checkpoint_every = int(t.log_every), int(t.checkpoint_every)
         self.eval_every = int(t.eval_every) if t.eval_every is not None else self.sampler.per_epoch  # null: once per epoch
@@ -152,6 +156,7 @@ class Run:
         self.probe_y = (data.y_val if has_val else data.y_train)[: t.probe_size]
         self.probes = build_probes(ProbeSetup(cfg, self.model, self.log_every, self.eval_every, self.probe_x, self.probe_y, data))
         self.cadences = tuple(sorted({self.log_every, self.eval_every, *self.probes.cadences()}))
+        self.precise_bn, self.recalibrated_at = int(t.precise_bn), -1
         self.state = ckpt_mod.LoopState()
         self.tracker: Tracker  # made last by setup(), once nothing can be rejected any more
         self.t0 = self.window_t0 = 0.0
@@ -166,7 +171,14 @@ class Run:
         return step == self.total or any(step % c == 0 for c in self.cadences)
 
     def probe_context(self, step: int, x: torch.Tensor, y: torch.Tensor) -> ProbeContext:
-        return ProbeContext(self.model, self.probe_x, self.probe_y, x, y, self.optimizer, F.cross_entropy, self.schedule.lr(), step)
+        return ProbeContext(self.model, self.probe_x, self.probe_y, x, y, self.optimizer, self.loss_fn, self.schedule.lr(), step)
+
+    def recalibrate(self, step: int) -> None:
+        """train.precise_bn: the running statistics recomputed (PreciseBN) before
+        the evaluations of ``step``, once however many evaluate then."""
+        if self.precise_bn and self.recalibrated_at != step:
+            recompute_bn_stats(self.model, self.data.x_train, self.precise_bn, int(self.cfg.train.batch_size), int(self.cfg.seed), step)
+            self.recalibrated_at = step
 
 
 def setup(cfg: DictConfig, run_dir: Path, resume: bool, checkpoint: dict[str, Any] | None,
