@@ -327,6 +327,9 @@ def draw_band(ax, curves: dict[str, list[list[tuple[int, float]]]], base: str, c
                     label=f"{label} (n={len(curves[f'{base}_min'])})")
     for edge in (lo_at, hi_at):
         ax.plot(common, [edge[s] for s in common], color=color, lw=0.8)
+    finite = [v for v in (*lo, *hi) if math.isfinite(v)]
+    if finite and min(finite) > 0 and max(finite) > 100 * min(finite):
+        ax.set_yscale("log")  # a network without BN can span orders of magnitude along its gradient
 
 
 def plot(groups: list[Group], path: Path, metrics: Iterable[str] = ()) -> Path:
@@ -367,7 +370,7 @@ def plot(groups: list[Group], path: Path, metrics: Iterable[str] = ()) -> Path:
                 ax.plot(bands[1][0], bands[1][1], color=color, label=g.label)
                 for b in (bands[0], bands[2]):
                     ax.plot(b[0], b[1], color=color, lw=0.8, ls="--")
-        ax.set_title({"curve": name, "band": f"{name}_min .. {name}_max (mean over seeds)"}.get(kind, f"act/{name}: p15, p50, p85 (mean over seeds)"))
+        ax.set_title({"curve": name, "band": f"{name}: min..max band"}.get(kind, f"act/{name}: p15, p50, p85 (mean over seeds)"))
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(panels):]:
