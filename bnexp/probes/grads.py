@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from bnexp.models.blocks import parameterized_layers
+from bnexp.probes.base import ProbeContext
 
 
 def params(model: nn.Module) -> list[nn.Parameter]:
@@ -29,6 +30,19 @@ def loss_and_grads(model: nn.Module, loss_fn: Callable, x: torch.Tensor, y: torc
     torch.manual_seed(seed)
     loss = loss_fn(model(x).float(), y)
     return loss.detach(), torch.autograd.grad(loss, list(wrt), create_graph=create_graph)
+
+
+def on_step_batch(ctx: ProbeContext, wrt: Sequence[torch.Tensor]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """:func:`loss_and_grads` on the training batch of the step just taken (one noise draw per probe call)."""
+    return loss_and_grads(ctx.model, ctx.loss_fn, ctx.train_x, ctx.train_y, wrt, ctx.step)
+
+
+def here(ctx: ProbeContext, params: Sequence[nn.Parameter]) -> tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]:
+    """In train mode (batch statistics, as the step saw them): copies of the
+    current parameters theta, and the gradient g at theta on the step's batch."""
+    ctx.model.train()
+    theta = [p.detach().clone() for p in params]
+    return theta, on_step_batch(ctx, params)[1]
 
 
 def norm(ts: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -49,11 +49,8 @@ class InternalCovariateShift:
             start += len(ps)
 
     def __call__(self, ctx: ProbeContext) -> dict[str, torch.Tensor]:
-        model, params = ctx.model, self.params
-        model.train()
-        x, y, seed = ctx.train_x, ctx.train_y, ctx.step
-        theta = [p.detach().clone() for p in params]
-        _, g = grads.loss_and_grads(model, ctx.loss_fn, x, y, params, seed)
+        params = self.params
+        theta, g = grads.here(ctx, params)
         for p, gp in zip(params, g):
             p.grad = gp.clone()
         ctx.optimizer.step()  # the step-t update of every layer
@@ -62,7 +59,7 @@ class InternalCovariateShift:
         out: dict[str, torch.Tensor] = {}
         for name, own in self.layers:
             grads.assign(params[: own.start], updated[: own.start])  # layers 1..i-1 updated, i..k as they were
-            _, g_shifted = grads.loss_and_grads(model, ctx.loss_fn, x, y, params[own], seed)
+            _, g_shifted = grads.on_step_batch(ctx, params[own])
             g_own = g[own]
             diff = [a - b for a, b in zip(g_own, g_shifted)]
             out[f"ics/{name}/l2"] = grads.norm(diff)

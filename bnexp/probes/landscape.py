@@ -42,17 +42,14 @@ class Landscape:
         self.params = grads.params(model)
 
     def __call__(self, ctx: ProbeContext) -> dict[str, torch.Tensor]:
-        model, params = ctx.model, self.params
-        model.train()
-        x, y, seed = ctx.train_x, ctx.train_y, ctx.step
-        theta = [p.detach().clone() for p in params]
-        _, g = grads.loss_and_grads(model, ctx.loss_fn, x, y, params, seed)
+        params = self.params
+        theta, g = grads.here(ctx, params)
         g_norm = grads.norm(g)
         losses, diffs, betas = [], [], []
         for eta in self.etas:
             step = eta * ctx.lr
             grads.assign(params, [t - step * gp for t, gp in zip(theta, g)])
-            loss, g_moved = grads.loss_and_grads(model, ctx.loss_fn, x, y, params, seed)
+            loss, g_moved = grads.on_step_batch(ctx, params)
             diff = grads.norm([a - b for a, b in zip(g, g_moved)])
             losses.append(loss)
             diffs.append(diff)
