@@ -40,10 +40,10 @@ def trainable(cfg: DictConfig, model: nn.Module) -> list[nn.Parameter]:
     gradient norms see only what trains): BN-only training (Frankle et al. 2021)."""
     if TrainOnly(cfg.get("train_only", TrainOnly.all)) == TrainOnly.norm:
         norm_params = {id(p) for m in model.modules() if isinstance(m, NORM_TYPES) for p in m.parameters()}
-        for p in model.parameters():
-            p.requires_grad_(id(p) in norm_params)
         if not norm_params:
             raise ConfigError("optim.train_only", "norm, but the model has no norm parameters to train; allowed: all, or norm layers with gamma/beta")
+        for p in model.parameters():
+            p.requires_grad_(id(p) in norm_params)
     return [p for p in model.parameters() if p.requires_grad]
 
 

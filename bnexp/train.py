@@ -101,9 +101,8 @@ def report(run: "Run", step: int, x: torch.Tensor, y: torch.Tensor) -> str | Non
     logging_step, evaluating = run.window.is_logging_step(step, run.total), step % run.eval_every == 0 or step == run.total
     now = clock(run.device)  # before evaluation and probes, which the window's timing leaves out
     out = run.window.sums(step) if logging_step else {}
-    if evaluating:
-        run.recalibrate(step)
     if evaluating and len(run.data.x_val):
+        run.recalibrate(step)
         out.update({f"val/{k}": v for k, v in evaluate(run.model, run.data.x_val, run.data.y_val, run.cfg.train.eval_batch_size).items()})
     out.update(run.probes.due(step, run.total, lambda: run.probe_context(step, x, y)))
     values = to_host(out)
