@@ -103,6 +103,9 @@ def recompute_bn_stats(model: nn.Module, x: torch.Tensor, batches: int, batch_si
     return len(norms)
 
 
+NEEDS_VALIDATION = "needs a validation split; allowed: data.val_size > 0, or probes.bn_gap.every=0"
+
+
 @dataclass
 class BNGapConfig:
     every: int = 0  # steps; 0: off. Costs three validation passes and `batches` training forwards.
@@ -129,7 +132,7 @@ def build(setup: ProbeSetup, cfg: BNGapConfig | None) -> BNGap | None:
     if cfg is None or not cfg.every or not running_stat_norms(setup.model):
         return None
     if not len(setup.data.x_val):
-        raise ConfigError("probes.bn_gap.every", "needs a validation split; allowed: data.val_size > 0, or probes.bn_gap.every=0")
+        raise ConfigError("probes.bn_gap.every", NEEDS_VALIDATION)
     t = setup.cfg.train
     return BNGap(cfg.every, int(cfg.batches), int(t.batch_size), int(t.eval_batch_size), int(setup.cfg.seed), setup.data)
 
@@ -138,7 +141,7 @@ def check(cfg) -> None:
     if cfg.probes.bn_gap.batches < 1:
         raise ConfigError("probes.bn_gap.batches", f"got {cfg.probes.bn_gap.batches}; allowed: a whole number >= 1")
     if cfg.probes.bn_gap.every and cfg.data.val_size == 0:
-        raise ConfigError("probes.bn_gap.every", "needs a validation split; allowed: data.val_size > 0, or probes.bn_gap.every=0")
+        raise ConfigError("probes.bn_gap.every", NEEDS_VALIDATION)
 
 
 register("bn_gap", BNGapConfig, build, check)
