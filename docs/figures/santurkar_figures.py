@@ -37,9 +37,15 @@ def curve(ax, curves, tag: str, label: str, color: str) -> None:
     ax.plot(steps, mean, color=color, label=label)
     finite = [m for m in mean if math.isfinite(m)]
     if finite and min(finite) > 0 and max(finite) > 100 * min(finite):
-        ax.set_yscale("log")  # orders of magnitude (a deep net without BN): the mean alone, no ±std band
-        return
+        ax.set_yscale("log")  # orders of magnitude (a deep net without BN): see unbanded()
     ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color=color, alpha=0.2, lw=0)
+
+
+def unbanded(ax) -> None:
+    """A log-scale curve panel shows the seed means alone: a ±std band below zero has no place on it."""
+    if ax.get_yscale() == "log":
+        for band in list(ax.collections):
+            band.remove()
 
 
 def over_training(curves, tag: str, lo: str | None = None) -> str:
@@ -91,6 +97,8 @@ def main(root: Path, out: Path, layers: list[str]) -> None:
     for ax, title in zip(axes[1], ("(a) loss landscape: L(theta - eta g)", "(b) gradient predictiveness: ||g - g'||",
                                    "(c) effective beta-smoothness", "(d) Hessian top eigenvalue")):
         ax.set_title(title)
+    for ax in [*axes[0], axes[1, 2], axes[1, 3]]:
+        unbanded(ax)
     for ax in axes.flat:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
