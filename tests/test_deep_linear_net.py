@@ -142,6 +142,8 @@ def test_runs_recorded_before_the_instrument_keys_existed_keep_their_config_hash
     now = plain(compose([]))
     old = json.loads(json.dumps(now))
     for key in LATER_KEYS:  # the config as bnexp wrote it before these keys
+        if key == "world_size":  # hashed like a key, but no config key
+            continue
         *parents, leaf = key.split(".")
         node = old
         for p in parents:

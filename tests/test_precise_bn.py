@@ -39,10 +39,11 @@ def np_bn_forward(model, x: np.ndarray, eps: float) -> list[np.ndarray]:
     return inputs
 
 
-@pytest.mark.parametrize("kind", [NormKind.batch, NormKind.batch_renorm, NormKind.ghost_batch])
-def test_precise_bn_sets_running_stats_to_the_pooled_statistics_of_the_batches_it_saw(kind):
+@pytest.mark.parametrize("kind, running_var", [(NormKind.batch, "unbiased"), (NormKind.batch, "biased"), (NormKind.batch_renorm, "unbiased"),
+                                               (NormKind.ghost_batch, "unbiased"), (NormKind.ghost_batch, "biased")])
+def test_precise_bn_sets_running_stats_to_the_pooled_statistics_of_the_batches_it_saw(kind, running_var):
     torch.manual_seed(0)
-    norm_cfg = NormConfig(kind=kind, virtual_batch_size=4)
+    norm_cfg = NormConfig(kind=kind, virtual_batch_size=4, running_var=running_var)
     model = build_model(MLPConfig(hidden=[6, 5]), norm_cfg, (4,), 3)
     with torch.no_grad():
         for m in (model.hidden0.norm, model.hidden1.norm):
@@ -59,7 +60,11 @@ def test_precise_bn_sets_running_stats_to_the_pooled_statistics_of_the_batches_i
     for layer, norm in enumerate((model.hidden0.norm, model.hidden1.norm)[: len(seen[0])]):
         pooled = np.concatenate([s[layer] for s in seen])
         np.testing.assert_allclose(norm.running_mean.double().numpy(), pooled.mean(0), rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(norm.running_var.double().numpy(), pooled.var(0), rtol=1e-5, atol=1e-6)
+        if kind == NormKind.batch_renorm:  # a running sigma (Ioffe 2017, Algorithm 1), eps inside
+            np.testing.assert_allclose(norm.running_std.double().numpy(), np.sqrt(pooled.var(0) + norm.eps), rtol=1e-5, atol=1e-6)
+        else:  # the norm's own running-variance rule (norm.running_var) over the 80 values pooled
+            ddof = 1 if running_var == "unbiased" else 0
+            np.testing.assert_allclose(norm.running_var.double().numpy(), pooled.var(0, ddof=ddof), rtol=1e-5, atol=1e-6)
     after = model.state_dict()
     for k, v in before.items():  # parameters and counters untouched; only the running statistics change
         if "running" not in k:
@@ -74,7 +79,7 @@ def test_precise_bn_of_a_conv_layer_pools_over_examples_and_positions():
     recompute_bn_stats(model, x, batches=4, batch_size=8, seed=0, step=1)  # 4 x 8 = every example once
     z = F.conv2d(x.double(), model.hidden0.conv.weight.detach().double(), padding=1).numpy()
     np.testing.assert_allclose(model.hidden0.norm.running_mean.numpy(), z.mean((0, 2, 3)), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(model.hidden0.norm.running_var.numpy(), z.var((0, 2, 3)), rtol=1e-5)
+    np.testing.assert_allclose(model.hidden0.norm.running_var.numpy(), z.var((0, 2, 3), ddof=1), rtol=1e-5)  # torch's unbiased rule
 
 
 def test_precise_bn_leaves_a_network_without_running_statistics_alone():

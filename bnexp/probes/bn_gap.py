@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from bnexp.config import ConfigError
-from bnexp.norms import running_stat_norms, use_batch_statistics
+from bnexp.norms import _BatchRenorm, running_stat_norms, tracks_unbiased_var, use_batch_statistics
 from bnexp.probes.base import ProbeContext, ProbeSetup, register
 from bnexp.step import evaluate
 
@@ -49,8 +49,11 @@ def batch_indices(n: int, batches: int, batch_size: int, seed: int, step: int) -
 def recompute_bn_stats(model: nn.Module, x: torch.Tensor, batches: int, batch_size: int, seed: int, step: int) -> int:
     """Set each running mean / variance to the pooled statistics of its layer's
     inputs over ``batches`` batches of ``x`` (as fvcore's _PopulationVarianceEstimator:
-    the mean and the biased variance over every value a channel saw, H and W
-    counting as batch). Returns the number of norms recomputed.
+    the mean and the variance over every value a channel saw, H and W counting as
+    batch). The variance follows the norm's own running rule (norm.running_var):
+    unbiased, n/(n-1) over the n values pooled (torch's convention, which fvcore's
+    estimator keeps), or biased; batch renorm gets its running sigma,
+    sqrt(variance + eps). Returns the number of norms recomputed.
 
     Written here rather than taken from fvcore: fvcore is not a dependency, its
     BN_MODULE_TYPES miss bnexp's ghost BN and batch renorm, and it rebinds the
@@ -98,8 +101,12 @@ def recompute_bn_stats(model: nn.Module, x: torch.Tensor, batches: int, batch_si
     for m in norms:
         count, s1, s2 = sums[m]
         mean = s1 / count
+        var = s2 / count - mean**2  # biased, over every value pooled
         m.running_mean.copy_(mean)
-        m.running_var.copy_(s2 / count - mean**2)
+        if isinstance(m, _BatchRenorm):
+            m.running_std.copy_(torch.sqrt(var + m.eps))  # its sigma (Ioffe 2017, Algorithm 1): eps inside
+        else:
+            m.running_var.copy_(var * count / max(count - 1, 1) if tracks_unbiased_var(m) else var)
     return len(norms)
 
 
