@@ -279,6 +279,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("train.threads", f"got {t.threads!r}; allowed: auto or a positive number of threads")
     _check_device(t)
     _check_world(cfg, launch_world_size())
+    _check_instruments_world(cfg, launch_world_size())
     if DataName(cfg.data.name) not in IN_MEMORY_DATA:
         from bnexp import datasets
 
@@ -309,6 +310,25 @@ def _check_regression(cfg: DictConfig) -> None:
         raise ConfigError("train.loss", f"mse needs real-valued targets (data=linear_regression), but data={cfg.data.name} has class labels; allowed: cross_entropy")
     if regression and cfg.train.target_acc is not None:
         raise ConfigError("train.target_acc", f"data={cfg.data.name} is a regression: there is no accuracy to reach; allowed: null")
+# The optimization-landscape instruments that need the whole step batch in one process.
+ONE_PROCESS_INSTRUMENTS = ("probes.ics.every", "probes.landscape.every", "probes.hessian.every", "probes.bn_gap.every", "train.precise_bn")
+
+
+def _check_instruments_world(cfg: DictConfig, world: int) -> None:
+    """The landscape probes and PreciseBN are refused in a data-parallel run: they
+    take trial steps and extra forwards on the model, which each rank would have
+    to join in lockstep (synchronized norms all-reduce in every forward: rank 0
+    alone would wait forever) on a batch that no rank holds whole. Rather than
+    measure something else than one process does, they say so."""
+    if world == 1:
+        return
+    for key in ONE_PROCESS_INSTRUMENTS:
+        if OmegaConf.select(cfg, key):
+            raise ConfigError(key, f"{OmegaConf.select(cfg, key)}, but this is a data-parallel run of {world} processes, and the "
+                                   "optimization-landscape probes and PreciseBN run in one process only; allowed: 0 under torchrun "
+                                   "(or train without torchrun)")
+
+
 def _check_world(cfg: DictConfig, world: int) -> None:
     """norm.sync, and what a data-parallel run of ``world`` processes needs: a
     global batch that splits evenly, ghost batches that fit the per-device batch."""
