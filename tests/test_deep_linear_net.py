@@ -76,6 +76,9 @@ def test_report_and_sweep_tables_of_regression_runs_head_with_losses(tmp_path):
     assert not any("acc" in h for h in header)
     rows = report.stdout.splitlines()[1:]
     assert len(rows) == 2 and all(r.split(",")[header.index("test/loss mean")] for r in rows)
+    listing = run_inprocess(["runs", "sw"], tmp_path)  # bnexp runs: one table per folder, headed the same way
+    assert listing.returncode == 0, listing.stderr
+    assert "test/loss" in listing.stdout and "val/acc" not in listing.stdout and "test/acc" not in listing.stdout
 
 
 def test_santurkar_dln_preset_is_the_papers_25_layer_full_batch_net():
