@@ -340,10 +340,10 @@ class Format(str, Enum):
 def report(
     paths: List[Path] = typer.Argument(None, help="Run or sweep directories to search for runs (default: runs/)."),
     by: List[str] = typer.Option(None, "--by", help="Group by this config key (repeatable); default: every key that differs except seed."),
-    metric: List[str] = typer.Option(None, "--metric", "-m", help="Metric tag to show (repeatable); default: val/acc, test/acc, train/loss."),
+    metric: List[str] = typer.Option(None, "--metric", "-m", help="Metric tag to show (repeatable); default: val/acc, test/acc, train/loss (val/loss, test/loss, train/loss for runs without accuracy); with --plot, probe tags get panels (X_min/X_max as a band)."),
     baseline: List[str] = typer.Option(None, "--baseline", help="KEY=VALUE of the group the others are compared with (repeatable); default: norm.placement=none where a group has it, else the first group."),
     format: Format = typer.Option(Format.table, "--format", "-f", help="Output format."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Write learning curves with seed bands and act/* percentiles to this image (PNG unless the name ends in another format, e.g. .pdf, .svg)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write learning curves with seed bands and act/* percentiles to this image (PNG unless the name ends in another format, e.g. .pdf, .svg), plus a panel per probe --metric (X_min/X_max: the min..max band)."),
     overwrite: bool = typer.Option(False, "--overwrite", "--force", help="Let --plot replace an existing file (otherwise refused)."),
     tensorboard: bool = typer.Option(False, "--tensorboard", help="Also (re)write the HParams config, custom-scalars layout and aggregate/ seed bands into the one sweep directory given."),
 ) -> None:
@@ -353,7 +353,7 @@ def report(
     Example: bnexp report runs/placement_ablation/2024-05-01_12-00-00 --format markdown --plot curves.png
     """
     from bnexp import report as rep
-    from bnexp.runs import find_runs
+    from bnexp.runs import find_runs, headline
 
     paths = paths or [Path("runs")]
     for p in paths:
@@ -380,7 +380,7 @@ def report(
         if m not in known:
             raise fail(f"--metric {m}: no run has it; allowed: {', '.join(known)}")
     # Defaults no run has yet (no test/acc while every run is still running) are left out.
-    metrics = list(metric) if metric else [m for m in rep.DEFAULT_METRICS if m in known]
+    metrics = list(metric) if metric else [m for m in headline(usable) if m in known]
     groups = rep.group_runs(usable, by)
     try:
         base = rep.choose_baseline(groups, baseline)
@@ -405,7 +405,7 @@ def report(
                 typer.echo(line, err=True)
     if plot is not None:
         try:
-            written = rep.plot(groups, plot, overwrite)
+            written = rep.plot(groups, plot, overwrite, metric or [])
         except rep.PlotError as e:
             raise fail(f"--plot {e}") from None
         except ValueError as e:

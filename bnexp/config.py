@@ -82,10 +82,13 @@ class DataName(str, Enum):
     mnist = "mnist"
     fashion_mnist = "fashion_mnist"
     cifar10 = "cifar10"
+    linear_regression = "linear_regression"  # real-valued targets y = A x (Santurkar et al. 2018's deep linear net)
 
 
 # Made in memory by bnexp.data from the config alone: no files, no bnexp.datasets.
-IN_MEMORY_DATA = (DataName.drug_trial, DataName.synthetic)
+IN_MEMORY_DATA = (DataName.drug_trial, DataName.synthetic, DataName.linear_regression)
+# Data whose targets are real vectors, not class labels: no accuracy, loss mse.
+REGRESSION_DATA = (DataName.linear_regression,)
 
 # One example's shape as bnexp.data gives it (synthetic: data.shape), known
 # before any file is read, so that checks of image-only options run at validation.
@@ -114,6 +117,16 @@ class Schedule(str, Enum):
     cosine = "cosine"
     linear = "linear"
     step = "step"  # x0.1 at 50% and 75% of training
+
+
+class TrainOnly(str, Enum):
+    all = "all"
+    norm = "norm"  # only the norm layers' gamma and beta (Frankle, Schwab & Morcos 2021)
+
+
+class Loss(str, Enum):
+    cross_entropy = "cross_entropy"
+    mse = "mse"  # torch's mse_loss: the mean over samples and output units
 
 
 class Amp(str, Enum):
@@ -154,6 +167,16 @@ class NormConfig:
     virtual_batch_size: Optional[int] = None  # ghost batch norm
     rmax: float = 3.0  # batch renorm
     dmax: float = 5.0  # batch renorm
+    # Santurkar et al. 2018, Algorithm 1 ("noisy" BN): after each norm (or where
+    # it would be, with placement=none), in training only, per step and unit j
+    # mu_j ~ U(-noise_mu, noise_mu), sigma_j ~ U(1, noise_sigma); per example
+    # m ~ U(mu_j - noise_r_mu, mu_j + noise_r_mu), s ~ N(sigma_j, noise_r_sigma^2);
+    # a <- s * a + m. The defaults are the paper's values.
+    noise: bool = False
+    noise_mu: float = 0.5
+    noise_sigma: float = 1.25
+    noise_r_mu: float = 0.1
+    noise_r_sigma: float = 0.1
     # Data-parallel runs (torchrun): false, each process normalizes with its own
     # batch's statistics (per-device BN, Wu & He 2018's setting); true, with the
     # statistics of the whole global batch (synchronized BN). Batch-statistics norms only.
@@ -176,6 +199,9 @@ class DataConfig:
     n_train: int = 4000
     n_test: int = 1000
     cluster_std: float = 1.0
+    # linear_regression: y = A x with x ~ N(0, I) of data.shape and a fixed A ~ N(0, 1)
+    # of out_dim x D entries (null: square, out_dim = D); also n_train, n_test, seed.
+    out_dim: Optional[int] = None
 
 
 @dataclass
@@ -191,6 +217,7 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     schedule: Schedule = Schedule.constant
     warmup_steps: int = 0
+    train_only: TrainOnly = TrainOnly.all  # norm: everything else stays frozen at its initialization
 
 
 @dataclass
@@ -217,6 +244,11 @@ class TrainConfig:
     target_acc: Optional[float] = None
     checkpoint_every: int = 0  # steps; 0 = only at the end and on interruption
     progress: bool = True
+    loss: Loss = Loss.cross_entropy  # mse for real-valued targets (data=linear_regression)
+    # PreciseBN (Wu & Johnson 2021): before each evaluation and the final test,
+    # the running statistics are recomputed over this many training batches as
+    # pooled population statistics (fvcore's update_bn_stats); 0: off (the EMA).
+    precise_bn: int = 0
 
 
 @dataclass
@@ -270,7 +302,10 @@ NON_RESULT_KEYS = ("notes", "train.progress", "train.checkpoint_every", "probes"
 # ``world_size`` is no config key: it is the number of processes that train one
 # run together (torchrun's WORLD_SIZE), hashed as if it were one.
 LATER_KEYS: dict[str, Any] = {"norm.sync": False, "world_size": 1, "norm.zero_init_residual": False, "data.augment": "none",
-                               "norm.running_var": "unbiased", "train.threads": "auto"}
+                               "norm.running_var": "unbiased", "train.threads": "auto",
+                               "norm.noise": False, "norm.noise_mu": 0.5, "norm.noise_sigma": 1.25, "norm.noise_r_mu": 0.1,
+                               "norm.noise_r_sigma": 0.1, "data.out_dim": None, "optim.train_only": "all", "train.loss": "cross_entropy",
+                               "train.precise_bn": 0}
 
 
 def launch_world_size() -> int:

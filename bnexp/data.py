@@ -33,6 +33,11 @@ class Splits:
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
 
+    @property
+    def regression(self) -> bool:
+        """Real-valued targets (no classes, no accuracy); ``num_classes`` is then the output size."""
+        return self.y_train.is_floating_point()
+
 
 def synthetic(cfg: DictConfig) -> dict:
     """Gaussian class clusters: class k ~ N(mu_k, cluster_std^2 I), mu_k ~ N(0, I)."""
@@ -72,10 +77,30 @@ def drug_trial(cfg: DictConfig) -> dict:
     return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test, "num_classes": 2}
 
 
+def linear_regression(cfg: DictConfig) -> dict:
+    """Santurkar et al. 2018's deep-linear-net task: x ~ N(0, I) of ``data.shape``
+    (flattened to D features), y = A x for one fixed A ~ N(0, 1) of out_dim x D
+    (square when ``data.out_dim`` is null). Train and test come from one draw of A."""
+    rng = np.random.default_rng(cfg.seed)
+    d = int(np.prod(cfg.shape))
+    out = d if cfg.out_dim is None else int(cfg.out_dim)
+    a = rng.standard_normal((out, d))
+
+    def draw(n: int):
+        x = rng.standard_normal((n, *cfg.shape))
+        return x.astype(np.float32), (x.reshape(n, d) @ a.T).astype(np.float32)
+
+    x_train, y_train = draw(cfg.n_train)
+    x_test, y_test = draw(cfg.n_test)
+    return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test, "num_classes": out}
+
+
 def load_arrays(cfg: DictConfig) -> dict:
     name = DataName(cfg.name)
     if name == DataName.synthetic:
         return synthetic(cfg)
+    if name == DataName.linear_regression:
+        return linear_regression(cfg)
     if name == DataName.drug_trial:
         return drug_trial(cfg)
     from bnexp import datasets
@@ -167,8 +192,8 @@ def _load(cfg: DictConfig, device: torch.device) -> Splits:
         x = (x.astype(np.float32) - shift) / scale
         return torch.from_numpy(np.ascontiguousarray(x)).to(device)
 
-    def labels(y: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(y.astype(np.int64)).to(device)
+    def labels(y: np.ndarray) -> torch.Tensor:  # class labels as int64; real-valued targets (regression) as float32
+        return torch.from_numpy(y.astype(np.float32 if y.dtype.kind == "f" else np.int64)).to(device)
 
     splits = Splits(
         x_train=prep(x_train),

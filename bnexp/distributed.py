@@ -131,9 +131,10 @@ class Ranks:
     def sampler(self, n: int, batch_size: int, seed: int, device: torch.device) -> Sampler:
         return Sampler(n, batch_size, seed, device) if self.world_size == 1 else ShardedSampler(n, batch_size, seed, device, self)
 
-    def window(self, log_every: int, total: int, batch_size: int, num_classes: int, device: torch.device) -> LogWindow:
+    def window(self, log_every: int, total: int, batch_size: int, num_classes: int, device: torch.device,
+               accuracy: bool = True) -> LogWindow:
         cls = LogWindow if self.world_size == 1 else RanksWindow
-        return cls(log_every, total, batch_size, num_classes, device)
+        return cls(log_every, total, batch_size, num_classes, device, accuracy=accuracy)
 
     def models(self, model: nn.Module, norm: DictConfig, batch_size: int, device: torch.device) -> tuple[nn.Module, nn.Module]:
         """(the raw model, the model the step trains through). With several
@@ -300,7 +301,7 @@ class RanksWindow(LogWindow):
     checkpoints them, and sees the same first non-finite step."""
 
     def fold(self, step: int) -> None:
-        pending = len(self.logits)
+        pending = len(self.losses)  # (a regression's window keeps no logits)
         super().fold(step)
         if not pending:
             return

@@ -317,3 +317,64 @@ NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, _Runn
 def is_centered(norm: nn.Module | None) -> bool:
     """Whether the norm subtracts a per-feature mean, which makes a preceding bias redundant."""
     return isinstance(norm, (nn.modules.batchnorm._BatchNorm, _RunningStatsNorm))
+
+
+class BatchNoise(nn.Module):
+    """Santurkar et al. 2018, Algorithm 1 ("noisy" BatchNorm): time-varying,
+    non-zero-mean, non-unit-variance noise after a norm, to add internal
+    covariate shift on purpose. In training, at every forward (one per step):
+    per unit j, mu_j ~ U(-n_mu, n_mu) and sigma_j ~ U(1, n_sigma); per example
+    (and, in conv layers, per position: H and W count as batch)
+    m ~ U(mu_j - r_mu, mu_j + r_mu), s ~ N(sigma_j, r_sigma^2); a <- s * a + m.
+    In eval mode it is the identity: the noise stands for a shifting input
+    distribution during training, not for part of the deployed network.
+
+    Draws come from torch's global generator (seeded by the run, checkpointed),
+    so a resumed run draws the same noise."""
+
+    def __init__(self, mu: float, sigma: float, r_mu: float, r_sigma: float):
+        super().__init__()
+        self.mu, self.sigma, self.r_mu, self.r_sigma = mu, sigma, r_mu, r_sigma
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        units = (1, x.shape[1], *([1] * (x.dim() - 2)))  # one draw per unit (channel), shared by the batch
+        mu = torch.empty(units, device=x.device, dtype=x.dtype).uniform_(-self.mu, self.mu)
+        sigma = torch.empty(units, device=x.device, dtype=x.dtype).uniform_(1.0, self.sigma)
+        m = mu + torch.empty_like(x).uniform_(-self.r_mu, self.r_mu)
+        s = sigma + self.r_sigma * torch.randn_like(x)
+        return s * x + m
+
+    def extra_repr(self) -> str:
+        return f"mu={self.mu}, sigma={self.sigma}, r_mu={self.r_mu}, r_sigma={self.r_sigma}"
+
+
+def make_noise(cfg: NormConfig) -> BatchNoise | None:
+    """The noise module of ``norm.noise`` (None when off)."""
+    if not getattr(cfg, "noise", False):
+        return None
+    return BatchNoise(cfg.noise_mu, cfg.noise_sigma, cfg.noise_r_mu, cfg.noise_r_sigma)
+
+
+def running_stat_norms(model: nn.Module) -> list[nn.Module]:
+    """The norm layers that keep running statistics (BN, ghost BN, batch renorm): what PreciseBN recomputes."""
+    return [m for m in model.modules() if isinstance(m, (nn.modules.batchnorm._BatchNorm, _RunningStatsNorm)) and m.track_running_stats]
+
+
+def tracks_unbiased_var(norm: nn.Module) -> bool:
+    """Whether ``norm``'s running_var averages unbiased batch variances (torch's
+    rule; norm.running_var=unbiased) rather than biased ones (Keras')."""
+    return not isinstance(norm, _BiasedRunningVar) and getattr(norm, "unbiased", True)
+
+
+def use_batch_statistics(model: nn.Module) -> list[nn.Module]:
+    """Eval mode for everything (norm.noise off) except the norms with running
+    statistics, which normalize with each batch's own statistics as in training
+    (and update their running statistics: callers restore or replace them).
+    Returns those norms."""
+    model.eval()
+    norms = running_stat_norms(model)
+    for m in norms:
+        m.train()
+    return norms

@@ -556,6 +556,42 @@ def group_curves(g: Group, tags: Iterable[str] | None = None) -> dict[str, list[
     return out
 
 
+# Tags a plot already draws or that are no curves: never an extra panel.
+_NOT_PROBES = ("train/", "val/", "test/", "optim/", "time/", "act/")
+
+
+def probe_panels(metrics: Iterable[str]) -> list[tuple[str, str]]:
+    """Extra plot panels for the probe metrics a user asked for: a tag ending in
+    ``_min`` or ``_max`` (``landscape/loss_min``) stands for its band, min..max
+    shaded (Santurkar et al. 2018, Fig. 4); any other probe tag is a curve with
+    its seed band (``hessian/top_eig``, ``ics/hidden1.linear/l2``)."""
+    panels: list[tuple[str, str]] = []
+    for m in metrics:
+        if m.startswith(_NOT_PROBES):
+            continue
+        base, _, end = m.rpartition("_")
+        panel = ("band", base) if end in ("min", "max") and base else ("curve", m)
+        if panel not in panels:
+            panels.append(panel)
+    return panels
+
+
+def draw_band(ax, curves: dict[str, list[list[tuple[int, float]]]], base: str, color: str, label: str) -> None:
+    """``base``_min .. ``base``_max shaded, each edge the mean over the group's seeds."""
+    (lo_steps, lo, _), (hi_steps, hi, _) = seed_band(curves.get(f"{base}_min", [])), seed_band(curves.get(f"{base}_max", []))
+    common = sorted(set(lo_steps) & set(hi_steps))
+    if not common:
+        return
+    lo_at, hi_at = dict(zip(lo_steps, lo)), dict(zip(hi_steps, hi))
+    ax.fill_between(common, [lo_at[s] for s in common], [hi_at[s] for s in common], color=color, alpha=0.35, lw=0,
+                    label=f"{label} (n={len(curves[f'{base}_min'])})")
+    for edge in (lo_at, hi_at):
+        ax.plot(common, [edge[s] for s in common], color=color, lw=0.8)
+    finite = [v for v in (*lo, *hi) if math.isfinite(v)]
+    if finite and min(finite) > 0 and max(finite) > 100 * min(finite):
+        ax.set_yscale("log")  # a network without BN can span orders of magnitude along its gradient
+
+
 class PlotError(ValueError):
     """--plot cannot write where it was asked to (exit 2, nothing written)."""
 
@@ -603,9 +639,10 @@ def _save(fig, path: Path, overwrite: bool) -> None:
         staging.unlink(missing_ok=True)
 
 
-def plot(groups: list[Group], path: Path, overwrite: bool = False) -> Path:
+def plot(groups: list[Group], path: Path, overwrite: bool = False, metrics: Iterable[str] = ()) -> Path:
     """Learning curves per group with ±std seed bands, and the 15/50/85th
-    percentiles of each hidden layer's pre-activation (the BN paper's Fig. 1).
+    percentiles of each hidden layer's pre-activation (the BN paper's Fig. 1);
+    plus a panel for each of ``metrics`` outside those (see :func:`probe_panels`).
     Returns the file written (see :func:`check_plot_file`)."""
     import matplotlib
 
@@ -615,7 +652,7 @@ def plot(groups: list[Group], path: Path, overwrite: bool = False) -> Path:
     curves = {g.label: group_curves(g) for g in groups}
     curve_tags = [t for t in CURVE_TAGS if any(t in c for c in curves.values())]
     layers = sorted({t.split("/")[1] for c in curves.values() for t in c if t.startswith("act/") and t.count("/") == 2})
-    panels = [("curve", t) for t in curve_tags] + [("act", layer) for layer in layers]
+    panels = [("curve", t) for t in curve_tags] + [("act", layer) for layer in layers] + probe_panels(metrics)
     if not panels:
         raise ValueError("no event files with curves in these runs")
     ncols = min(4, len(panels))
@@ -626,7 +663,9 @@ def plot(groups: list[Group], path: Path, overwrite: bool = False) -> Path:
         for i, g in enumerate(groups):
             color = colors[i % len(colors)]
             c = curves[g.label]
-            if kind == "curve":
+            if kind == "band":
+                draw_band(ax, c, name, color, g.label)
+            elif kind == "curve":
                 steps, mean, std = seed_band(c.get(name, []))
                 if not steps:
                     continue
@@ -639,7 +678,7 @@ def plot(groups: list[Group], path: Path, overwrite: bool = False) -> Path:
                 ax.plot(bands[1][0], bands[1][1], color=color, label=g.label)
                 for b in (bands[0], bands[2]):
                     ax.plot(b[0], b[1], color=color, lw=0.8, ls="--")
-        ax.set_title(name if kind == "curve" else f"act/{name}: p15, p50, p85 (mean over seeds)")
+        ax.set_title({"curve": name, "band": f"{name}: min..max band"}.get(kind, f"act/{name}: p15, p50, p85 (mean over seeds)"))
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(panels):]:

@@ -256,6 +256,14 @@ def age(seconds_since_epoch: float | None) -> str:
 
 
 HEADLINE = ("val/acc", "test/acc", "train/loss")
+# Regression runs (train.loss=mse) have no accuracy: their losses head the tables.
+LOSS_HEADLINE = ("val/loss", "test/loss", "train/loss")
+
+
+def headline(runs: Iterable[Run]) -> tuple[str, ...]:
+    """HEADLINE, or LOSS_HEADLINE when runs logged values but none an accuracy."""
+    tags = {t for r in runs for t in ((r.metrics or {}).get("final") or {})}
+    return LOSS_HEADLINE if tags and not any(t.endswith("/acc") for t in tags) else HEADLINE
 
 
 # How `bnexp runs` and a sweep's job table colour a status.
@@ -268,9 +276,9 @@ def status_cell(status: str, shown: str | None = None) -> str:
     return f"[{STATUS_STYLE[status]}]{shown}[/]" if status in STATUS_STYLE else shown
 
 
-def headline_cells(run: Run) -> list[str]:
-    """The run's final value of each HEADLINE metric, as table cells."""
-    return [f"{run.final(t):.4f}" if run.final(t) is not None else "-" for t in HEADLINE]
+def headline_cells(run: Run, tags: Iterable[str] = HEADLINE) -> list[str]:
+    """The run's final value of each headline metric, as table cells."""
+    return [f"{run.final(t):.4f}" if run.final(t) is not None else "-" for t in tags]
 
 
 def shown_overrides(run: Run) -> list[str]:
@@ -312,7 +320,8 @@ def runs_tables(runs: list[Run]) -> list[tuple[str, Any]]:
         table.add_column("steps", justify="right", no_wrap=True)
         if any(own):
             table.add_column("overrides")
-        for tag in HEADLINE:
+        tags = headline(group)
+        for tag in tags:
             table.add_column(tag, justify="right", no_wrap=True)
         table.add_column("updated", justify="right", no_wrap=True)
         for r, overrides in zip(group, own):
@@ -322,6 +331,6 @@ def runs_tables(runs: list[Run]) -> list[tuple[str, Any]]:
             cells = [_cut(r.path.name), status_cell(status, {"dead": "dead (no heartbeat)"}.get(status)), steps]
             if any(own):
                 cells.append(_cut(" ".join(overrides) or "-"))
-            table.add_row(*cells, *headline_cells(r), age((m.get("time") or {}).get("heartbeat")))
+            table.add_row(*cells, *headline_cells(r, tags), age((m.get("time") or {}).get("heartbeat")))
         out.append((str(folder), table))
     return out

@@ -20,8 +20,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from bnexp.config import (
-    IN_MEMORY_DATA, V01_MODEL_KEYS, Amp, Config, ConfigError, DataConfig, DataName, NormConfig, NormKind, OptimConfig, Placement,
-    config_dir, flatten, launch_world_size, plain,
+    IN_MEMORY_DATA, REGRESSION_DATA, V01_MODEL_KEYS, Amp, Config, ConfigError, DataConfig, DataName, Loss, NormConfig, NormKind, OptimConfig,
+    Placement, TrainOnly, config_dir, flatten, launch_world_size, plain,
 )
 from bnexp import augment
 from bnexp.models import FAMILIES, family
@@ -236,6 +236,7 @@ def validate(cfg: DictConfig) -> None:
                 raise ConfigError("norm.rmax", f"got {n.rmax}; allowed: rmax >= 1")
             if n.dmax < 0:
                 raise ConfigError("norm.dmax", f"got {n.dmax}; allowed: dmax >= 0")
+    _check_noise(cfg)
     family(str(cfg.model.kind)).check(cfg)  # widths, norm.layers, norm.groups dividing widths
     augment.check(cfg)  # image data for crop_flip
     if not (0 < d.val_size < 1 or (d.val_size >= 1 and float(d.val_size).is_integer()) or d.val_size == 0):
@@ -263,14 +264,22 @@ def validate(cfg: DictConfig) -> None:
         _positive(cfg, key)
     _positive(cfg, "train.eval_every", allow_none=True)
     _positive(cfg, "train.checkpoint_every", allow_zero=True)
-    for name in PROBES:
+    for name, kind in PROBES.items():
         _positive(cfg, f"probes.{name}.every", allow_none=True, allow_zero=True)
+        if kind.check is not None:
+            kind.check(cfg)
     if t.target_acc is not None and not 0 < t.target_acc <= 1:
         raise ConfigError("train.target_acc", f"got {t.target_acc}; allowed: an accuracy in (0, 1]")
+    _check_regression(cfg)
+    _positive(cfg, "train.precise_bn", allow_zero=True)
+    if o.train_only == TrainOnly.norm and (n.placement == Placement.none or not (n.scale or n.center)):
+        raise ConfigError("optim.train_only", "norm trains only the norms' gamma and beta, but this model has none "
+                          "(norm.placement=none, or norm.scale=norm.center=false); allowed: all")
     if t.threads != "auto" and not (isinstance(t.threads, int) and not isinstance(t.threads, bool) and t.threads > 0):
         raise ConfigError("train.threads", f"got {t.threads!r}; allowed: auto or a positive number of threads")
     _check_device(t)
     _check_world(cfg, launch_world_size())
+    _check_instruments_world(cfg, launch_world_size())
     if DataName(cfg.data.name) not in IN_MEMORY_DATA:
         from bnexp import datasets
 
@@ -278,6 +287,46 @@ def validate(cfg: DictConfig) -> None:
             datasets.check_available(DataName(cfg.data.name).value, cfg.data.root, cfg.data.download)
         except datasets.DataError as e:
             raise ConfigError("data.root", str(e)) from None
+
+
+def _check_noise(cfg: DictConfig) -> None:
+    """norm.noise's ranges (Santurkar et al. 2018, Algorithm 1)."""
+    n = cfg.norm
+    if not n.noise:
+        return
+    for key in ("norm.noise_mu", "norm.noise_r_mu", "norm.noise_r_sigma"):
+        _positive(cfg, key, allow_zero=True)
+    if not n.noise_sigma >= 1:
+        raise ConfigError("norm.noise_sigma", f"got {n.noise_sigma}; allowed: >= 1 (sigma ~ U(1, noise_sigma))")
+
+
+def _check_regression(cfg: DictConfig) -> None:
+    """train.loss must fit the targets: mse for real-valued ones, cross_entropy for class labels."""
+    regression = DataName(cfg.data.name) in REGRESSION_DATA
+    loss = Loss(cfg.train.loss)
+    if regression and loss != Loss.mse:
+        raise ConfigError("train.loss", f"{loss.value} needs class labels, but data={cfg.data.name} has real-valued targets; allowed: mse")
+    if not regression and loss == Loss.mse:
+        raise ConfigError("train.loss", f"mse needs real-valued targets (data=linear_regression), but data={cfg.data.name} has class labels; allowed: cross_entropy")
+    if regression and cfg.train.target_acc is not None:
+        raise ConfigError("train.target_acc", f"data={cfg.data.name} is a regression: there is no accuracy to reach; allowed: null")
+# The optimization-landscape instruments that need the whole step batch in one process.
+ONE_PROCESS_INSTRUMENTS = ("probes.ics.every", "probes.landscape.every", "probes.hessian.every", "probes.bn_gap.every", "train.precise_bn")
+
+
+def _check_instruments_world(cfg: DictConfig, world: int) -> None:
+    """The landscape probes and PreciseBN are refused in a data-parallel run: they
+    take trial steps and extra forwards on the model, which each rank would have
+    to join in lockstep (synchronized norms all-reduce in every forward: rank 0
+    alone would wait forever) on a batch that no rank holds whole. Rather than
+    measure something else than one process does, they say so."""
+    if world == 1:
+        return
+    for key in ONE_PROCESS_INSTRUMENTS:
+        if OmegaConf.select(cfg, key):
+            raise ConfigError(key, f"{OmegaConf.select(cfg, key)}, but this is a data-parallel run of {world} processes, and the "
+                                   "optimization-landscape probes and PreciseBN run in one process only; allowed: 0 under torchrun "
+                                   "(or train without torchrun)")
 
 
 def _check_world(cfg: DictConfig, world: int) -> None:

@@ -18,7 +18,11 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from bnexp.config import Amp, OptimName, Schedule, steps_per_epoch
+from bnexp.config import Amp, ConfigError, Loss, OptimName, Schedule, TrainOnly, steps_per_epoch
+from bnexp.norms import NORM_TYPES, use_batch_statistics
+
+# train.loss -> the loss function of a step, an evaluation and every probe (mean over the batch).
+LOSSES: dict[Loss, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {Loss.cross_entropy: F.cross_entropy, Loss.mse: F.mse_loss}
 
 # --------------------------------------------------------------------------- optimizer and schedule
 
@@ -30,8 +34,21 @@ def base_lr(cfg: DictConfig, batch_size: int | None) -> float:
     return float(cfg.lr) * batch_size / cfg.base_batch_size
 
 
+def trainable(cfg: DictConfig, model: nn.Module) -> list[nn.Parameter]:
+    """The parameters optim.train_only trains. With ``norm`` every other parameter
+    stops requiring a gradient (so backward computes none for it, and probes and
+    gradient norms see only what trains): BN-only training (Frankle et al. 2021)."""
+    if TrainOnly(cfg.get("train_only", TrainOnly.all)) == TrainOnly.norm:
+        norm_params = {id(p) for m in model.modules() if isinstance(m, NORM_TYPES) for p in m.parameters()}
+        if not norm_params:
+            raise ConfigError("optim.train_only", "norm, but the model has no norm parameters to train; allowed: all, or norm layers with gamma/beta")
+        for p in model.parameters():
+            p.requires_grad_(id(p) in norm_params)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def make_optimizer(cfg: DictConfig, model: nn.Module, batch_size: int | None = None) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = trainable(cfg, model)
     name, lr = OptimName(cfg.name), base_lr(cfg, batch_size)
     if name == OptimName.sgd:
         return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov and cfg.momentum > 0)
@@ -123,8 +140,9 @@ class TrainStep:
     computes with them does so under ``torch.no_grad()``.
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, amp: Amp, device: torch.device, compile: bool):
-        self.model, self.optimizer = model, optimizer
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, amp: Amp, device: torch.device, compile: bool,
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy):
+        self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.dtype = {Amp.bf16: torch.bfloat16, Amp.fp16: torch.float16}.get(Amp(amp))
         self.device_type = device.type
         # Checkpointed either way; a disabled one is a no-op without fp16.
@@ -142,13 +160,13 @@ class TrainStep:
     # 2-7% of the BN-paper MLP's ~0.7 ms step on a 2-core CPU).
     def _forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model(x)
-        return F.cross_entropy(logits, y), logits
+        return self.loss_fn(logits, y), logits
 
     def _forward_loss_autocast(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # Norm layers keep themselves in fp32 under autocast (bnexp.norms.FP32Norm).
         with torch.autocast(self.device_type, dtype=self.dtype):
             logits = self.model(x)
-        return F.cross_entropy(logits.float(), y), logits
+        return self.loss_fn(logits.float(), y), logits
 
     def _plain_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.optimizer.zero_grad(set_to_none=True)
@@ -190,8 +208,9 @@ class LogWindow:
     """
 
     def __init__(self, log_every: int, total: int, batch_size: int, num_classes: int, device: torch.device,
-                 limit_logits: int = WINDOW_LOGITS):
-        self.log_every, self.batch_size = log_every, batch_size
+                 limit_logits: int = WINDOW_LOGITS, accuracy: bool = True):
+        # accuracy=False (regression): only losses are kept, and there is no train/acc.
+        self.log_every, self.batch_size, self.accuracy = log_every, batch_size, accuracy
         self.buf = torch.zeros(2, min(log_every, total), device=device)
         self.limit = max(1, limit_logits // (batch_size * num_classes))
         self.losses: list[torch.Tensor] = []
@@ -207,6 +226,8 @@ class LogWindow:
 
     def add(self, step: int, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
         self.losses.append(loss)
+        if not self.accuracy:
+            return
         self.logits.append(logits)
         self.labels.append(labels)
         if len(self.logits) == self.limit:
@@ -217,13 +238,16 @@ class LogWindow:
         """Write the pending steps (the last one is ``step``) into their columns.
         Each step's values are its own, whichever steps are folded together, so a
         run resumed mid-window logs bit-identical values."""
-        if not self.logits:
+        if not self.losses:
             return
         last = step - self.start(step) - 1
-        cols = slice(last - len(self.logits) + 1, last + 1)
+        cols = slice(last - len(self.losses) + 1, last + 1)
         # Written in place (out=): this runs once per window with cold caches,
         # where each op saved is ~20 us on CPU. Losses are fp32 (amp casts logits first).
         torch.stack(self.losses, out=self.buf[0, cols])
+        if not self.accuracy:
+            self.losses = []
+            return
         # argmax via max(): over 10 classes argmax runs ~4x slower on CPU.
         correct = torch.stack(self.logits).max(-1).indices == torch.stack(self.labels)
         torch.sum(correct, 1, dtype=self.buf.dtype, out=self.buf[1, cols])
@@ -245,7 +269,10 @@ class LogWindow:
         if not math.isfinite(loss_sum):
             bad = (~torch.isfinite(self.buf[0, :steps])).nonzero().flatten().tolist()
             bad_step = first + (bad[0] if bad else steps - 1)  # no single bad step: the sum overflowed
-        return {"train/loss": loss_sum / steps, "train/acc": correct / (steps * self.batch_size)}, bad_step
+        values = {"train/loss": loss_sum / steps}
+        if self.accuracy:
+            values["train/acc"] = correct / (steps * self.batch_size)
+        return values, bad_step
 
     def state_dict(self) -> list[torch.Tensor]:
         return list(self.buf.cpu())  # two rows, losses and correct counts (checkpoint format 1)
@@ -258,16 +285,29 @@ class LogWindow:
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> dict[str, torch.Tensor]:
-    """Mean loss and accuracy over (x, y) in eval mode (running statistics), on the device."""
-    model.eval()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, batch_stats: bool = False) -> dict[str, torch.Tensor]:
+    """Mean loss and accuracy over (x, y) in eval mode (running statistics), on the device.
+    Real-valued targets (regression) give the mean squared error over every
+    output, as ``train.loss=mse`` trains it, and no accuracy. With ``batch_stats``
+    the norms normalize each chunk of ``batch_size`` with its own statistics, as
+    in training (their running statistics move: callers restore them)."""
+    if batch_stats:
+        use_batch_statistics(model)
+    else:
+        model.eval()
     loss = torch.zeros((), device=x.device)
     correct = torch.zeros((), device=x.device, dtype=torch.long)
+    regression = y.is_floating_point()
     for i in range(0, len(x), batch_size):
         logits = model(x[i : i + batch_size]).float()
+        if regression:
+            loss += F.mse_loss(logits, y[i : i + batch_size], reduction="sum")
+            continue
         loss += F.cross_entropy(logits, y[i : i + batch_size], reduction="sum")
         correct += (logits.argmax(1) == y[i : i + batch_size]).sum()
     model.train()
+    if regression:
+        return {"loss": loss / y.numel()}
     return {"loss": loss / len(x), "acc": correct.float() / len(x)}
 
 

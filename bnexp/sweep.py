@@ -35,8 +35,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from bnexp.io import atomic_write
-from bnexp.report import CURVE_TAGS, DEFAULT_METRICS, differing_keys, group_curves, group_runs, seed_band, status_text
-from bnexp.runs import AGGREGATE, HEADLINE, METRICS, OVERRIDES, Run, find_run_dirs, headline_cells, read_run, shown_overrides, status_cell
+from bnexp.report import CURVE_TAGS, differing_keys, group_curves, group_runs, seed_band, status_text
+from bnexp.runs import AGGREGATE, METRICS, OVERRIDES, Run, find_run_dirs, headline, headline_cells, read_run, shown_overrides, status_cell
 
 
 SUFFIX = ".bnexp-sweep"  # the sweep root's own event file of earlier versions (removed when the records are rewritten)
@@ -227,13 +227,14 @@ def jobs_table(jobs: list[Job]):
     table.add_column("#", justify="right")
     table.add_column("job", overflow="fold")
     table.add_column("status")
-    for tag in HEADLINE:
+    tags = headline(j.run for j in jobs)
+    for tag in tags:
         table.add_column(tag, justify="right")
     table.add_column("steps/s", justify="right")
     for j, overrides in zip(jobs, shown):
         r = j.run
         sps = f"{r.steps_per_sec:.0f}" if r.steps_per_sec is not None and not j.skipped else "-"
-        table.add_row(str(j.num), " ".join(overrides) or r.path.name, status_cell(j.status), *headline_cells(r), sps)
+        table.add_row(str(j.num), " ".join(overrides) or r.path.name, status_cell(j.status), *headline_cells(r, tags), sps)
     return table
 
 
@@ -356,8 +357,8 @@ def print_summary(start: SweepStart, runs: list[Run], interrupted: bool = False)
     runs = [j.run for j in jobs]
     groups = group_runs(runs)
     if len(jobs) > 1 and any(g.completed for g in groups):
-        base = choose_baseline(groups)
-        console.print(to_rich(aggregate(groups, DEFAULT_METRICS, base, differences=False), list(DEFAULT_METRICS),
+        base, metrics = choose_baseline(groups), list(headline(runs))
+        console.print(to_rich(aggregate(groups, metrics, base, differences=False), metrics,
                               title="comparison (mean ± std over seeds)", compact=True, baseline=base))
     console.print(f"compare: bnexp report {start.dir}    dashboards: bnexp tb {start.dir}", highlight=False, soft_wrap=True)
     return jobs

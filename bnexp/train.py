@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
@@ -26,13 +25,14 @@ from bnexp import checkpoint as ckpt_mod
 from bnexp import data as data_mod
 from bnexp import distributed
 from bnexp.augment import make_augment
-from bnexp.config import Amp, ConfigError, config_hash, flatten, plain, steps_per_epoch
+from bnexp.config import Amp, ConfigError, Loss, config_hash, flatten, plain, steps_per_epoch
 from bnexp.models import build_model
 from bnexp.probes import ProbeContext, ProbeSetup, build_probes
+from bnexp.probes.bn_gap import recompute_bn_stats
 from bnexp.rundir import CHECKPOINT, RunInterrupted, process_info
 from bnexp.runtime import clock, frozen_gc, seed_everything, set_threads, stop_on_signal
 from bnexp.schema import typed
-from bnexp.step import LrSchedule, TrainStep, evaluate, grad_norm, make_optimizer, to_host
+from bnexp.step import LOSSES, LrSchedule, TrainStep, evaluate, grad_norm, make_optimizer, to_host
 from bnexp.tracking import Tracker, env_info, print_summary
 
 log = logging.getLogger("bnexp")
@@ -81,6 +81,7 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, extra_record: di
             if status == "completed" and not state.done:
                 if run.resumed_at == run.total:  # stopped at the last step (by bnexp 0.1: before its report): give it again
                     report(run, run.total, run.probe_x, run.probe_y)
+                run.recalibrate(run.total)
                 test = evaluate(run.model, run.data.x_test, run.data.y_test, cfg.train.eval_batch_size)
                 tracker.scalars(run.total, to_host({f"test/{k}": v for k, v in test.items()}), is_eval=True)
                 state.done = True
@@ -117,6 +118,7 @@ def report(run: "Run", step: int, x: torch.Tensor, y: torch.Tensor) -> str | Non
     now = clock(run.device)  # before evaluation and probes, which the window's timing leaves out
     out = run.window.sums(step) if logging_step else {}
     if evaluating and len(run.data.x_val):
+        run.recalibrate(step)
         out.update({f"val/{k}": v for k, v in evaluate(run.model, run.data.x_val, run.data.y_val, run.cfg.train.eval_batch_size).items()})
     out.update(run.probes.due(step, run.total, lambda: run.probe_context(step, x, y)))
     # The gradient's divergence check does not depend on how often the norm probe runs.
@@ -166,9 +168,10 @@ class Run:
         self.optimizer = make_optimizer(cfg.optim, self.model, t.batch_size)
         self.ranks.share_running_stats(self.model, self.optimizer)
         self.schedule = LrSchedule(cfg.optim, self.optimizer, total)
-        self.train_step = TrainStep(step_model, self.optimizer, Amp(t.amp), device, t.compile)
+        self.loss_fn = LOSSES[Loss(t.loss)]
+        self.train_step = TrainStep(step_model, self.optimizer, Amp(t.amp), device, t.compile, self.loss_fn)
         self.sampler = self.ranks.sampler(len(data.x_train), t.batch_size, cfg.seed, device)
-        self.window = self.ranks.window(int(t.log_every), total, t.batch_size, data.num_classes, device)
+        self.window = self.ranks.window(int(t.log_every), total, t.batch_size, data.num_classes, device, accuracy=not data.regression)
         self.augment = make_augment(cfg.data, cfg.seed, device)
         # Plain ints for the per-step checks: a DictConfig lookup costs ~8 us.
         self.log_every, self.checkpoint_every = int(t.log_every), int(t.checkpoint_every)
@@ -178,6 +181,7 @@ class Run:
         self.probe_y = (data.y_val if has_val else data.y_train)[: t.probe_size]
         self.probes = build_probes(ProbeSetup(cfg, self.model, self.log_every, self.eval_every, self.probe_x, self.probe_y, data))
         self.cadences = tuple(sorted({self.log_every, self.eval_every, *self.probes.cadences()}))
+        self.precise_bn, self.recalibrated_at = int(t.precise_bn), -1
         self.state = ckpt_mod.LoopState()
         self.resumed_at: int | None = None  # the step a resumed run continues after
         self.tracker: Tracker  # made last by setup(), once nothing can be rejected any more
@@ -193,7 +197,14 @@ class Run:
         return step == self.total or any(step % c == 0 for c in self.cadences)
 
     def probe_context(self, step: int, x: torch.Tensor, y: torch.Tensor) -> ProbeContext:
-        return ProbeContext(self.model, self.probe_x, self.probe_y, x, y, self.optimizer, F.cross_entropy, self.schedule.lr(), step)
+        return ProbeContext(self.model, self.probe_x, self.probe_y, x, y, self.optimizer, self.loss_fn, self.schedule.lr(), step)
+
+    def recalibrate(self, step: int) -> None:
+        """train.precise_bn: the running statistics recomputed (PreciseBN) before
+        the evaluations of ``step``, once however many evaluate then."""
+        if self.precise_bn and self.recalibrated_at != step:
+            recompute_bn_stats(self.model, self.data.x_train, self.precise_bn, int(self.cfg.train.batch_size), int(self.cfg.seed), step)
+            self.recalibrated_at = step
 
 
 def setup(cfg: DictConfig, run_dir: Path, resume: bool, checkpoint: dict[str, Any] | None,

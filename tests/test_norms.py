@@ -206,6 +206,7 @@ def test_running_var_rule_matches_its_float64_reference_over_200_steps(kind, spa
 
 def test_seed_keras_preset_moves_running_var_towards_the_biased_batch_variance_as_keras_does():
     from bnexp.models import build_model
+    from bnexp.schema import compose
 
     cfg = compose(["experiment=seed_keras"])
     model = build_model(cfg.model, cfg.norm, (1,), 2)

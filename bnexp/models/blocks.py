@@ -18,7 +18,7 @@ from omegaconf import DictConfig, ListConfig
 from torch import nn
 
 from bnexp.config import Activation, ConfigError, DataName, Init, ModelConfig, NormConfig, NormKind, Placement, example_shape
-from bnexp.norms import is_centered
+from bnexp.norms import is_centered, make_noise
 
 ACTIVATIONS = {
     Activation.relu: nn.ReLU,
@@ -36,24 +36,38 @@ def activation(cfg: ModelConfig) -> nn.Module:
     return ACTIVATIONS[Activation(cfg.activation)]()
 
 
-def hidden_block(layer_name: str, layer: nn.Module, norm: nn.Module | None, act: nn.Module, placement: Placement) -> nn.Sequential:
+def hidden_block(layer_name: str, layer: nn.Module, norm: nn.Module | None, act: nn.Module, placement: Placement,
+                 noise: nn.Module | None = None) -> nn.Sequential:
     """One hidden block; ``placement`` orders it.
 
     pre:  layer -> norm -> act   (Ioffe & Szegedy 2015: normalize x = Wu, the nonlinearity's input)
     post: layer -> act -> norm   (normalize the activation's output, the next layer's input)
     none: layer -> act
-    (preact is a residual block's order: bnexp/models/resnet.py; plain families refuse it, see check_plain_norm.)
+
+    ``noise`` (norm.noise, Santurkar et al. 2018's noisy BN) goes right after the
+    norm; a block without one gets it where a pre norm would be, on the pre-activation.
+    (preact is a residual block's order: bnexp/models/resnet.py places norm and
+    noise the same way there; plain families refuse it, see check_plain_norm.)
     """
+    noisy = [("noise", noise)] if noise is not None else []
     parts: list[tuple[str, nn.Module]] = [(layer_name, layer)]
     if norm is None or placement == Placement.none:
-        parts.append(("act", act))
+        parts += [*noisy, ("act", act)]
     elif placement == Placement.pre:
-        parts += [("norm", norm), ("act", act)]
+        parts += [("norm", norm), *noisy, ("act", act)]
     elif placement == Placement.post:
-        parts += [("act", act), ("norm", norm)]
+        parts += [("act", act), ("norm", norm), *noisy]
     else:
         raise ValueError(f"a plain block has no {placement.value} placement")
     return nn.Sequential(OrderedDict(parts))
+
+
+def block_noise(norm_cfg: NormConfig, index: int, n_hidden: int) -> nn.Module | None:
+    """norm.noise's module for hidden block ``index``: every block that norm.layers
+    names gets one, with or without a norm (placement=none); None when off."""
+    if not getattr(norm_cfg, "noise", False) or index not in hidden_norm_indices(norm_cfg.layers, n_hidden):
+        return None
+    return make_noise(norm_cfg)
 
 
 def needs_bias(norm: nn.Module | None, placement: Placement) -> bool:

@@ -12,7 +12,9 @@ from omegaconf import DictConfig
 from torch import nn
 
 from bnexp.config import ConfigError, ModelConfig, NormConfig, Placement
-from bnexp.models.blocks import Net, activation, check_groups_divide, check_plain_norm, check_widths, hidden_block, init_weights, needs_bias, normed_indices
+from bnexp.models.blocks import (
+    Net, activation, block_noise, check_groups_divide, check_plain_norm, check_widths, hidden_block, init_weights, needs_bias, normed_indices,
+)
 from bnexp.models.registry import register
 from bnexp.norms import make_norm
 
@@ -40,7 +42,7 @@ def build(cfg: CNNConfig, norm_cfg: NormConfig, input_shape: tuple[int, ...], nu
     for i, out in enumerate(cfg.hidden):
         norm = make_norm(norm_cfg, out, spatial_dims=spatial) if i in normed else None
         conv = conv_cls(channels, out, k, padding=k // 2, bias=needs_bias(norm, placement))
-        block = hidden_block("conv", conv, norm, activation(cfg), placement)
+        block = hidden_block("conv", conv, norm, activation(cfg), placement, block_noise(norm_cfg, i, len(cfg.hidden)))
         # Halve the resolution after each block while it stays >= 4 wide.
         if cfg.pool and size >= 8:
             block.add_module("pool", pool_cls(2))

@@ -9,7 +9,9 @@ from omegaconf import DictConfig
 from torch import nn
 
 from bnexp.config import ModelConfig, NormConfig, Placement
-from bnexp.models.blocks import Net, activation, check_groups_divide, check_plain_norm, check_widths, hidden_block, init_weights, needs_bias, normed_indices
+from bnexp.models.blocks import (
+    Net, activation, block_noise, check_groups_divide, check_plain_norm, check_widths, hidden_block, init_weights, needs_bias, normed_indices,
+)
 from bnexp.models.registry import register
 from bnexp.norms import make_norm
 
@@ -26,7 +28,8 @@ def build(cfg: MLPConfig, norm_cfg: NormConfig, input_shape: tuple[int, ...], nu
     width, blocks = math.prod(input_shape), []
     for i, out in enumerate(cfg.hidden):
         norm = make_norm(norm_cfg, out, spatial_dims=0) if i in normed else None
-        blocks.append(hidden_block("linear", nn.Linear(width, out, bias=needs_bias(norm, placement)), norm, activation(cfg), placement))
+        blocks.append(hidden_block("linear", nn.Linear(width, out, bias=needs_bias(norm, placement)), norm, activation(cfg), placement,
+                                   block_noise(norm_cfg, i, len(cfg.hidden))))
         width = out
     # Flattening is the MLP's own business: the data keeps its natural shape.
     net = Net(nn.Flatten(), blocks, nn.Identity(), nn.Linear(width, num_classes))

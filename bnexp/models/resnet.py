@@ -22,6 +22,11 @@ last block (He et al. 2016b); a projection shortcut then reads the block's
 pre-activated input, as in their code. The stem of the other placements is
 one plain block (``hidden_block``: conv, norm and act in the placement's order).
 
+``norm.noise`` (Santurkar et al. 2018's noisy BN) puts a ``noise1``/``noise2``
+right after ``norm1``/``norm2`` (after the stem's, the final and a projection
+shortcut's norm too: ``stem.noise``, ``final.noise``, ``shortcut.noise``), in
+every placement; with ``none`` where ``pre`` would have its norms.
+
 Module names are stable and reused by TensorBoard tags: ``stem.conv``,
 ``stage1.block0.conv1``, ``stage1.block0.norm2``, ``stage2.block0.shortcut.conv``,
 ``final.norm``, ``output``; nonlinearities ``stem.act``, ``stage1.block0.act1``, ...
@@ -45,7 +50,7 @@ from torch import nn
 from bnexp.config import ConfigError, ModelConfig, NormConfig, Placement
 from bnexp.models.blocks import StagedNet, activation, check_groups_divide, check_images, hidden_block, init_weights, needs_bias, scaled
 from bnexp.models.registry import register
-from bnexp.norms import make_norm
+from bnexp.norms import make_noise, make_norm
 
 STAGE_CHANNELS = (16, 32, 64)  # He et al. 2016a, Sec. 4.2
 
@@ -83,7 +88,7 @@ class BasicBlock(nn.Module):
     Children are registered in the order they run, the shortcut right at the addition."""
 
     def __init__(self, cin: int, cout: int, stride: int, placement: Placement, norm: Callable[[int], nn.Module | None],
-                 act: Callable[[], nn.Module], shortcut: Shortcut):
+                 act: Callable[[], nn.Module], shortcut: Shortcut, noise: Callable[[], nn.Module | None] = lambda: None):
         super().__init__()
         self.placement = placement
         norm1, norm2 = norm(cout if placement != Placement.preact else cin), norm(cout)
@@ -92,18 +97,20 @@ class BasicBlock(nn.Module):
         bias_placement = Placement.pre if placement == Placement.preact else placement
         conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=needs_bias(norm1 if placement != Placement.preact else norm2, bias_placement))
         conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=needs_bias(norm2, bias_placement))
-        named = {"conv1": conv1, "norm1": norm1, "act1": act(), "conv2": conv2, "norm2": norm2, "act2": act()}
-        # (applied to x before the branch and read by it, the branch, after the addition); None norms (none) drop out.
+        named = {"conv1": conv1, "norm1": norm1, "noise1": noise(), "act1": act(), "conv2": conv2, "norm2": norm2, "noise2": noise(),
+                 "act2": act()}
+        # (applied to x before the branch and read by it, the branch, after the addition); None norms (none) and
+        # noises (norm.noise off) drop out. A noise follows its norm; without norms it sits where pre's would be.
         parts = {
-            Placement.pre: ("", "conv1 norm1 act1 conv2 norm2", "act2"),
-            Placement.post: ("", "conv1 act1 norm1 conv2", "act2 norm2"),
-            Placement.preact: ("norm1 act1", "conv1 norm2 act2 conv2", ""),
-            Placement.none: ("", "conv1 act1 conv2", "act2"),
+            Placement.pre: ("", "conv1 norm1 noise1 act1 conv2 norm2 noise2", "act2"),
+            Placement.post: ("", "conv1 act1 norm1 noise1 conv2", "act2 norm2 noise2"),
+            Placement.preact: ("norm1 noise1 act1", "conv1 norm2 noise2 act2 conv2", ""),
+            Placement.none: ("", "conv1 noise1 act1 conv2 noise2", "act2"),
         }[placement]
         lead, branch, after = ([k for k in part.split() if named[k] is not None] for part in parts)
         for k in lead + branch:
             self.add_module(k, named[k])
-        self.shortcut = self._shortcut(cin, cout, stride, shortcut, norm if placement == Placement.pre else None)
+        self.shortcut = self._shortcut(cin, cout, stride, shortcut, norm if placement == Placement.pre else None, noise)
         for k in after:
             self.add_module(k, named[k])
         # Plain tuples of the modules registered above: forward iterates them without attribute lookups.
@@ -112,7 +119,8 @@ class BasicBlock(nn.Module):
         self._shortcut_reads_lead = placement == Placement.preact and not isinstance(self.shortcut, (nn.Identity, ZeroPadShortcut))
 
     @staticmethod
-    def _shortcut(cin: int, cout: int, stride: int, kind: Shortcut, norm: Callable[[int], nn.Module | None] | None) -> nn.Module:
+    def _shortcut(cin: int, cout: int, stride: int, kind: Shortcut, norm: Callable[[int], nn.Module | None] | None,
+                  noise: Callable[[], nn.Module | None]) -> nn.Module:
         if stride == 1 and cin == cout:
             return nn.Identity()
         if kind == Shortcut.identity:
@@ -121,7 +129,7 @@ class BasicBlock(nn.Module):
         parts: list[tuple[str, nn.Module]] = [("conv", nn.Conv2d(cin, cout, 1, stride, bias=False))]
         shortcut_norm = norm(cout) if norm is not None else None
         if shortcut_norm is not None:  # placement pre: the projection is normalized like the branch it is added to
-            parts.append(("norm", shortcut_norm))
+            parts += [(k, m) for k, m in (("norm", shortcut_norm), ("noise", noise())) if m is not None]
         return nn.Sequential(OrderedDict(parts))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -160,6 +168,9 @@ def build(cfg: ResNetConfig, norm_cfg: NormConfig, input_shape: tuple[int, ...],
     def act() -> nn.Module:
         return activation(cfg)
 
+    def noise() -> nn.Module | None:  # norm.noise (Santurkar et al. 2018, Algorithm 1): after every norm
+        return make_noise(norm_cfg)
+
     n = (cfg.depth - 2) // 6
     widths = [scaled(c, cfg.width) for c in STAGE_CHANNELS]
     stem_norm = norm(widths[0])
@@ -167,16 +178,17 @@ def build(cfg: ResNetConfig, norm_cfg: NormConfig, input_shape: tuple[int, ...],
         stem: nn.Module = nn.Sequential(OrderedDict([("conv", nn.Conv2d(input_shape[0], widths[0], 3, 1, 1, bias=needs_bias(stem_norm, Placement.pre)))]))
     else:
         conv = nn.Conv2d(input_shape[0], widths[0], 3, 1, 1, bias=needs_bias(stem_norm, placement))
-        stem = hidden_block("conv", conv, stem_norm, act(), placement)
+        stem = hidden_block("conv", conv, stem_norm, act(), placement, noise())
     stages, cin = [], widths[0]
     for s, cout in enumerate(widths):
         blocks = []
         for b in range(n):
             stride = 2 if s > 0 and b == 0 else 1
-            blocks.append((f"block{b}", BasicBlock(cin, cout, stride, placement, norm, act, Shortcut(cfg.shortcut))))
+            blocks.append((f"block{b}", BasicBlock(cin, cout, stride, placement, norm, act, Shortcut(cfg.shortcut), noise)))
             cin = cout
         stages.append(nn.Sequential(OrderedDict(blocks)))
-    final = nn.Sequential(OrderedDict([("norm", norm(cin)), ("act", act())])) if placement == Placement.preact else None
+    final_parts = [(k, m) for k, m in (("norm", norm(cin)), ("noise", noise()), ("act", act())) if m is not None]
+    final = nn.Sequential(OrderedDict(final_parts)) if placement == Placement.preact else None
     net = ResNet(stem, stages, final, nn.Linear(cin, num_classes))
     init_weights(net, cfg)
     if norm_cfg.zero_init_residual:

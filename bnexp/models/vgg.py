@@ -30,7 +30,7 @@ from torch import nn
 
 from bnexp.config import ConfigError, ModelConfig, NormConfig, Placement
 from bnexp.models.blocks import (
-    StagedNet, activation, check_groups_divide, check_images, check_plain_norm, hidden_block, init_weights, needs_bias, normed_indices, scaled,
+    StagedNet, activation, block_noise, check_groups_divide, check_images, check_plain_norm, hidden_block, init_weights, needs_bias, normed_indices, scaled,
 )
 from bnexp.models.registry import register
 from bnexp.norms import make_norm
@@ -57,14 +57,16 @@ def build(cfg: VGGConfig, norm_cfg: NormConfig, input_shape: tuple[int, ...], nu
         raise ValueError(f"model=vgg needs [C,H,W] images, got shape {list(input_shape)}")
     placement = Placement(norm_cfg.placement)
     widths = conv_widths(cfg.variant, cfg.width)
-    normed = set(normed_indices(norm_cfg, sum(map(len, widths))))
+    n_convs = sum(map(len, widths))
+    normed = set(normed_indices(norm_cfg, n_convs))
     channels, size, i, stages = input_shape[0], min(input_shape[1:]), 0, []
     for stage_widths in widths:
         parts: list[tuple[str, nn.Module]] = []
         for b, out in enumerate(stage_widths):
             norm = make_norm(norm_cfg, out, spatial_dims=2) if i in normed else None
             conv = nn.Conv2d(channels, out, 3, padding=1, bias=needs_bias(norm, placement))
-            parts.append((f"block{b}", hidden_block("conv", conv, norm, activation(cfg), placement)))
+            block = hidden_block("conv", conv, norm, activation(cfg), placement, block_noise(norm_cfg, i, n_convs))
+            parts.append((f"block{b}", block))
             channels, i = out, i + 1
         if size >= 2:
             parts.append(("pool", nn.MaxPool2d(2)))

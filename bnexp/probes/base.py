@@ -51,13 +51,16 @@ class ProbeKind:
     name: str
     schema: type | None  # a dataclass with an `every` field, composed as probes.<name>; None: no keys
     factory: Callable[[ProbeSetup, Any], Probe | None]  # (setup, its config node or None) -> probe, or None when off
+    # (the whole config) -> None or ConfigError, for what its keys' types cannot say; run by schema.validate
+    check: Callable[[Any], None] | None = None
 
 
 PROBES: dict[str, ProbeKind] = {}
 
 
-def register(name: str, schema: type | None, factory: Callable[[ProbeSetup, Any], Probe | None]) -> None:
-    PROBES[name] = ProbeKind(name, schema, factory)
+def register(name: str, schema: type | None, factory: Callable[[ProbeSetup, Any], Probe | None],
+             check: Callable[[Any], None] | None = None) -> None:
+    PROBES[name] = ProbeKind(name, schema, factory, check)
 
 
 @contextmanager
