@@ -103,7 +103,7 @@ def crash_then_resume(cfg, run_dir, register_probe, edit_checkpoint=None):
     return run(cfg, run_dir, resume=True)
 
 
-@pytest.mark.parametrize("augment", ["crop_flip", "none"])
+@pytest.mark.parametrize("augment", [pytest.param("crop_flip", marks=pytest.mark.slow), "none"])
 def test_a_run_resumed_after_a_crash_trains_bit_identical_weights_with_augmentation(tmp_path, register_probe, augment):
     cfg = compose([*TINY, f"data.augment={augment}"])
     run(cfg, tmp_path / "straight")

@@ -284,12 +284,12 @@ def spoil_fashion_file(folder: Path) -> str:
 
 @pytest.mark.parametrize("spoil", [spoil_truncated, spoil_other_content, spoil_fashion_file], ids=["truncated", "other-content", "fashion-as-mnist"])
 def test_train_on_a_corrupt_dataset_file_exits_2_with_one_line_before_any_run_dir_exists(tmp_path, spoil):
-    from tests.conftest import run_cli, snapshot
+    from tests.conftest import run_inprocess, snapshot
 
     root = copy_of_real_mnist(tmp_path / "mnist")
     expected = spoil(root)
     before = snapshot(root)
-    result = run_cli(["train", "data=mnist", f"data.root={root}", "hydra.run.dir=runs/here", "train.steps=5", "train.progress=false"],
+    result = run_inprocess(["train", "data=mnist", f"data.root={root}", "hydra.run.dir=runs/here", "train.steps=5", "train.progress=false"],
                      tmp_path, env={"XDG_CACHE_HOME": str(tmp_path / "xdg-cache")})
     assert result.returncode == 2, result.stderr
     assert result.stderr.splitlines() == [result.stderr.strip()] and "Traceback" not in result.stderr + result.stdout

@@ -40,6 +40,7 @@ def threads_env(n: int) -> dict:
     return {"OMP_NUM_THREADS": str(n)}
 
 
+@pytest.mark.slow  # a fresh process: the thread budget is read when torch loads
 def test_auto_gives_a_small_step_one_thread_though_the_process_may_use_two(tmp_path):
     out = run_cli(["train", *TINY, "train.steps=20", "hydra.run.dir=run"], tmp_path, env=threads_env(2))
     assert out.returncode == 0, out.stderr
