@@ -14,6 +14,11 @@ import pytest
 # timings steady when tests share the 2 CI cores (measured: a 2x32 MLP ran 1554
 # steps/s on one thread vs 329 on two on a loaded machine). Set before torch loads.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The few tests that run two threads share the cores with the other xdist worker:
+# spinning OpenMP threads then take the core the busy one needs (measured: the
+# two-thread resume test 167 s with one busy competitor, 34 s with passive waits).
+# Passive waiting changes how threads idle, never what they compute.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Rich sizes tables by COLUMNS when it is set (pytest-xdist's workers set it to
 # 80); the tests read whole table rows, so they run at bnexp's own width
 # (report.console) unless a test sets COLUMNS itself.
