@@ -142,7 +142,8 @@ class StackedOptimizer:
         g0 = groups[0]
         if g0.get("amsgrad") or g0.get("maximize") or g0.get("dampening"):
             raise ConfigError("hydra/launcher", "the vectorized launcher's optimizer has no amsgrad, maximize or dampening")
-        self.nesterov = bool(g0.get("nesterov"))
+        # A replica without momentum has nesterov off (make_optimizer); for it both updates are the same.
+        self.nesterov = any(g.get("nesterov") for g in groups)
         self.betas, self.eps = g0.get("betas"), g0.get("eps")
         self.lr_host = [float(g["lr"]) for g in groups]
         self.wd_host = [float(g["weight_decay"]) for g in groups]
@@ -153,7 +154,7 @@ class StackedOptimizer:
         self.lr_v, self.wd_v, self.mom_v, self.scratch_v = ([self._per_slot(t, s) for s in self.slots] for t in (self.lr, self.wd, self.mom, self.scratch))
         self.frozen: list[int] = []
         # Which standalone parameter each slot is, per replica: the shells' parameter order.
-        self._params = [[(p, self._slot_of(model, p)) for p in opt.param_groups[0]["params"]] for model, opt in zip(models, shells)]
+        self._params = [[(p, self._slot_of(model, p, r)) for p in opt.param_groups[0]["params"]] for r, (model, opt) in enumerate(zip(models, shells))]
         self.t = 0
         self.state: dict[str, list[torch.Tensor] | None] = {"momentum_buffer": None, "exp_avg": None, "exp_avg_sq": None}
         self._import(shells)
@@ -162,9 +163,9 @@ class StackedOptimizer:
     def _per_slot(t: torch.Tensor, s) -> torch.Tensor:
         return t[s.r0 : s.r0 + s.n].view(s.n, *([1] * len(s.shape)))
 
-    def _slot_of(self, model: torch.nn.Module, p: torch.nn.Parameter) -> int:
+    def _slot_of(self, model: torch.nn.Module, p: torch.nn.Parameter, r: int) -> int:
         name = next(n for n, q in model.named_parameters() if q is p)
-        return next(i for i, s in enumerate(self.slots) if s.name == name)
+        return next(i for i, s in enumerate(self.slots) if s.name == name and s.r0 <= r < s.r0 + s.n)
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -381,6 +382,10 @@ class Stack:
         self.optimizer = StackedOptimizer(self.net, models, [run.optimizer for run in runs], OptimName(cfg.optim.name))
         self.train_step = StackedStep(self.net, self.optimizer, Amp(cfg.train.amp), runs[0].device, bool(cfg.train.compile))  # type: ignore[arg-type]
         self.window = StackedWindow([run.window for run in runs], runs[0].data.num_classes)
+        for run in runs:
+            # The replicas' own optimizers never step (the stack does their work), which
+            # their lr schedulers would otherwise warn about at their first step.
+            run.optimizer._opt_called = True  # type: ignore[attr-defined]
         for r, run in enumerate(runs):
             run.window = ReplicaWindow(self.window, r)
 

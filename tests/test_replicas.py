@@ -10,7 +10,11 @@ sigmoid, tanh): with ReLU, a unit whose input lies within fp32 rounding of 0
 takes the other branch in one of two correct computations that round
 differently (a batched matmul and a single one), and from then on the two runs
 drift apart chaotically (seen: a 1e-3 difference in one CNN replica of four
-after 20 steps), as any two fp32 implementations of the same run would.
+after 20 steps), as any two fp32 implementations of the same run would. For the
+same reason the configs are well-conditioned: group norm has groups of 8
+channels here; with groups of 4 at lr 0.1 a standalone run whose initial
+weights are perturbed by 1e-7 (relative) ends 2e-5 to 2e-3 away from the
+unperturbed one after 50 steps, which no comparison at 1e-5 can survive.
 """
 
 from __future__ import annotations
@@ -116,8 +120,8 @@ def test_cnn_replicas_with_grouped_convolutions_train_like_their_standalone_runs
     [*CNN, "norm=batch_renorm"],
     ["norm=layer", "norm.placement=post"],
     [*CNN, "norm=layer"],
-    ["norm=group", "norm.groups=4"],
-    [*CNN, "norm=group", "norm.groups=4"],
+    ["norm=group", "norm.groups=2"],
+    [*CNN, "norm=group", "norm.groups=2"],
     ["norm.layers=[1]", "norm.center=false"],
     ["norm.scale=false", "norm.track_running_stats=false"],
 ], ids=lambda case: " ".join(case).replace("model=cnn model.hidden=[8,8] data.shape=[3,8,8] model.activation=tanh", "cnn"))

@@ -61,11 +61,16 @@ class Slot:
     n: int
     shape: tuple[int, ...]  # the standalone tensor's shape
     shared: bool = False  # one value for the whole slot (num_batches_tracked), not one per replica
+    transposed: bool = False  # stored as [n, in, out] for a standalone [out, in] (a Linear's weight)
 
     def view(self, t: torch.Tensor | None = None) -> torch.Tensor:
-        """``t`` (this slot's tensor or its gradient) as [n, *shape]."""
+        """``t`` (this slot's tensor or its gradient) as [n, *shape] (a view)."""
         t = self.tensor if t is None else t
-        return t if self.shared else t.view(self.n, *self.shape)
+        if self.shared:
+            return t
+        if self.transposed:
+            return t.view(self.n, *self.shape[::-1]).transpose(1, 2)
+        return t.view(self.n, *self.shape)
 
     def replica(self, r: int, t: torch.Tensor | None = None) -> torch.Tensor:
         return self.view(t) if self.shared else self.view(t)[r - self.r0]
@@ -148,7 +153,9 @@ class StackedNet(nn.Module):
             for child in t._modules:
                 self._plan_module(f"{name}.{child}", [getattr(m, child) for m in mods])
         elif isinstance(t, nn.Linear):
-            w = self._param(f"{name}.weight", [m.weight for m in mods], cat=False)
+            # Stored [R, in, out], the layout bmm multiplies by: a transposed view's
+            # gradient would be copied into the weight's own layout at every step.
+            w = self._param(f"{name}.weight", [m.weight for m in mods], cat=False, transposed=True)
             b = None if t.bias is None else self._param(f"{name}.bias", [m.bias for m in mods], cat=False)
             self.plan.append(("rbc", ("linear", w, b)))
         elif isinstance(t, (nn.Conv1d, nn.Conv2d)):
@@ -172,10 +179,10 @@ class StackedNet(nn.Module):
         else:
             raise NotStackable(f"{name}: {type(t).__name__}")
 
-    def _param(self, name: str, params: list[torch.Tensor], cat: bool) -> nn.Parameter:
-        leaf = nn.Parameter(_leaf(params, params[0].requires_grad, cat))
+    def _param(self, name: str, params: list[torch.Tensor], cat: bool, transposed: bool = False) -> nn.Parameter:
+        leaf = nn.Parameter(_leaf([p.t() if transposed else p for p in params], params[0].requires_grad, cat))
         self.register_parameter(name.replace(".", "__"), leaf)
-        self.slots.append(Slot(name, leaf, 0, self.R, tuple(params[0].shape)))
+        self.slots.append(Slot(name, leaf, 0, self.R, tuple(params[0].shape), transposed=transposed))
         return leaf
 
     def _norm_ranges(self, name: str, mods: list[nn.Module]) -> list[tuple[int, int, nn.Module]]:
@@ -213,8 +220,7 @@ class StackedNet(nn.Module):
         kind = op[0]
         if kind == "linear":
             _, w, b = op
-            wt = w.transpose(1, 2)
-            return torch.bmm(x, wt) if b is None else torch.baddbmm(b.unsqueeze(1), x, wt)
+            return torch.bmm(x, w) if b is None else torch.baddbmm(b.unsqueeze(1), x, w)
         if kind == "conv":
             _, conv, w, b, stride, padding, dilation = op
             return conv(x, w, b, stride, padding, dilation, R)

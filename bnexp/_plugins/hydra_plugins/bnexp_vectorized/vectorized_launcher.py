@@ -75,7 +75,8 @@ class VectorizedLauncher(Launcher):
         # A job that changes into its run dir (hydra.job.chdir) cannot share a process's cwd with its replicas.
         stacks = stacks_of([None if c.hydra.job.chdir else _task_cfg(c) for c in configs], self.max_replicas)
         sizes = sorted((len(s) for s in stacks if len(s) > 1), reverse=True)
-        log.info(f"Launching {len(configs)} jobs: {len(sizes)} stacks of replicas {sizes or ''} and {sum(len(s) == 1 for s in stacks)} alone")
+        stacked = f"{len(sizes)} stack{'' if len(sizes) == 1 else 's'} of replicas ({', '.join(map(str, sizes))})" if sizes else "no stack of replicas"
+        log.info(f"Launching {len(configs)} jobs: {stacked}, {sum(len(s) == 1 for s in stacks)} alone")
         returns: list[JobReturn | None] = [None] * len(configs)
         for stack in stacks:
             for i in stack:
