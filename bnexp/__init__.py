@@ -11,8 +11,9 @@ __version__ = "0.1.0"
 # and leaves bnexp/_plugins out; from a source tree (PYTHONPATH, the tests, an
 # editable install, whose copy of the plugin may be older) this puts the tree's
 # own first on sys.path. It runs before Hydra looks for plugins: every bnexp
-# entry point, and Hydra's joblib/submitit workers (which unpickle bnexp's
-# callbacks before the launcher configs that name the plugin), import bnexp first.
+# entry point imports bnexp first, and so does a joblib or submitit worker when
+# it unpickles its job's task function (bnexp.hydra_app.task), before its Hydra
+# scans for plugins again (checked: sweeps through both launchers, tests/).
 _PLUGINS = _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "_plugins")
 if _os.path.isdir(_PLUGINS) and _PLUGINS not in _sys.path:
     _sys.path.insert(0, _PLUGINS)

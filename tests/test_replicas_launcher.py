@@ -120,8 +120,8 @@ def test_ctrl_c_checkpoints_every_replica_exits_130_and_rerun_or_bnexp_resume_co
             "train.eval_every=500", "train.progress=false", VECTORIZED, "hydra.sweep.dir=sw"]
     proc = start_cli(["sweep", *args], tmp_path, env=ENV)
     dirs = lambda: sorted((tmp_path / "sw").glob("*seed=*"))  # noqa: E731
-    _wait_for(lambda: len(dirs()) == 3 and all("step 500/3000" in (d / "bnexp.log").read_text() for d in dirs() if (d / "bnexp.log").exists()),
-              proc, "every replica's first eval")
+    evaluated = lambda d: (d / "bnexp.log").is_file() and "step 500/3000" in (d / "bnexp.log").read_text()  # noqa: E731
+    _wait_for(lambda: len(dirs()) == 3 and all(evaluated(d) for d in dirs()), proc, "every replica's first eval", timeout=180)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err

@@ -1,0 +1,151 @@
+"""How much faster is a sweep of seeds as stacked replicas (hydra/launcher=vectorized)
+than the same jobs one after another (Hydra's basic launcher)?
+
+For each model and each R, one process runs the sweep ``seed=0..R-1`` through
+bnexp's real Hydra entry point (``bnexp sweep``'s code path, in process:
+interpreter start and imports, the same for both launchers, are left out)
+with each launcher, alternating which goes first; rounds after one warm-up.
+It prints, per R, the whole sweep's wall time (jobs, setup, final evaluations,
+checkpoints, the summary) of each launcher, their ratio, and replica-steps/s
+(R x steps / wall time). Before timing, it checks that the two launchers gave
+every job the same final train/loss (within 1e-4).
+
+Models: the BN paper's MLP (``experiment=bn_paper_mnist``: 784-100-100-100-10
+sigmoid, BN before the nonlinearity, batch 60, SGD lr 0.2; real MNIST when
+found, else MNIST-shaped synthetic data) and the small CNN (``model=cnn``,
+32-64-128 channels, BN; Fashion-MNIST when found, else synthetic 1x28x28).
+
+    python benchmarks/bench_replicas.py                          # both models, R = 1 2 4 8 16 32
+    python benchmarks/bench_replicas.py --which mlp --replicas 8 --rounds 3
+    python benchmarks/bench_replicas.py --which mlp --profile 8  # where a stacked step's time goes
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def data_root(name: str) -> Path | None:
+    for d in (Path(os.environ.get(f"BNEXP_{name.upper().replace('-', '_')}", "")), SHARED / name, Path("/work/shared/data") / name):
+        if str(d) not in ("", ".") and (d / "train-images-idx3-ubyte.gz").is_file():
+            return d
+    return None
+
+
+def overrides_for(which: str, args: argparse.Namespace) -> list[str]:
+    common = ["train.progress=false", f"train.device={args.device}", "norm.placement=pre"]
+    if which == "mlp":
+        root = data_root("mnist")
+        data = [f"data.root={root}"] if root else ["data=synthetic", "data.shape=[1,28,28]", "data.n_train=60000",
+                                                  "data.n_test=10000", "data.val_size=5000"]
+        return ["experiment=bn_paper_mnist", f"train.steps={args.steps_mlp}", *data, *common, *args.overrides]
+    root = data_root("fashion-mnist")
+    data = ["data=fashion_mnist", f"data.root={root}"] if root else ["data=synthetic", "data.shape=[1,28,28]", "data.n_train=10000",
+                                                                      "data.n_test=2000"]
+    return ["model=cnn", "train.batch_size=64", f"train.steps={args.steps_cnn}", "train.eval_every=1000000", "train.eval_batch_size=256",
+            *data, *common, *args.overrides]
+
+
+def sweep(overrides: list[str], launcher: str, R: int, out: Path) -> tuple[float, list[dict]]:
+    """Wall time of one `bnexp sweep` in this process, and its jobs' metrics.json."""
+    from bnexp import hydra_app
+
+    argv = ["--multirun", *overrides, f"seed=range(0,{R})", f"hydra/launcher={launcher}", f"hydra.sweep.dir={out}"]
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        t0 = time.perf_counter()
+        hydra_app.hydra_main(argv)
+        wall = time.perf_counter() - t0
+    records = [json.loads(p.read_text()) for p in sorted(out.glob("*/metrics.json"), key=lambda p: p.parent.name)]
+    return wall, records
+
+
+def bench(which: str, args: argparse.Namespace, tmp: Path) -> list[dict]:
+    overrides = overrides_for(which, args)
+    rows = []
+    for R in args.replicas:
+        walls: dict[str, list[float]] = {"basic": [], "vectorized": []}
+        for rnd in range(args.warmup + args.rounds):
+            order = ["basic", "vectorized"] if rnd % 2 == 0 else ["vectorized", "basic"]
+            losses = {}
+            for launcher in order:
+                wall, records = sweep(overrides, launcher, R, tmp / f"{which}-{R}-{launcher}-{rnd}")
+                assert len(records) == R and all(r["status"] == "completed" for r in records), [r["status"] for r in records]
+                losses[launcher] = [r["final"]["train/loss"] for r in records]
+                if rnd >= args.warmup:
+                    walls[launcher].append(wall)
+            diff = max(abs(a - b) for a, b in zip(losses["basic"], losses["vectorized"]))
+            assert diff <= 1e-4, f"{which} R={R}: final train/loss differs by {diff} between the launchers"
+        steps = args.steps_mlp if which == "mlp" else args.steps_cnn
+        b, v = statistics.median(walls["basic"]), statistics.median(walls["vectorized"])
+        row = {"model": which, "R": R, "steps": steps, "basic_wall_s": b, "vectorized_wall_s": v, "ratio": b / v,
+               "basic_replica_steps_per_s": R * steps / b, "vectorized_replica_steps_per_s": R * steps / v, "rounds": walls}
+        rows.append(row)
+        print(f"{which:3s} R={R:2d}  basic {b:7.2f} s  vectorized {v:7.2f} s  ratio {b / v:5.2f}x   "
+              f"replica-steps/s {R * steps / b:7.0f} -> {R * steps / v:7.0f}", flush=True)
+    return rows
+
+
+def profile(which: str, args: argparse.Namespace, tmp: Path) -> None:
+    """The stacked loop of one vectorized sweep under torch's profiler (CPU ops by self time)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    overrides = overrides_for(which, args)
+    sweep(overrides, "vectorized", args.profile, tmp / "profile-warmup")
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        wall, _ = sweep(overrides, "vectorized", args.profile, tmp / "profile")
+    print(f"{which} R={args.profile}: {wall:.2f} s under the profiler")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile_rows))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--which", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
+    p.add_argument("--replicas", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32])
+    p.add_argument("--steps-mlp", type=int, default=1000)
+    p.add_argument("--steps-cnn", type=int, default=50)
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds before the timed ones (first use: imports, compiled kernels)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--profile", type=int, default=None, metavar="R", help="profile one vectorized sweep of R replicas instead")
+    p.add_argument("--profile-rows", type=int, default=20)
+    p.add_argument("--json", type=Path, default=None, help="write every row and round here")
+    p.add_argument("overrides", nargs="*", help="bnexp overrides for every sweep, e.g. train.log_every=50")
+    args = p.parse_args()
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}"
+          + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else "") + f", 1-min load {load:.2f}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="bnexp-bench-replicas-") as d:
+        if args.profile:
+            for which in args.which:
+                profile(which, args, Path(d))
+            return
+        rows = [row for which in args.which for row in bench(which, args, Path(d))]
+    print(f"1-min load at the end {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "load_start": load,
+                                         "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
