@@ -64,6 +64,8 @@ def sweep(overrides: list[str], launcher: str, R: int, out: Path) -> tuple[float
     from bnexp import hydra_app
 
     argv = ["--multirun", *overrides, f"seed=range(0,{R})", f"hydra/launcher={launcher}", f"hydra.sweep.dir={out}"]
+    if launcher == "vectorized":
+        argv.append(f"hydra.launcher.max_replicas={R}")  # one stack of all R
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         t0 = time.perf_counter()
         hydra_app.hydra_main(argv)

@@ -299,8 +299,8 @@ class StackedStep(TrainStep):
     (fp16's GradScaler skips a step for all it scales: the launcher runs fp16 jobs alone.)"""
 
     def _losses(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        R, B = y.shape
-        return F.cross_entropy(logits.reshape(R * B, -1), y.reshape(R * B), reduction="none").view(R, B).mean(1)
+        # Logits as [R, classes, B] (the stacked MLP's own layout, no copy), the (N, C, d) form cross_entropy takes.
+        return F.cross_entropy(logits.transpose(1, 2), y, reduction="none").mean(1)
 
     def _forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model(x)

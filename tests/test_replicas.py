@@ -206,3 +206,19 @@ def test_a_replicas_checkpoint_is_standalone_and_bnexp_resume_continues_it_to_it
     for r in range(R):
         assert quietly(resume, tmp_path / f"replica{r}")["steps"] == 40
     assert_trains_like_standalone(tmp_path)
+
+
+@pytest.mark.slow
+def test_compiled_replicas_train_like_their_compiled_standalone_runs(tmp_path):
+    train_both(tmp_path, configs(["train.compile=true"]))
+    assert_trains_like_standalone(tmp_path)
+
+
+@pytest.mark.slow
+def test_bf16_replicas_stay_within_bf16_rounding_of_their_standalone_runs(tmp_path):
+    # bf16 matmuls round to 8 bits of mantissa: a batched and a single one differ at that level.
+    train_both(tmp_path, configs(["train.amp=bf16"]))
+    for r in range(R):
+        assert_close_tensors(checkpoint(tmp_path / f"replica{r}")["model"], checkpoint(tmp_path / f"alone{r}")["model"], 1e-2, f"replica {r}")
+        a, b = load_scalars(tmp_path / f"alone{r}")["train/loss"], load_scalars(tmp_path / f"replica{r}")["train/loss"]
+        assert [s for s, _ in a] == [s for s, _ in b] and all(abs(x - y) <= 1e-3 for (_, x), (_, y) in zip(a, b))

@@ -5,7 +5,8 @@ them all (bnexp.replicas, ``hydra/launcher=vectorized``).
 The replicas are folded into the channel axis, so every op is one call for all
 R of them:
 
-- Linear: a batched matmul over [R, B, in] ("replica-major" layout);
+- Linear: a batched matmul, W [R, out, in] @ x [R, in, B] (feature-major
+  layout, so that batch norm after it needs no copy: see :func:`_convert`);
 - Conv: ``groups=R`` over [B, R*C, ...] ("folded" layout), pooling alike;
 - BatchNorm (and ghost BN, batch renorm): over R*C channels, so each channel
   of each replica has its own batch and running statistics;
@@ -61,15 +62,12 @@ class Slot:
     n: int
     shape: tuple[int, ...]  # the standalone tensor's shape
     shared: bool = False  # one value for the whole slot (num_batches_tracked), not one per replica
-    transposed: bool = False  # stored as [n, in, out] for a standalone [out, in] (a Linear's weight)
 
     def view(self, t: torch.Tensor | None = None) -> torch.Tensor:
         """``t`` (this slot's tensor or its gradient) as [n, *shape] (a view)."""
         t = self.tensor if t is None else t
         if self.shared:
             return t
-        if self.transposed:
-            return t.view(self.n, *self.shape[::-1]).transpose(1, 2)
         return t.view(self.n, *self.shape)
 
     def replica(self, r: int, t: torch.Tensor | None = None) -> torch.Tensor:
@@ -153,11 +151,9 @@ class StackedNet(nn.Module):
             for child in t._modules:
                 self._plan_module(f"{name}.{child}", [getattr(m, child) for m in mods])
         elif isinstance(t, nn.Linear):
-            # Stored [R, in, out], the layout bmm multiplies by: a transposed view's
-            # gradient would be copied into the weight's own layout at every step.
-            w = self._param(f"{name}.weight", [m.weight for m in mods], cat=False, transposed=True)
+            w = self._param(f"{name}.weight", [m.weight for m in mods], cat=False)
             b = None if t.bias is None else self._param(f"{name}.bias", [m.bias for m in mods], cat=False)
-            self.plan.append(("rbc", ("linear", w, b)))
+            self.plan.append(("rcb", ("linear", w, b)))
         elif isinstance(t, (nn.Conv1d, nn.Conv2d)):
             if t.padding_mode != "zeros" or t.groups != 1:
                 raise NotStackable(f"{name}: conv with padding_mode={t.padding_mode}, groups={t.groups}")
@@ -166,23 +162,26 @@ class StackedNet(nn.Module):
             conv = F.conv1d if isinstance(t, nn.Conv1d) else F.conv2d
             self.plan.append(("folded", ("conv", conv, w, b, t.stride, t.padding, t.dilation)))
         elif isinstance(t, norms.NORM_TYPES):
-            self.plan.append(("folded", ("norm", self._norm_ranges(name, mods))))
+            # Batch statistics per channel over the batch (and length): in [R, C, B] too,
+            # as [1, R*C, B]; the others need examples in dim 0.
+            per_channel = isinstance(t, (norms.BatchNorm1d, norms.BatchRenorm))
+            self.plan.append(("rcb|folded" if per_channel else "folded", ("norm", self._norm_ranges(name, mods))))
         elif isinstance(t, _ELEMENTWISE):
             self.plan.append(("any", ("module", t)))
         elif isinstance(t, _PER_CHANNEL):
             self.plan.append(("folded", ("module", t)))
         elif isinstance(t, nn.Flatten):
             # After global pooling a folded [B, R*C, 1, 1] flattens replica-major: still folded.
-            self.plan.append(("any" if name.startswith("head") else "rbc-examples", ("module", t)))
+            self.plan.append(("any" if name.startswith("head") else "examples", ("module", t)))
         elif isinstance(t, _PER_EXAMPLE):
-            self.plan.append(("rbc-examples", ("module", t)))
+            self.plan.append(("examples", ("module", t)))
         else:
             raise NotStackable(f"{name}: {type(t).__name__}")
 
-    def _param(self, name: str, params: list[torch.Tensor], cat: bool, transposed: bool = False) -> nn.Parameter:
-        leaf = nn.Parameter(_leaf([p.t() if transposed else p for p in params], params[0].requires_grad, cat))
+    def _param(self, name: str, params: list[torch.Tensor], cat: bool) -> nn.Parameter:
+        leaf = nn.Parameter(_leaf(params, params[0].requires_grad, cat))
         self.register_parameter(name.replace(".", "__"), leaf)
-        self.slots.append(Slot(name, leaf, 0, self.R, tuple(params[0].shape), transposed=transposed))
+        self.slots.append(Slot(name, leaf, 0, self.R, tuple(params[0].shape)))
         return leaf
 
     def _norm_ranges(self, name: str, mods: list[nn.Module]) -> list[tuple[int, int, nn.Module]]:
@@ -202,34 +201,39 @@ class StackedNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         R, B = x.shape[0], x.shape[1]
-        layout = "rbc"
+        layout = "rb"
         for need, op in self.plan:
-            if need == "rbc-examples":  # a per-example module: on [R*B, ...]
-                x = _to_rbc(x, layout, R)
-                x, layout = op[1](x.flatten(0, 1)).unflatten(0, (R, B)), "rbc"
+            if need == "examples":  # a per-example module: on [R*B, ...]
+                x = _convert(x, layout, "rb", R)
+                x, layout = op[1](x.flatten(0, 1)).unflatten(0, (R, B)), "rb"
                 continue
-            if need == "rbc":
-                x, layout = _to_rbc(x, layout, R), "rbc"
-            elif need == "folded":
-                x, layout = _to_folded(x, layout), "folded"
-            x = self._run(op, x, R)
-        return _to_rbc(x, layout, R)
+            if need == "rcb|folded":
+                need = layout if layout in ("rcb", "folded") else "folded"
+            if need != "any":
+                x, layout = _convert(x, layout, need, R), need
+            x = self._run(op, x, R, layout)
+        return _convert(x, layout, "rb", R)
 
     @staticmethod
-    def _run(op: tuple, x: torch.Tensor, R: int) -> torch.Tensor:
+    def _run(op: tuple, x: torch.Tensor, R: int, layout: str) -> torch.Tensor:
         kind = op[0]
-        if kind == "linear":
+        if kind == "linear":  # [R, out, in] @ [R, in, B]: each replica's W x
             _, w, b = op
-            return torch.bmm(x, w) if b is None else torch.baddbmm(b.unsqueeze(1), x, w)
+            return torch.bmm(w, x) if b is None else torch.baddbmm(b.unsqueeze(-1), w, x)
         if kind == "conv":
             _, conv, w, b, stride, padding, dilation = op
             return conv(x, w, b, stride, padding, dilation, R)
         if kind == "norm":
+            shape = x.shape
+            if layout == "rcb":  # [R, C, B] as [1, R*C, B]: per channel over B, a batch norm's statistics
+                x = x.reshape(1, -1, shape[-1])
             ranges = op[1]
             if len(ranges) == 1:
-                return ranges[0][2](x)
-            c = x.shape[1] // R
-            return torch.cat([m(x[:, r0 * c : r1 * c]) for r0, r1, m in ranges], 1)
+                y = ranges[0][2](x)
+            else:
+                c = x.shape[1] // R
+                y = torch.cat([m(x[:, r0 * c : r1 * c]) for r0, r1, m in ranges], 1)
+            return y.view(shape) if layout == "rcb" else y
         return op[1](x)
 
     # ----------------------------------------------------------------- replicas
@@ -266,11 +270,18 @@ class StackedNet(nn.Module):
         return [s for s in self.slots if isinstance(s.tensor, nn.Parameter) and s.tensor.requires_grad]
 
 
-def _to_rbc(x: torch.Tensor, layout: str, R: int) -> torch.Tensor:
-    """[B, R*C, *sp] -> [R, B, C, *sp] (a view)."""
-    return x if layout == "rbc" else x.unflatten(1, (R, -1)).transpose(0, 1)
-
-
-def _to_folded(x: torch.Tensor, layout: str) -> torch.Tensor:
-    """[R, B, C, *sp] -> [B, R*C, *sp] (a copy unless already folded)."""
-    return x if layout == "folded" else x.transpose(0, 1).flatten(1, 2)
+# Layouts of the activations between ops (R replicas, batch B):
+#   rb      [R, B, *example]   the input; per-example modules (stem)
+#   rcb     [R, C, B]          an MLP's: Linear is bmm(W, x), batch norm sees [1, R*C, B] (no copy)
+#   folded  [B, R*C, *spatial] a CNN's: conv with groups=R, pooling, norms over examples
+def _convert(x: torch.Tensor, src: str, dst: str, R: int) -> torch.Tensor:
+    if src == dst:
+        return x
+    if src == "folded":
+        x = x.unflatten(1, (R, -1)).transpose(0, 1)  # -> rb, a view
+        src = "rb"
+    if dst == "folded":
+        if src == "rcb":  # [R, C, B] -> [B, R*C], a view
+            return x.flatten(0, 1).t()
+        return x.transpose(0, 1).flatten(1, 2)  # rb -> folded, a copy
+    return x.transpose(1, 2)  # rb <-> rcb: a view
