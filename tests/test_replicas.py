@@ -222,3 +222,17 @@ def test_bf16_replicas_stay_within_bf16_rounding_of_their_standalone_runs(tmp_pa
         assert_close_tensors(checkpoint(tmp_path / f"replica{r}")["model"], checkpoint(tmp_path / f"alone{r}")["model"], 1e-2, f"replica {r}")
         a, b = load_scalars(tmp_path / f"alone{r}")["train/loss"], load_scalars(tmp_path / f"replica{r}")["train/loss"]
         assert [s for s, _ in a] == [s for s, _ in b] and all(abs(x - y) <= 1e-3 for (_, x), (_, y) in zip(a, b))
+
+
+def test_a_probe_that_meddles_with_its_replica_leaves_the_stack_training_bit_identical(tmp_path, register_probe):
+    from tests.test_core import Meddler  # a trial step, a train-mode forward, random draws, a cleared optimizer state
+
+    cfgs = configs(["train.steps=12", "train.log_every=3", "probes.param_norms.every=1", "probes.activations.every=1"])
+    quietly(train_replicas, [ReplicaJob(cfg, tmp_path / f"quiet{r}") for r, cfg in enumerate(cfgs)])
+    register_probe("meddler", lambda setup, cfg: Meddler())
+    quietly(train_replicas, [ReplicaJob(cfg, tmp_path / f"meddled{r}") for r, cfg in enumerate(cfgs)])
+    for r in range(R):
+        quiet, meddled = checkpoint(tmp_path / f"quiet{r}"), checkpoint(tmp_path / f"meddled{r}")
+        assert all(torch.equal(meddled["model"][k], v) for k, v in quiet["model"].items())
+        a, b = load_scalars(tmp_path / f"quiet{r}"), load_scalars(tmp_path / f"meddled{r}")
+        assert b["train/loss"] == a["train/loss"] and b["grad_norm/total"] == a["grad_norm/total"] and len(b["meddler/loss"]) == 6

@@ -19,8 +19,8 @@ from tests.conftest import REPO, run_cli, start_cli
 from tests.test_sweep import ENV, _status, _wait_for, job_dirs
 
 # Smooth units (tanh) so that a replica's numbers match its standalone run's to
-# fp32 rounding (see tests/test_replicas.py); 2 placements x 4 seeds.
-SWEEP = ("norm.placement=pre,none", "seed=0,1,2,3", "train.steps=30", "train.log_every=10", "train.eval_every=15",
+# fp32 rounding (see tests/test_replicas.py); 2 placements x 8 seeds.
+SWEEP = ("norm.placement=pre,none", "seed=range(0,8)", "train.steps=30", "train.log_every=10", "train.eval_every=15",
          "train.progress=false", "model.hidden=[16,16]", "model.activation=tanh", "train.device=cpu")
 VECTORIZED = "hydra/launcher=vectorized"
 
@@ -48,8 +48,8 @@ def two_sweeps(tmp_path_factory):
 def test_each_replica_leaves_the_run_dir_the_basic_launchers_job_leaves(two_sweeps):
     cwd, _, vec = two_sweeps
     basic_dirs, vec_dirs = job_dirs(cwd / "basic"), job_dirs(cwd / "vec")
-    assert [d.name for d in vec_dirs] == [d.name for d in basic_dirs] and len(vec_dirs) == 8
-    assert "Launching 8 jobs: 2 stacks of replicas (4, 4), 0 alone" in vec.stdout
+    assert [d.name for d in vec_dirs] == [d.name for d in basic_dirs] and len(vec_dirs) == 16
+    assert "Launching 16 jobs: 2 stacks of replicas (8, 8), 0 alone" in vec.stdout
     for b, v in zip(basic_dirs, vec_dirs):
         files = lambda d: sorted(str(p.relative_to(d)).replace(p.name, "events") if p.name.startswith("events.") else str(p.relative_to(d))  # noqa: E731
                                  for p in d.rglob("*") if p.is_file())
@@ -60,13 +60,13 @@ def test_each_replica_leaves_the_run_dir_the_basic_launchers_job_leaves(two_swee
         assert hydra_v["job"]["num"] == hydra_b["job"]["num"] and hydra_v["runtime"]["output_dir"].endswith(v.name)
         rb, rv = record(b), record(v)
         assert rv["status"] == rb["status"] == "completed" and rv["config_hash"] == rb["config_hash"]
-        assert rv["replica"]["of"] == 4 and "replica" not in rb and rv["overrides"] == rb["overrides"]
+        assert rv["replica"]["of"] == 8 and "replica" not in rb and rv["overrides"] == rb["overrides"]
         # Each replica's log holds its own evaluation lines, not its neighbours'.
         assert (v / "bnexp.log").read_text().count("step 15/30") == 1
 
 
 @pytest.mark.slow
-def test_a_vectorized_sweeps_report_equals_the_basic_launchers_in_groups_n_and_metrics(two_sweeps):
+def test_an_8_seed_vectorized_sweeps_report_equals_the_basic_launchers_in_groups_n_and_metrics(two_sweeps):
     cwd, basic, vec = two_sweeps
     reports = []
     for name in ("basic", "vec"):
@@ -77,14 +77,14 @@ def test_a_vectorized_sweeps_report_equals_the_basic_launchers_in_groups_n_and_m
     assert groups[0].keys() == groups[1].keys() == {"norm.placement=pre", "norm.placement=none"}
     for label, g in groups[0].items():
         h = groups[1][label]
-        assert h["n"] == g["n"] == 4 and h["status"] == g["status"] == {"completed": 4}
+        assert h["n"] == g["n"] == 8 and h["status"] == g["status"] == {"completed": 8}
         columns = [c for c in g["metrics"] if c != "steps/s"]
         assert columns == [c for c in h["metrics"] if c != "steps/s"] and len(columns) >= 3
         for c in columns:
-            assert h["metrics"][c]["n"] == g["metrics"][c]["n"] == 4
+            assert h["metrics"][c]["n"] == g["metrics"][c]["n"] == 8
             for stat in ("mean", "std"):
                 assert h["metrics"][c][stat] == pytest.approx(g["metrics"][c][stat], abs=1e-5), (label, c, stat)
-    assert "8 jobs: 8 completed" in vec.stdout and "comparison (mean ± std over seeds)" in vec.stdout
+    assert "16 jobs: 16 completed" in vec.stdout and "comparison (mean ± std over seeds)" in vec.stdout
 
 
 @pytest.mark.slow
@@ -93,7 +93,7 @@ def test_rerunning_a_vectorized_sweep_skips_every_finished_replica(two_sweeps):
     before = {d: (d / "checkpoint.pt").stat().st_mtime_ns for d in job_dirs(cwd / "vec")}
     r = bnexp("sweep", *SWEEP, VECTORIZED, "hydra.sweep.dir=vec", cwd=cwd)
     assert r.returncode == 0, r.stderr
-    assert "8 jobs: 8 skipped" in r.stdout
+    assert "16 jobs: 16 skipped" in r.stdout
     assert {d: (d / "checkpoint.pt").stat().st_mtime_ns for d in job_dirs(cwd / "vec")} == before
 
 
