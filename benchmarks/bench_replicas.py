@@ -5,9 +5,11 @@ For each model and each R, one process runs the sweep ``seed=0..R-1`` through
 bnexp's real Hydra entry point (``bnexp sweep``'s code path, in process:
 interpreter start and imports, the same for both launchers, are left out)
 with each launcher, alternating which goes first; rounds after one warm-up.
-It prints, per R, the whole sweep's wall time (jobs, setup, final evaluations,
-checkpoints, the summary) of each launcher, their ratio, and replica-steps/s
-(R x steps / wall time). Before timing, it checks that the two launchers gave
+It prints, per R, the whole sweep's wall time (Hydra composing each job's
+config, setup, the loops, final evaluations, checkpoints) of each launcher,
+their ratio and replica-steps/s (R x steps / wall time); and the time spent in
+the training loops alone (each run's ``time/elapsed_sec``: summed over the
+basic launcher's jobs, the stack's for the vectorized one) and its ratio. Before timing, it checks that the two launchers gave
 every job the same final train/loss (within 1e-4).
 
 Models: the BN paper's MLP (``experiment=bn_paper_mnist``: 784-100-100-100-10
@@ -18,6 +20,7 @@ found, else MNIST-shaped synthetic data) and the small CNN (``model=cnn``,
     python benchmarks/bench_replicas.py                          # both models, R = 1 2 4 8 16 32
     python benchmarks/bench_replicas.py --which mlp --replicas 8 --rounds 3
     python benchmarks/bench_replicas.py --which mlp --profile 8  # where a stacked step's time goes
+    python benchmarks/bench_replicas.py --which placement --rounds 3   # the README's main job, end to end
 """
 
 from __future__ import annotations
@@ -79,6 +82,7 @@ def bench(which: str, args: argparse.Namespace, tmp: Path) -> list[dict]:
     rows = []
     for R in args.replicas:
         walls: dict[str, list[float]] = {"basic": [], "vectorized": []}
+        loops: dict[str, list[float]] = {"basic": [], "vectorized": []}  # seconds in the training loops (time/elapsed_sec)
         for rnd in range(args.warmup + args.rounds):
             order = ["basic", "vectorized"] if rnd % 2 == 0 else ["vectorized", "basic"]
             losses = {}
@@ -88,16 +92,41 @@ def bench(which: str, args: argparse.Namespace, tmp: Path) -> list[dict]:
                 losses[launcher] = [r["final"]["train/loss"] for r in records]
                 if rnd >= args.warmup:
                     walls[launcher].append(wall)
+                    elapsed = [r["final"]["time/elapsed_sec"] for r in records]
+                    # One after another, the loops add up; stacked, they run together (the longest counts).
+                    loops[launcher].append(sum(elapsed) if launcher == "basic" else max(elapsed))
             diff = max(abs(a - b) for a, b in zip(losses["basic"], losses["vectorized"]))
             assert diff <= 1e-4, f"{which} R={R}: final train/loss differs by {diff} between the launchers"
         steps = args.steps_mlp if which == "mlp" else args.steps_cnn
         b, v = statistics.median(walls["basic"]), statistics.median(walls["vectorized"])
+        lb, lv = statistics.median(loops["basic"]), statistics.median(loops["vectorized"])
         row = {"model": which, "R": R, "steps": steps, "basic_wall_s": b, "vectorized_wall_s": v, "ratio": b / v,
-               "basic_replica_steps_per_s": R * steps / b, "vectorized_replica_steps_per_s": R * steps / v, "rounds": walls}
+               "basic_replica_steps_per_s": R * steps / b, "vectorized_replica_steps_per_s": R * steps / v,
+               "basic_loop_s": lb, "vectorized_loop_s": lv, "loop_ratio": lb / lv, "rounds": walls, "loop_rounds": loops}
         rows.append(row)
-        print(f"{which:3s} R={R:2d}  basic {b:7.2f} s  vectorized {v:7.2f} s  ratio {b / v:5.2f}x   "
-              f"replica-steps/s {R * steps / b:7.0f} -> {R * steps / v:7.0f}", flush=True)
+        print(f"{which:3s} R={R:2d}  sweep: basic {b:7.2f} s  vectorized {v:7.2f} s  ratio {b / v:5.2f}x  "
+              f"replica-steps/s {R * steps / b:6.0f} -> {R * steps / v:6.0f}   loops: {lb:6.2f} s -> {lv:6.2f} s  ratio {lb / lv:5.2f}x", flush=True)
     return rows
+
+
+def readme_job(args: argparse.Namespace, tmp: Path) -> list[dict]:
+    """The README's main job, `bnexp sweep experiment=placement_ablation` (3 placements
+    x 3 seeds), end to end as a user runs it: a new `bnexp` process each time."""
+    import subprocess
+
+    walls: dict[str, list[float]] = {"basic": [], "vectorized": []}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    for rnd in range(args.warmup + args.rounds):
+        for launcher in (["basic", "vectorized"] if rnd % 2 == 0 else ["vectorized", "basic"]):
+            cmd = [sys.executable, "-m", "bnexp.cli", "sweep", "experiment=placement_ablation", f"hydra/launcher={launcher}",
+                   f"hydra.sweep.dir={tmp / f'placement-{launcher}-{rnd}'}", "train.progress=false", *args.overrides]
+            t0 = time.perf_counter()
+            subprocess.run(cmd, check=True, capture_output=True, env=env, cwd=tmp)
+            if rnd >= args.warmup:
+                walls[launcher].append(time.perf_counter() - t0)
+    b, v = statistics.median(walls["basic"]), statistics.median(walls["vectorized"])
+    print(f"README job (placement_ablation, 9 jobs, CLI end to end)  basic {b:6.2f} s  vectorized {v:6.2f} s  ratio {b / v:5.2f}x", flush=True)
+    return [{"model": "placement_ablation", "basic_wall_s": b, "vectorized_wall_s": v, "ratio": b / v, "rounds": walls}]
 
 
 def profile(which: str, args: argparse.Namespace, tmp: Path) -> None:
@@ -115,7 +144,8 @@ def profile(which: str, args: argparse.Namespace, tmp: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--which", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
+    p.add_argument("--which", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn", "placement"],
+                   help="placement: the README's main job through the CLI, end to end")
     p.add_argument("--replicas", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32])
     p.add_argument("--steps-mlp", type=int, default=1000)
     p.add_argument("--steps-cnn", type=int, default=50)
@@ -141,7 +171,7 @@ def main() -> None:
             for which in args.which:
                 profile(which, args, Path(d))
             return
-        rows = [row for which in args.which for row in bench(which, args, Path(d))]
+        rows = [row for which in args.which for row in (readme_job(args, Path(d)) if which == "placement" else bench(which, args, Path(d)))]
     print(f"1-min load at the end {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
