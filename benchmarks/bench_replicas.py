@@ -4,7 +4,8 @@ than the same jobs one after another (Hydra's basic launcher)?
 For each model and each R, one process runs the sweep ``seed=0..R-1`` through
 bnexp's real Hydra entry point (``bnexp sweep``'s code path, in process:
 interpreter start and imports, the same for both launchers, are left out)
-with each launcher, alternating which goes first; rounds after one warm-up.
+with each launcher, alternating which goes first, after one tiny warm-up
+sweep of each.
 It prints, per R, the whole sweep's wall time (Hydra composing each job's
 config, setup, the loops, final evaluations, checkpoints) of each launcher,
 their ratio and replica-steps/s (R x steps / wall time); and the time spent in
@@ -79,22 +80,24 @@ def sweep(overrides: list[str], launcher: str, R: int, out: Path) -> tuple[float
 
 def bench(which: str, args: argparse.Namespace, tmp: Path) -> list[dict]:
     overrides = overrides_for(which, args)
+    for w in range(args.warmup):  # first use in this process: imports, Hydra's caches, torch's kernels
+        for launcher in ("basic", "vectorized"):
+            sweep([*overrides, "train.steps=20"], launcher, 2, tmp / f"{which}-warmup{w}-{launcher}")
     rows = []
     for R in args.replicas:
         walls: dict[str, list[float]] = {"basic": [], "vectorized": []}
         loops: dict[str, list[float]] = {"basic": [], "vectorized": []}  # seconds in the training loops (time/elapsed_sec)
-        for rnd in range(args.warmup + args.rounds):
+        for rnd in range(args.rounds):
             order = ["basic", "vectorized"] if rnd % 2 == 0 else ["vectorized", "basic"]
             losses = {}
             for launcher in order:
                 wall, records = sweep(overrides, launcher, R, tmp / f"{which}-{R}-{launcher}-{rnd}")
                 assert len(records) == R and all(r["status"] == "completed" for r in records), [r["status"] for r in records]
                 losses[launcher] = [r["final"]["train/loss"] for r in records]
-                if rnd >= args.warmup:
-                    walls[launcher].append(wall)
-                    elapsed = [r["final"]["time/elapsed_sec"] for r in records]
-                    # One after another, the loops add up; stacked, they run together (the longest counts).
-                    loops[launcher].append(sum(elapsed) if launcher == "basic" else max(elapsed))
+                walls[launcher].append(wall)
+                elapsed = [r["final"]["time/elapsed_sec"] for r in records]
+                # One after another, the loops add up; stacked, they run together (the longest counts).
+                loops[launcher].append(sum(elapsed) if launcher == "basic" else max(elapsed))
             diff = max(abs(a - b) for a, b in zip(losses["basic"], losses["vectorized"]))
             assert diff <= 1e-4, f"{which} R={R}: final train/loss differs by {diff} between the launchers"
         steps = args.steps_mlp if which == "mlp" else args.steps_cnn
@@ -150,7 +153,7 @@ def main() -> None:
     p.add_argument("--steps-mlp", type=int, default=1000)
     p.add_argument("--steps-cnn", type=int, default=50)
     p.add_argument("--rounds", type=int, default=1)
-    p.add_argument("--warmup", type=int, default=1, help="untimed rounds before the timed ones (first use: imports, compiled kernels)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed tiny sweeps of each launcher before the timed ones")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--profile", type=int, default=None, metavar="R", help="profile one vectorized sweep of R replicas instead")

@@ -298,59 +298,23 @@ class StackedStep(TrainStep):
     their sum, so each replica's gradients are those of its own loss.
     (fp16's GradScaler skips a step for all it scales: the launcher runs fp16 jobs alone.)"""
 
-    def _losses(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         # Logits as [R, classes, B] (the stacked MLP's own layout, no copy), the (N, C, d) form cross_entropy takes.
         return F.cross_entropy(logits.transpose(1, 2), y, reduction="none").mean(1)
 
-    def _forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.model(x)
-        return self._losses(logits, y), logits
-
-    def _forward_loss_autocast(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.autocast(self.device_type, dtype=self.dtype):
-            logits = self.model(x)
-        return self._losses(logits.float(), y), logits
-
-    def _plain_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.optimizer.zero_grad(set_to_none=True)
-        losses, logits = self.forward_loss(x, y)
+    def backward(self, losses: torch.Tensor) -> None:
         losses.sum().backward()
-        self.optimizer.step()
-        return losses, logits
 
 
-class StackedWindow:
-    """The logging windows of R replicas in one buffer [2, R, steps]: a step
-    keeps references to its [R] losses and [R, B, classes] logits, and one fold
-    writes every replica's columns (see :class:`bnexp.step.LogWindow`)."""
+class StackedWindow(LogWindow):
+    """The logging windows of R replicas as one: a step keeps references to its
+    [R] losses and [R, B, classes] logits, and one fold writes every replica's
+    column of the buffer [2, steps, R] (see :class:`bnexp.step.LogWindow`)."""
 
     def __init__(self, windows: list[LogWindow], num_classes: int):
-        w0 = windows[0]
-        self.log_every, self.batch_size, R = w0.log_every, w0.batch_size, len(windows)
-        self.buf = torch.stack([w.buf for w in windows], 1)
-        self.limit = max(1, WINDOW_LOGITS // (R * self.batch_size * num_classes))
-        self.losses: list[torch.Tensor] = []
-        self.logits: list[torch.Tensor] = []
-        self.labels: list[torch.Tensor] = []
-        self.start = w0.start
-
-    def add(self, step: int, losses: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        self.losses.append(losses)
-        self.logits.append(logits)
-        self.labels.append(labels)
-        if len(self.logits) == self.limit:
-            self.fold(step)
-
-    @torch.no_grad()
-    def fold(self, step: int) -> None:
-        if not self.logits:
-            return
-        last = step - self.start(step) - 1
-        cols = slice(last - len(self.logits) + 1, last + 1)
-        self.buf[0, :, cols] = torch.stack(self.losses, 1)
-        correct = torch.stack(self.logits).max(-1).indices == torch.stack(self.labels)  # [steps, R, B]
-        self.buf[1, :, cols] = correct.sum(-1, dtype=self.buf.dtype).t()
-        self.losses, self.logits, self.labels = [], [], []
+        w0, R = windows[0], len(windows)
+        super().__init__(w0.log_every, w0.buf.shape[1], w0.batch_size, num_classes, w0.buf.device, limit_logits=WINDOW_LOGITS // R)
+        self.buf = torch.stack([w.buf for w in windows], -1)
 
 
 class ReplicaWindow(LogWindow):
@@ -359,7 +323,7 @@ class ReplicaWindow(LogWindow):
 
     def __init__(self, stacked: StackedWindow, r: int):
         self.log_every, self.batch_size, self.stacked = stacked.log_every, stacked.batch_size, stacked
-        self.buf = stacked.buf[:, r]
+        self.buf = stacked.buf[..., r]
         self.losses, self.logits, self.labels = [], [], []
 
     def fold(self, step: int) -> None:
