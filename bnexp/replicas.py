@@ -407,12 +407,12 @@ def _train_stack(runs: list[Run]) -> list[dict[str, Any]]:
     R, first = len(runs), runs[0]
     for r, run in enumerate(runs):
         run.tracker.record.data["replica"] = {"index": r, "of": R}
-    stack = Stack(runs)
     status = ["running"] * R
     active = list(range(R))  # replicas still training
     ended: set[int] = set()
     stopped = False
     try:
+        stack = Stack(runs)
         for run in runs:
             run.tracker.record.write(status="running")
         first.tracker.console.start(first.state.step)
@@ -476,7 +476,7 @@ def _train_stack(runs: list[Run]) -> list[dict[str, Any]]:
                 with current(run.run_dir):
                     end(run, status[r])
     if stopped:
-        raise ReplicasInterrupted([runs[r].run_dir for r in active], first.state.step)
+        raise ReplicasInterrupted([runs[r].run_dir for r in active], runs[active[0]].state.step)
     return [run.tracker.record.data for run in runs]
 
 
