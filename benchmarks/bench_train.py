@@ -65,8 +65,9 @@ def mnist_root() -> Path | None:
 
 
 def overrides_for(which: str, args: argparse.Namespace) -> list[str]:
+    # (a) runs on the process's thread count, as (b) and (c) do, not on train.threads=auto's choice.
     common = [f"train.device={args.device}", f"train.steps={args.steps[which]}", f"train.compile={str(args.compile).lower()}",
-              f"train.amp={args.amp}", "seed=0"]
+              f"train.amp={args.amp}", "seed=0", f"train.threads={torch.get_num_threads()}"]
     if which == "mlp":
         root = None if args.synthetic else mnist_root()
         data = [f"data=mnist", f"data.root={root}"] if root else ["data=synthetic", "data.shape=[1,28,28]", "data.n_train=60000",
@@ -183,8 +184,9 @@ def run_dataloader(cfg, data, device) -> tuple[float, dict]:
 CONTENDERS = {"a": ("bnexp (default logging)", run_bnexp), "b": ("hand-written loop", run_hand), "c": ("DataLoader loop", run_dataloader)}
 
 
-def bench(which: str, args: argparse.Namespace) -> dict:
-    cfg = compose(overrides_for(which, args))
+def bench(which: str, args: argparse.Namespace, overrides: list[str] | None = None) -> dict:
+    """The contenders on the model ``which`` (overrides_for's, or ``overrides`` when given)."""
+    cfg = compose(overrides if overrides is not None else overrides_for(which, args))
     device = torch.device(args.device)
     data = data_mod.load(cfg.data, device)
     batch = cfg.train.batch_size

@@ -1,6 +1,7 @@
 """What a checkpoint holds and how a run comes back from it: the loop's own
 state, the RNG states, and the state_dict of every stateful part of a run
-(model, optimizer, schedule, grad scaler, sampler, logging window).
+(model, optimizer, schedule, grad scaler, sampler, logging window,
+augmentation).
 
 Saved atomically (temp file + rename); loaded with ``weights_only=True``, so a
 checkpoint holds tensors and plain containers, never code.
@@ -24,6 +25,11 @@ FORMAT = 1
 # The stateful parts a run checkpoints, by key (format 1's keys; see Run.parts in bnexp.train).
 PARTS = ("model", "optimizer", "scheduler", "scaler", "sampler", "window")
 KEYS = (*PARTS, "rng", "state", "final", "best")
+# Parts added after format 1 was first written, with the state a checkpoint
+# written before them implies (there was no augmentation then): saved always,
+# and a checkpoint without one restores that state (a run with augmentation
+# refuses it as not fitting its config).
+LATER_PARTS: dict[str, Any] = {"augment": {"kind": "none"}}
 
 
 class Stateful(Protocol):
@@ -83,7 +89,7 @@ def _compact(obj: Any) -> Any:
 
 
 def save(path: Path, parts: dict[str, Stateful], state: LoopState, final: dict[str, float], best: dict[str, float]) -> None:
-    ckpt = {"format": FORMAT, **{k: _compact(parts[k].state_dict()) for k in PARTS}, "rng": rng_state(),
+    ckpt = {"format": FORMAT, **{k: _compact(parts[k].state_dict()) for k in (*PARTS, *LATER_PARTS)}, "rng": rng_state(),
             "state": asdict(state), "final": dict(final), "best": dict(best)}
     atomic_write(path, lambda f: torch.save(ckpt, f), mode="wb")
 
@@ -105,6 +111,8 @@ def restore(ckpt: dict[str, Any], parts: dict[str, Stateful], path: Path) -> Loo
     try:
         for k in PARTS:
             parts[k].load_state_dict(ckpt[k])
+        for k, implied in LATER_PARTS.items():
+            parts[k].load_state_dict(ckpt.get(k, implied))
         set_rng_state(ckpt["rng"])
         return LoopState.from_dict(ckpt["state"])
     except (RuntimeError, KeyError, TypeError, ValueError) as e:

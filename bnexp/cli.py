@@ -30,8 +30,14 @@ PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 
+def _follower() -> bool:
+    """A rank other than 0 of a data-parallel run (torchrun): rank 0 says everything once."""
+    return os.environ.get("RANK", "0") != "0"
+
+
 def fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
+    if not _follower():
+        typer.echo(f"error: {message}", err=True)
     return typer.Exit(code)
 
 
@@ -56,15 +62,23 @@ def _hydra_error_line(e: BaseException) -> str:
         key = getattr(cause, "full_key", None) or ""
         msg = str(cause).splitlines()[0]
         if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and text.startswith("Could not override"):
-            from bnexp.schema import closest_key
+            from bnexp.schema import unknown_key_hint
 
-            near = closest_key(key)
-            return f"unknown key '{key}'; " + (f"did you mean {near}? " if near else "") + "(`bnexp show` lists the keys)"
+            return f"unknown key '{key}'; {unknown_key_hint(key)}"
         return f"{key}: {msg}" if key else msg
     if isinstance(e, OmegaConfBaseException):
         key = getattr(e, "full_key", None) or ""
         return f"{key}: {text.splitlines()[0]}" if key else text.splitlines()[0]
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _os_error_line(e: OSError) -> str:
+    import errno
+
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = Path(e.filename).parent if e.filename else "the disk"
+        return str(e) if e.strerror and e.strerror.startswith("no space left") else f"no space left on {where}"
+    return f"{e.strerror or e}: {e.filename}" if e.filename else str(e)
 
 
 def _sigterm_interrupts() -> None:
@@ -83,13 +97,17 @@ def _interrupted(e: KeyboardInterrupt, again: str | None = None) -> typer.Exit:
     """Exit 130, saying how to go on: ``again``, or for a run what its run dir bears out."""
     from bnexp.rundir import RunInterrupted
 
+    if _follower():
+        return typer.Exit(EXIT_INTERRUPTED)
     if isinstance(e, RunInterrupted):
+        world = os.environ.get("WORLD_SIZE", "1")
+        resume = "bnexp resume" if world == "1" else f"torchrun --nproc_per_node={world} -m bnexp resume"
         if again is None:
-            again = (f"`bnexp resume {e.run_dir}` continues it" if e.resumable
+            again = (f"`{resume} {e.run_dir}` continues it" if e.resumable
                      else "it stopped before it could save a checkpoint: nothing to resume; run the command again")
         typer.echo(f"interrupted: {e}; {again}", err=True)
     else:
-        typer.echo(f"interrupted; {again or 'nothing to resume'}", err=True)
+        typer.echo(f"interrupted; {again or 'it stopped before training began: nothing to resume; run the command again'}", err=True)
     return typer.Exit(EXIT_INTERRUPTED)
 
 
@@ -103,19 +121,26 @@ def _run_hydra(argv: list[str], sweep: bool = False) -> None:
 
     from bnexp import hydra_app
     from bnexp.config import ConfigError
+    from bnexp.distributed import RankStopped
 
     _sigterm_interrupts()
     try:
         hydra_app.hydra_main(argv)
     except (ConfigError, hydra_app.RejectedConfig) as e:
         raise fail(str(e)) from None
+    except RankStopped as e:  # a follower rank: rank 0 has said why
+        raise typer.Exit(e.code) from None
     except hydra_app.RunFailed as e:
         raise fail(str(e), EXIT_FAILED) from None
-    except (HydraException, OmegaConfBaseException) as e:
+    except (HydraException, OmegaConfBaseException) as e:  # before OSError: MissingConfigException is an IOError
         raise fail(_hydra_error_line(e)) from None
+    except OSError as e:  # Hydra's own writes (.hydra/, its log) on a full or read-only disk
+        hydra_app.take_back_pending()
+        raise fail(_os_error_line(e), EXIT_FAILED) from None
     except KeyboardInterrupt as e:
         if sweep:
             raise
+        hydra_app.take_back_pending()  # interrupted while Hydra wrote .hydra/, before the task began
         raise _interrupted(e) from None
     except SystemExit as e:  # argparse inside Hydra: bad flag, or --help
         raise typer.Exit(e.code if isinstance(e.code, int) else EXIT_USAGE) from None
@@ -162,6 +187,8 @@ def sweep(ctx: typer.Context) -> None:
             sweep_mod.STARTED[-1].remove_if_unused()
         raise
     except KeyboardInterrupt as e:
+        if _follower():
+            raise typer.Exit(EXIT_INTERRUPTED) from None
         if len(sweep_mod.STARTED) == before:
             raise _interrupted(e, "no job had started") from None
         from bnexp.rundir import RunInterrupted
@@ -170,7 +197,7 @@ def sweep(ctx: typer.Context) -> None:
         # second signal means the first one's wind-down was cut short: stop at once.
         saved = isinstance(e, RunInterrupted) and e.step is not None
         _sweep_interrupted(e, sweep_mod.STARTED[-1], args, second=received() > 1 and not saved)
-    if len(sweep_mod.STARTED) == before:
+    if len(sweep_mod.STARTED) == before or _follower():  # rank 0 of a data-parallel sweep sums it up
         return
     try:
         jobs = sweep_mod.finish(sweep_mod.STARTED[-1])
@@ -281,17 +308,25 @@ def _train_outside_hydra(call, run_dir: Path, again: str | None = None):
     import traceback
 
     from bnexp.config import ConfigError
+    from bnexp.distributed import RankStopped
 
     _sigterm_interrupts()
     try:
         return call()
     except ConfigError as e:
         raise fail(str(e)) from None
+    except RankStopped as e:
+        raise typer.Exit(e.code) from None
     except KeyboardInterrupt as e:
         raise _interrupted(e, again) from None
     except Exception as e:  # noqa: BLE001  the run is marked failed; the log has the traceback
+        from bnexp.hydra_app import one_line
+        from bnexp.io import NoSpace
+
+        if isinstance(e, NoSpace):  # nothing to debug, and the log is on the full disk too
+            raise fail(str(e), EXIT_FAILED) from None
         logging.getLogger("bnexp").error("run failed: %s\n%s", e, traceback.format_exc())
-        raise fail(f"run failed: {type(e).__name__}: {e} (see {run_dir}/bnexp.log)", EXIT_FAILED) from None
+        raise fail(f"run failed: {one_line(e)} (see {run_dir}/bnexp.log)", EXIT_FAILED) from None
 
 
 class Format(str, Enum):
@@ -306,11 +341,14 @@ def report(
     paths: List[Path] = typer.Argument(None, help="Run or sweep directories to search for runs (default: runs/)."),
     by: List[str] = typer.Option(None, "--by", help="Group by this config key (repeatable); default: every key that differs except seed."),
     metric: List[str] = typer.Option(None, "--metric", "-m", help="Metric tag to show (repeatable); default: val/acc, test/acc, train/loss."),
+    baseline: List[str] = typer.Option(None, "--baseline", help="KEY=VALUE of the group the others are compared with (repeatable); default: norm.placement=none where a group has it, else the first group."),
     format: Format = typer.Option(Format.table, "--format", "-f", help="Output format."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Write learning curves with seed bands and act/* percentiles to this PNG."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write learning curves with seed bands and act/* percentiles to this image (PNG unless the name ends in another format, e.g. .pdf, .svg)."),
+    overwrite: bool = typer.Option(False, "--overwrite", "--force", help="Let --plot replace an existing file (otherwise refused)."),
     tensorboard: bool = typer.Option(False, "--tensorboard", help="Also (re)write the HParams config, custom-scalars layout and aggregate/ seed bands into the one sweep directory given."),
 ) -> None:
-    """Compare runs: group by the config keys that differ (except seed), mean ± std (n) over seeds.
+    """Compare runs: group by the config keys that differ (except seed); mean ± std (n) and 95% CI
+    over seeds; each group against the baseline group: difference, its 95% CI, Welch's p, speed-up.
 
     Example: bnexp report runs/placement_ablation/2024-05-01_12-00-00 --format markdown --plot curves.png
     """
@@ -321,6 +359,13 @@ def report(
     for p in paths:
         if not p.exists():
             raise fail(f"{p} does not exist; allowed: run or sweep directories (default: runs/)")
+    if tensorboard and (len(paths) != 1 or not paths[0].is_dir()):
+        raise fail("--tensorboard writes into one sweep directory; give exactly one")
+    if plot is not None:
+        try:
+            rep.check_plot_file(plot, overwrite)  # before anything is printed or drawn
+        except rep.PlotError as e:
+            raise fail(f"--plot {e}") from None
     runs = find_runs(paths)
     unreadable = [r for r in runs if r.config is None or r.metrics is None]
     usable = [r for r in runs if r.config is not None]
@@ -336,30 +381,40 @@ def report(
             raise fail(f"--metric {m}: no run has it; allowed: {', '.join(known)}")
     # Defaults no run has yet (no test/acc while every run is still running) are left out.
     metrics = list(metric) if metric else [m for m in rep.DEFAULT_METRICS if m in known]
-    groups = rep.aggregate(rep.group_runs(usable, by), metrics)
+    groups = rep.group_runs(usable, by)
+    try:
+        base = rep.choose_baseline(groups, baseline)
+    except rep.BaselineError as e:
+        raise fail(str(e)) from None
+    groups = rep.aggregate(groups, metrics, base)
     console = rep.console()
-    problems = [f"unreadable: {r.path}: {r.problem}" for r in unreadable]
+    notes = [f"unreadable: {r.path}: {r.problem}" for r in unreadable] + [line for line in [rep.duplicates_text(groups)] if line]
     if format == Format.table:
-        console.print(rep.to_rich(groups, metrics, title=f"{len(usable)} runs in {len(groups)} groups (mean ± std over seeds)"))
-        for line in problems:
+        counted = sum(len(g.runs) for g in groups)
+        rep.print_titled(console, ", ".join(map(str, paths)),
+                         rep.to_rich(groups, metrics, title=f"{counted} runs in {len(groups)} groups (mean ± std over seeds)", baseline=base))
+        console.print(rep.comparison_to_rich(groups, metrics, base))
+        for line in notes:
             console.print(line, style="yellow", highlight=False, soft_wrap=True)
     else:
-        out = {Format.csv: lambda: rep.to_csv(groups, metrics), Format.json: lambda: rep.to_json(groups, metrics, unreadable),
-               Format.markdown: lambda: rep.to_markdown(groups, metrics)}[format]()
+        out = {Format.csv: lambda: rep.to_csv(groups, metrics), Format.json: lambda: rep.to_json(groups, metrics, unreadable, base),
+               Format.markdown: lambda: rep.to_markdown(groups, metrics, base)}[format]()
         typer.echo(out.rstrip("\n"))
         if format != Format.json:
-            for line in problems:
+            for line in notes:
                 typer.echo(line, err=True)
     if plot is not None:
         try:
-            typer.echo(f"plot: {rep.plot(groups, plot)}", err=format != Format.table)
+            written = rep.plot(groups, plot, overwrite)
+        except rep.PlotError as e:
+            raise fail(f"--plot {e}") from None
         except ValueError as e:
             raise fail(f"--plot: {e}") from None
+        said = f" (PNG: {plot} has no extension)" if written != plot else ""
+        typer.echo(f"plot: {written}{said}", err=format != Format.table)
     if tensorboard:
         from bnexp.sweep import write_tensorboard_extras
 
-        if len(paths) != 1 or not paths[0].is_dir():
-            raise fail("--tensorboard writes into one sweep directory; give exactly one")
         written = write_tensorboard_extras(paths[0], runs)  # the runs this report read already
         typer.echo(f"tensorboard: HParams over {', '.join(written.get('hparams', []))}; aggregate/ runs for {len(written.get('groups', []))} groups", err=format != Format.table)
 
@@ -384,12 +439,15 @@ def reproduce(
         raise fail(f"reproduce takes key=value changes to the saved config; got {' '.join(overrides)}")
     original = read_record(run_dir) or {}
     out = out or rp.default_out_dir(run_dir)
-    new_dir, record = _train_outside_hydra(lambda: rp.reproduce(run_dir, out, overrides), out)
+    result = _train_outside_hydra(lambda: rp.reproduce(run_dir, out, overrides), out)
+    if _follower():  # it trained rank 0's copy; rank 0 compares
+        return
+    new_dir, record = result
     rows = rp.differences(original, record)
-    from bnexp.report import console as make_console
+    from bnexp.report import console as make_console, print_titled
 
     console = make_console()
-    console.print(rp.differences_table(rows, f"{run_dir} -> {new_dir}"))
+    print_titled(console, f"{run_dir} -> {new_dir}", rp.differences_table(rows, None))
     verdict = "identical: every metric matches exactly" if rp.identical(rows) else "differs (see the difference column)"
     console.print(f"{verdict}; timing (time/*) is not compared", highlight=False)
 
@@ -398,7 +456,8 @@ def reproduce(
 def list_runs(path: Path = typer.Argument(Path("runs"), help="Where to look (default: runs/).")) -> None:
     """List runs with status (a running run whose heartbeat stopped shows as dead), overrides and headline metrics."""
     from bnexp.report import console
-    from bnexp.runs import find_runs, runs_table
+    from bnexp.report import print_titled
+    from bnexp.runs import find_runs, runs_tables
 
     if not path.exists():
         raise fail(f"{path} does not exist; allowed: a directory of runs (default: runs/)")
@@ -406,7 +465,9 @@ def list_runs(path: Path = typer.Argument(Path("runs"), help="Where to look (def
     if not runs:
         typer.echo(f"no runs under {path}")
         return
-    console().print(runs_table(runs, path))
+    out = console()
+    for heading, table in runs_tables(runs):
+        print_titled(out, heading, table)
 
 
 @app.command(context_settings=PASSTHROUGH)
@@ -417,16 +478,33 @@ def tb(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; 0.0.0.0 for every interface."),
 ) -> None:
     """Start TensorBoard on runs/ (or LOGDIR). Other TensorBoard flags pass through (e.g. --reload_interval 5)."""
+    import contextlib
+    import io
+
     if not logdir.exists():
         raise fail(f"{logdir} does not exist; allowed: a directory of runs (default: runs/)")
+    if not _has_event_files(logdir):
+        raise fail(f"{logdir} holds no TensorBoard event files (events.out.tfevents.*); allowed: a run or sweep "
+                   "directory, or a folder of them (default: runs/)")
     from tensorboard import program
 
     board = program.TensorBoard()
+    said = io.StringIO()
     try:
-        board.configure(argv=["tensorboard", "--logdir", str(logdir), "--port", str(port), "--host", host, *ctx.args])
+        # TensorBoard's argparse prints its whole usage before the error line: keep only that line.
+        with contextlib.redirect_stderr(said):
+            board.configure(argv=["tensorboard", "--logdir", str(logdir), "--port", str(port), "--host", host, *ctx.args])
     except (SystemExit, ValueError) as e:
-        raise fail(f"tensorboard: {e}") from None
+        lines = [line for line in said.getvalue().splitlines() if line.strip()]
+        raise fail(lines[-1] if lines else f"tensorboard: {e}") from None
     raise typer.Exit(board.main() or 0)
+
+
+def _has_event_files(logdir: Path) -> bool:
+    for _, _, files in os.walk(logdir):
+        if any(f.startswith("events.out.tfevents.") for f in files):
+            return True
+    return False
 
 
 @app.command(context_settings=PASSTHROUGH)
@@ -441,6 +519,11 @@ def show(ctx: typer.Context) -> None:
 
 
 def main() -> None:
+    import logging
+
+    # A log file that cannot be written (a full disk) must not print a traceback
+    # per record: the run's own error says what happened.
+    logging.raiseExceptions = False
     app()
 
 

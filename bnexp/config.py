@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -32,6 +33,7 @@ class Placement(str, Enum):
     pre = "pre"  # layer -> norm -> activation (Ioffe & Szegedy 2015, Sec. 3.2)
     post = "post"  # layer -> activation -> norm
     none = "none"  # layer -> activation, no normalization layers
+    preact = "preact"  # norm -> activation -> layer: residual blocks only (He et al. 2016, "Identity Mappings")
 
 
 class NormKind(str, Enum):
@@ -40,6 +42,13 @@ class NormKind(str, Enum):
     batch_renorm = "batch_renorm"
     layer = "layer"
     group = "group"
+
+
+class RunningVar(str, Enum):
+    """What BN's running_var averages (bnexp.norms): PyTorch's rule or Keras'."""
+
+    unbiased = "unbiased"  # torch.nn.BatchNorm: the batch variance times n / (n - 1)
+    biased = "biased"  # Keras' BatchNormalization: the batch variance the batch was normalized with
 
 
 class Activation(str, Enum):
@@ -77,6 +86,21 @@ class DataName(str, Enum):
 
 # Made in memory by bnexp.data from the config alone: no files, no bnexp.datasets.
 IN_MEMORY_DATA = (DataName.drug_trial, DataName.synthetic)
+
+# One example's shape as bnexp.data gives it (synthetic: data.shape), known
+# before any file is read, so that checks of image-only options run at validation.
+EXAMPLE_SHAPES = {DataName.mnist1d: (1, 40), DataName.drug_trial: (1,), DataName.mnist: (1, 28, 28),
+                  DataName.fashion_mnist: (1, 28, 28), DataName.cifar10: (3, 32, 32)}
+
+
+def example_shape(data_cfg: Any) -> tuple[int, ...]:
+    name = DataName(data_cfg.name)
+    return tuple(data_cfg.shape) if name == DataName.synthetic else EXAMPLE_SHAPES[name]
+
+
+class Augment(str, Enum):
+    none = "none"
+    crop_flip = "crop_flip"  # random 4-pixel-padded crop + horizontal flip per example, on the device (bnexp.augment)
 
 
 class OptimName(str, Enum):
@@ -123,10 +147,17 @@ class NormConfig:
     gamma_init: float = 1.0
     beta_init: float = 0.0
     track_running_stats: bool = True
+    # Residual families: each residual branch starts at zero (Goyal et al. 2017, Sec. 5.1; see bnexp.models.resnet).
+    zero_init_residual: bool = False
+    running_var: RunningVar = RunningVar.unbiased  # batch, ghost_batch (bnexp.norms)
     groups: int = 8  # group norm
     virtual_batch_size: Optional[int] = None  # ghost batch norm
     rmax: float = 3.0  # batch renorm
     dmax: float = 5.0  # batch renorm
+    # Data-parallel runs (torchrun): false, each process normalizes with its own
+    # batch's statistics (per-device BN, Wu & He 2018's setting); true, with the
+    # statistics of the whole global batch (synchronized BN). Batch-statistics norms only.
+    sync: bool = False
 
 
 @dataclass
@@ -138,6 +169,7 @@ class DataConfig:
     val_size: float = 0.1  # < 1: fraction of the training split; >= 1: number of examples
     subset: Optional[int] = None  # keep only the first N training examples
     seed: int = 0  # generated data and the validation split; fixed across run seeds
+    augment: Augment = Augment.none  # training batches only; images [C,H,W] only
     # synthetic: Gaussian class clusters
     num_classes: int = 10
     shape: list[int] = field(default_factory=lambda: [32])  # per example: [D], [C,L] or [C,H,W]
@@ -178,6 +210,7 @@ class TrainConfig:
     eval_batch_size: int = 2048
     probe_size: int = 256  # fixed batch for activation percentiles
     device: str = "auto"
+    threads: Any = "auto"  # torch intra-op threads: "auto" or N (bnexp.runtime.set_threads)
     amp: Amp = Amp.none
     compile: bool = False
     deterministic: bool = False
@@ -234,11 +267,40 @@ NON_RESULT_KEYS = ("notes", "train.progress", "train.checkpoint_every", "probes"
 # Keys added after runs were first recorded, with their defaults: at its
 # default a key is left out of config_hash, so that a run recorded before the
 # key existed keeps its hash (and stays resumable, skippable, reproducible).
-LATER_KEYS: dict[str, Any] = {}
+# ``world_size`` is no config key: it is the number of processes that train one
+# run together (torchrun's WORLD_SIZE), hashed as if it were one.
+LATER_KEYS: dict[str, Any] = {"norm.sync": False, "world_size": 1, "norm.zero_init_residual": False, "data.augment": "none",
+                               "norm.running_var": "unbiased", "train.threads": "auto"}
+
+
+def launch_world_size() -> int:
+    """How many processes train this process's run together: torchrun's WORLD_SIZE, else 1."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+# bnexp 0.1 kept every family's keys in one model node, so an MLP's recorded
+# config_hash covers the CNN keys at their defaults too.
+V01_MODEL_KEYS = {"kernel_size": 3, "pool": True}
 
 
 def is_non_result_key(key: str) -> bool:
     return any(key == k or key.startswith(k + ".") for k in NON_RESULT_KEYS)
+
+
+def normalized(flat: dict[str, Any]) -> dict[str, Any]:
+    """A run's flattened config as this version would compose it, so that runs
+    recorded by another version compare equal when their training was: bnexp 0.1's
+    MLP configs lose the CNN keys they carried, and keys added since (LATER_KEYS)
+    get their defaults where missing."""
+    out = dict(flat)
+    if out.get("model.kind") == "mlp":
+        for k in V01_MODEL_KEYS:
+            out.pop(f"model.{k}", None)
+    for k, default in LATER_KEYS.items():
+        out.setdefault(k, default)
+    return out
 
 
 def _pop(d: dict, key: str) -> Any:
@@ -249,10 +311,13 @@ def _pop(d: dict, key: str) -> Any:
     return node.pop(leaf, None) if isinstance(node, dict) else None
 
 
-def config_hash(cfg: DictConfig | dict) -> str:
-    """A stable hash of the composed config, ignoring NON_RESULT_KEYS (and LATER_KEYS at their defaults)."""
+def config_hash(cfg: DictConfig | dict, world_size: int | None = None) -> str:
+    """A stable hash of the composed config and the world size (default: this
+    process's, :func:`launch_world_size`), ignoring NON_RESULT_KEYS (and
+    LATER_KEYS at their defaults, so a single-process run hashes as before)."""
     d = plain(cfg) if not isinstance(cfg, dict) else dict(cfg)
     d = json.loads(json.dumps(d))
+    d["world_size"] = launch_world_size() if world_size is None else world_size
     for key in NON_RESULT_KEYS:
         _pop(d, key)
     for key, default in LATER_KEYS.items():
@@ -265,11 +330,6 @@ def config_hash(cfg: DictConfig | dict) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-# bnexp 0.1 kept every family's keys in one model node, so an MLP's recorded
-# config_hash covers the CNN keys at their defaults too.
-_V01_MLP_KEYS = {"kernel_size": 3, "pool": True}
-
-
 def hash_matches(recorded: str | None, cfg: DictConfig | dict) -> bool:
     """Whether a metrics.json's config_hash is that of ``cfg`` (as this version or bnexp 0.1 computed it)."""
     if recorded is None:
@@ -278,8 +338,8 @@ def hash_matches(recorded: str | None, cfg: DictConfig | dict) -> bool:
         return True
     d = plain(cfg) if not isinstance(cfg, dict) else json.loads(json.dumps(cfg))
     model = d.get("model")
-    if isinstance(model, dict) and model.get("kind") == "mlp" and not _V01_MLP_KEYS.keys() & model.keys():
-        return recorded == config_hash({**d, "model": {**model, **_V01_MLP_KEYS}})
+    if isinstance(model, dict) and model.get("kind") == "mlp" and not V01_MODEL_KEYS.keys() & model.keys():
+        return recorded == config_hash({**d, "model": {**model, **V01_MODEL_KEYS}})
     return False
 
 

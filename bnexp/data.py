@@ -170,7 +170,7 @@ def _load(cfg: DictConfig, device: torch.device) -> Splits:
     def labels(y: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(y.astype(np.int64)).to(device)
 
-    return Splits(
+    splits = Splits(
         x_train=prep(x_train),
         y_train=labels(y_all[train_idx]),
         x_val=prep(x_all[val_idx]),
@@ -179,3 +179,8 @@ def _load(cfg: DictConfig, device: torch.device) -> Splits:
         y_test=labels(arrays["y_test"]),
         num_classes=int(arrays["num_classes"]),
     )
+    for part in ("x_train", "x_val", "x_test"):
+        # A NaN or inf input would only show up later as a "diverged" run.
+        if not torch.isfinite(getattr(splits, part)).all():
+            raise ConfigError("data", f"the {part[2:]} inputs hold non-finite values after data.preprocess={Preprocess(cfg.preprocess).value}; allowed: finite data")
+    return splits

@@ -10,12 +10,13 @@ to do, because it is shown to the user as is.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["DataError", "REAL_DATASETS", "required_files", "check_available", "load_arrays"]
+__all__ = ["DataError", "REAL_DATASETS", "required_files", "check_available", "load_arrays", "file_md5", "md5_cache_path"]
 
 
 class DataError(Exception):
@@ -103,14 +104,21 @@ def _missing_message(name: str, folder: Path, missing: list[str]) -> str:
 
 
 def check_available(name: str, root: str, download: bool) -> None:
-    """Raise DataError if a file is missing and download is off. Checks existence only."""
+    """Raise DataError if a file is missing (and download is off) or a present one is
+    not the published file (MD5, remembered per file: see :func:`file_md5`).
+
+    This is what ``bnexp train`` checks before it creates a run directory, so a
+    truncated file, a file of another dataset or anything else under a right
+    name is refused there, not in the middle of setting up a run.
+    """
     files = required_files(name)
-    if download or not files:
-        return
     folder = _abs(root)
     missing = [f for f in files if not (folder / f).is_file()]
-    if missing:
+    if missing and not download:
         raise DataError(_missing_message(name, folder, missing))
+    for f in files:
+        if f not in missing:
+            _verify(name, folder / f)
 
 
 def load_arrays(name: str, root: str, download: bool) -> dict:
@@ -157,12 +165,74 @@ def _md5(path: Path) -> str:
         return hashlib.file_digest(f, "md5").hexdigest()
 
 
+def md5_cache_path() -> Path:
+    """Where MD5s of dataset files are remembered: ``$XDG_CACHE_HOME/bnexp/md5.json``
+    (``~/.cache/bnexp/md5.json``). Per user, not in the data folder: data folders
+    are often shared and read-only (this project's is), and a file there would
+    be written by whoever ran first."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "bnexp" / "md5.json"
+
+
+def file_md5(path: Path) -> str:
+    """MD5 of ``path``, read from the cache while the file's size, mtime and ctime
+    are those it was hashed at (ctime too: copying with ``cp -p`` or ``touch -r``
+    keeps an mtime, but only a change of the clock sets a ctime), else computed and remembered.
+
+    Hashing costs ~0.03 s for MNIST, ~0.06 s for Fashion-MNIST and ~0.2 s for
+    CIFAR-10 on every run (and twice a run: before the run dir, then at load);
+    the cache makes a repeated check a stat and a small JSON read. A cache that
+    cannot be read or written is no error: the file is hashed, as without one.
+    """
+    from bnexp.io import atomic_write, read_json
+
+    st = path.stat()
+    stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+    cache_file = md5_cache_path()
+    cache = read_json(cache_file)
+    cache = cache if isinstance(cache, dict) else {}
+    entry = cache.get(str(path))
+    if isinstance(entry, list) and entry[:3] == stamp and len(entry) == 4:
+        return entry[3]
+    digest = _md5(path)
+    # Forget files that are gone (temporary copies), so the cache does not grow without end.
+    cache = {p: e for p, e in cache.items() if os.path.exists(p)}
+    cache[str(path)] = [*stamp, digest]
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(cache_file, lambda f: json.dump(cache, f))
+    except OSError:
+        pass
+    return digest
+
+
+def _verify(name: str, path: Path) -> None:
+    """Raise DataError unless ``path`` is the published file of ``name`` (by MD5)."""
+    expected = CHECKSUMS[name][path.name]
+    try:
+        actual = file_md5(path)
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
+    if actual == expected:
+        return
+    for other, sums in CHECKSUMS.items():
+        if other != name and sums.get(path.name) == actual:
+            raise DataError(
+                f"{path} is the {_DISPLAY[other]} file, not the {_DISPLAY[name]} one (same file name); "
+                f"point data.root at a folder of {_DISPLAY[name]} files"
+            )
+    raise DataError(
+        f"{path} has MD5 {actual}, expected {expected} for {_DISPLAY[name]}; "
+        f"the file is damaged or not the published one: delete it and re-download (data.download=true)"
+    )
+
+
 def _ensure_file(name: str, folder: Path, fname: str, download: bool) -> Path:
     """Path of a verified file, downloading it first if allowed and missing.
 
-    Files already on disk are MD5-checked on every load: it costs ~0.03 s for MNIST,
-    ~0.06 s for Fashion-MNIST and ~0.2 s for CIFAR-10, and it catches truncated copies
-    and the easy mix-up of MNIST and Fashion-MNIST, whose files have the same names.
+    Files already on disk are MD5-checked on every load (through the cache of
+    :func:`file_md5`): it catches truncated copies and the easy mix-up of MNIST
+    and Fashion-MNIST, whose files have the same names.
     """
     path = folder / fname
     if not path.is_file():
@@ -170,19 +240,7 @@ def _ensure_file(name: str, folder: Path, fname: str, download: bool) -> Path:
             raise DataError(_missing_message(name, folder, [fname]))
         _download(name, folder, fname)
         return path  # verified while streaming
-    expected = CHECKSUMS[name][fname]
-    actual = _md5(path)
-    if actual != expected:
-        for other, sums in CHECKSUMS.items():
-            if other != name and sums.get(fname) == actual:
-                raise DataError(
-                    f"{path} is the {_DISPLAY[other]} file, not the {_DISPLAY[name]} one (same file name); "
-                    f"point data.root at a folder of {_DISPLAY[name]} files"
-                )
-        raise DataError(
-            f"{path} has MD5 {actual}, expected {expected} for {_DISPLAY[name]}; "
-            f"the file is damaged or not the published one: delete it and re-download (data.download=true)"
-        )
+    _verify(name, path)
     return path
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -27,21 +28,19 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from bnexp import distributed
 from bnexp.config import ConfigError, config_dir
-from bnexp.io import write_json
+from bnexp.io import NoSpace, write_json
 from bnexp.rundir import (
-    LOCK_FILE, METRICS, Action, Decision, RunDirGuard, RunInterrupted, RunLocked, acquire_run_lock, is_finished, policy, read_record,
-    release_run_lock, run_lock,
+    LOCK_FILE, METRICS, Action, Decision, RunDirGuard, RunInterrupted, RunLocked, acquire_run_lock, is_finished, before_writing,
+    policy, read_record, release_run_lock, run_lock,
 )
+from bnexp.runtime import PREEMPT_SIGNAL, recorded_threads
 from bnexp.schema import register_configs, register_resolvers, validate
-from bnexp.train import train
 
 log = logging.getLogger("bnexp")
-
-# What Hydra writes into a run dir before the task runs (job name "bnexp": its log is bnexp.log).
-HYDRA_WRITES = (".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "bnexp.log")
 
 # `bnexp train` run dirs whose callback has checked them and taken their lock
 # and guard, waiting for the task (Hydra gives callbacks no channel to the task).
@@ -62,11 +61,45 @@ class RejectedConfig(BaseException):
         self.error = error
 
 
+def one_line(e: BaseException) -> str:
+    """An exception as one line: its own words for a full disk, else its type and words."""
+    text = str(e) if isinstance(e, NoSpace) else f"{type(e).__name__}: {e}"
+    return " ".join(text.split())
+
+
 class RunFailed(BaseException):
     """A `bnexp train` run failed (it is recorded as failed in its metrics.json); carried to the CLI, which exits 1."""
 
     def __init__(self, error: str, run_dir: Path):
         super().__init__(f"run failed: {error} (see {run_dir}/bnexp.log)")
+
+
+class RanksCallback(Callback):
+    """In a data-parallel run (torchrun), rank 0 alone writes run dirs: on the
+    other ranks, Hydra's own output (.hydra/, the job log) of the run or of
+    every job of a sweep goes to a scratch dir, and their console shows
+    warnings only. (Registered first in configs/config.yaml.)"""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._redirect(config, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        launcher = str(OmegaConf.select(config, "hydra.launcher._target_", default=""))
+        if distributed.current().world_size > 1 and not launcher.endswith(".BasicLauncher"):
+            # Its workers or cluster jobs would each inherit this process's rank.
+            raise RejectedConfig(ConfigError("hydra/launcher", f"{launcher.rsplit('.', 1)[-1]} under torchrun; allowed: basic "
+                                                               "(every job of the sweep runs on all the processes, one job after another)"))
+        self._redirect(config, "hydra.sweep.dir")
+
+    @staticmethod
+    def _redirect(config: DictConfig, key: str) -> None:
+        if distributed.current().is_master:
+            return
+        changes = {key: distributed.scratch_dir(), "hydra.job_logging.root.level": "WARNING", "hydra.hydra_logging.root.level": "WARNING"}
+        with read_write(config.hydra), open_dict(config.hydra):
+            for k, v in changes.items():
+                OmegaConf.update(config, k, v)
+                config.hydra.overrides.hydra.append(f"{k}={v}")  # a sweep composes each job's config from these
 
 
 class ValidateCallback(Callback):
@@ -76,25 +109,52 @@ class ValidateCallback(Callback):
         HydraConfig.instance().set_config(config)  # run.dir interpolates hydra:runtime.choices
         run_dir = Path(config.hydra.run.dir).resolve()
         cfg = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
+        writes = hydra_writes(config)
         try:
-            validate(cfg)
-            _check_run_dir(run_dir)
-            decision = policy(cfg, run_dir)
-            if decision.action == Action.refuse:
-                raise ConfigError("hydra.run.dir", decision.reason)
-            guard = RunDirGuard(run_dir, [*HYDRA_WRITES, LOCK_FILE])
-            if decision.action == Action.skip:  # nothing will train, so no lock; Hydra's rewrites are undone
-                _PENDING[run_dir] = guard
-                return
+            distributed.lead(lambda: self._check(cfg, run_dir, writes))  # other ranks of a data-parallel run learn rank 0's verdict
+        except ConfigError as e:
+            raise RejectedConfig(e) from None
+
+    @staticmethod
+    def _check(cfg: DictConfig, run_dir: Path, writes: list[str]) -> None:
+        validate(cfg)
+        decision = policy(cfg, run_dir)
+        if decision.action == Action.refuse:
+            raise ConfigError("hydra.run.dir", decision.reason)
+        if decision.action == Action.skip:  # nothing will train, so no lock; Hydra's rewrites are undone
+            _PENDING[run_dir] = RunDirGuard(run_dir, writes)
+            return
+        _check_run_dir(run_dir)
+        before = before_writing(run_dir, (LOCK_FILE,))
+        try:
             # Taken before Hydra writes .hydra/ and its log: a second `bnexp train`
             # into this run dir is refused with nothing touched.
             acquire_run_lock(run_dir)
-            _PENDING[run_dir] = guard
-            if policy(cfg, run_dir).action == Action.refuse:  # again, under the lock: another process may have trained it since
-                _take_back(run_dir)
-                raise ConfigError("hydra.run.dir", policy(cfg, run_dir).reason)
-        except ConfigError as e:
-            raise RejectedConfig(e) from None
+        except OSError as e:  # the directory cannot be made or written (a read-only or full file system)
+            RunDirGuard(run_dir, [], before).undo()
+            raise ConfigError("hydra.run.dir", f"cannot write into {run_dir}: {e.strerror}; allowed: a directory you can write to") from None
+        try:
+            guard = RunDirGuard(run_dir, writes, before)  # under the lock: what is there now is this run's to restore
+            decision = policy(cfg, run_dir)  # again, under the lock: another process may have trained it since
+            if decision.action == Action.refuse:
+                guard.undo()
+                raise ConfigError("hydra.run.dir", decision.reason)
+        except BaseException:
+            release_run_lock(run_dir)
+            raise
+        if decision.action == Action.skip:
+            release_run_lock(run_dir)
+        _PENDING[run_dir] = guard
+
+
+def hydra_writes(config: DictConfig) -> list[str]:
+    """What Hydra writes into a run dir before the task runs: its job log and, unless
+    ``hydra.output_subdir`` is null, the three yaml records of the run."""
+    files = [f"{config.hydra.job.name}.log"]
+    sub = config.hydra.output_subdir
+    if sub is not None:
+        files += [f"{sub}/{name}" for name in ("config.yaml", "hydra.yaml", "overrides.yaml")]
+    return files
 
 
 def _check_run_dir(run_dir: Path) -> None:
@@ -104,6 +164,13 @@ def _check_run_dir(run_dir: Path) -> None:
         raise ConfigError("hydra.run.dir", f"{existing} is a file, not a directory; allowed: a directory path")
     if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError("hydra.run.dir", f"{existing} is not writable by this user; allowed: a directory you can write to")
+
+
+def take_back_pending() -> None:
+    """Undo every `bnexp train` this process checked but whose task never ran
+    (Hydra failed in between, e.g. writing .hydra/ on a full disk)."""
+    for run_dir in list(_PENDING):
+        _take_back(run_dir)
 
 
 def _take_back(run_dir: Path) -> None:
@@ -119,8 +186,16 @@ def execute(cfg: DictConfig, run_dir: Path, multirun: bool, overrides: list[str]
 
     Everything but skipping a finished run happens under the run dir's lock. A
     run dir another process holds is refused like an invalid config in a single
-    run (ConfigError, exit 2) and skipped, untouched, in a sweep.
+    run (ConfigError, exit 2) and skipped, untouched, in a sweep. In a
+    data-parallel run rank 0 decides, and the other ranks follow (train.led).
     """
+    # Here, not at the top: a config refused before this point is said without loading TensorBoard.
+    from bnexp.train import led
+
+    return led(lambda: _execute(cfg, run_dir, multirun, overrides))
+
+
+def _execute(cfg: DictConfig, run_dir: Path, multirun: bool, overrides: list[str]) -> dict[str, Any]:
     existing = read_record(run_dir)
     if is_finished(existing, cfg):  # a finished run stays finished: skipping it needs no lock and writes nothing
         return _skipped(run_dir, existing, f"{existing['status']} earlier with the same config")
@@ -155,12 +230,17 @@ def _not_trained(decision: Decision, run_dir: Path, overrides: list[str]) -> dic
 
 
 def _execute_locked(cfg: DictConfig, run_dir: Path, multirun: bool, overrides: list[str]) -> dict[str, Any]:
+    # Here, not at the top: a config refused before this point is said without loading TensorBoard.
+    from bnexp.train import train
+
     try:
         decision = _decide(cfg, run_dir, multirun)
         result = _not_trained(decision, run_dir, overrides)
         if result is not None:
             return result
-        result = train(cfg, run_dir, resume=decision.action == Action.resume, extra_record={"overrides": overrides}, summary=not multirun)
+        # A resumed job keeps the thread count it was trained with (results depend on it).
+        with recorded_threads(cfg, decision.record if decision.action == Action.resume else None):
+            result = train(cfg, run_dir, resume=decision.action == Action.resume, extra_record={"overrides": overrides}, summary=not multirun)
         return {**result, "run_dir": str(run_dir)}
     except ConfigError as e:
         if not multirun:
@@ -169,8 +249,12 @@ def _execute_locked(cfg: DictConfig, run_dir: Path, multirun: bool, overrides: l
     except KeyboardInterrupt:
         raise
     except Exception as e:  # noqa: BLE001  a failed job must not stop a sweep
-        log.error("run failed: %s\n%s", e, traceback.format_exc())
-        result = _failed(run_dir, f"{type(e).__name__}: {e}", overrides)
+        error = one_line(e)
+        if isinstance(e, NoSpace):  # nothing to debug, and the log file is on the full disk too
+            log.error("run failed: %s", error)
+        else:
+            log.error("run failed: %s\n%s", error, traceback.format_exc())
+        result = _failed(run_dir, error, overrides)
         if not multirun:
             raise RunFailed(result["error"], run_dir) from None
         return result
@@ -233,7 +317,10 @@ def _skipped(run_dir: Path, record: dict[str, Any], why: str) -> dict[str, Any]:
 def _failed(run_dir: Path, error: str, overrides: list[str]) -> dict[str, Any]:
     record = read_record(run_dir) or {"writer": "bnexp", "steps": 0, "final": {}, "best": {}, "overrides": overrides}
     record.update(status="failed", error=error)
-    write_json(run_dir / METRICS, record)
+    try:
+        write_json(run_dir / METRICS, record)
+    except OSError as e:  # a full disk: the job is failed all the same, and the sweep goes on
+        log.error("could not record the failure in %s: %s", run_dir / METRICS, e)
     return {**record, "run_dir": str(run_dir)}
 
 
@@ -252,6 +339,7 @@ def task(cfg: DictConfig) -> float:
         if not (run_dir / METRICS).exists():
             _take_back(run_dir)  # stopped before training began: nothing of the run is left to resume
         if isinstance(e, RunInterrupted):
+            _hand_preemption_on(e)
             raise
         raise RunInterrupted(run_dir, None) from None
     finally:
@@ -266,6 +354,17 @@ def objective(result: dict[str, Any]) -> float:
     maximizes it with hydra.sweeper.direction=maximize); NaN marks a failed job as a failed trial."""
     value = (result.get("final") or {}).get("val/acc") if result.get("status") == "completed" else None
     return float("nan") if value is None else float(value)
+
+
+def _hand_preemption_on(e: RunInterrupted) -> None:
+    """A run that a cluster's preemption signal stopped has saved its checkpoint:
+    now the handler that the launcher had for that signal runs. Under Hydra's
+    submitit launcher that is submitit's: it requeues this very job, which
+    resumes from the checkpoint (bnexp.rundir.policy), and exits."""
+    handler = signal.getsignal(e.signum) if e.signum is not None and e.signum == PREEMPT_SIGNAL else None
+    if callable(handler):
+        log.warning("%s; handing the preemption signal on to the launcher (submitit requeues the job)", e)
+        handler(e.signum, None)
 
 
 def hydra_main(argv: list[str]) -> None:

@@ -59,18 +59,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
         Path(tmp).unlink(missing_ok=True)
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) and not isinstance(e, NoSpace):
             raise NoSpace(path) from None
-        # torch.save's zip writer turns a full disk into "unexpected pos N vs M".
-        if isinstance(e, RuntimeError) and "unexpected pos" in str(e) and _disk_full(path.parent):
+        # torch.save's zip writer reports a short write, which for a local file
+        # means a full disk or quota, as "unexpected pos N vs M".
+        if isinstance(e, RuntimeError) and "unexpected pos" in str(e):
             raise NoSpace(path) from None
         raise
-
-
-def _disk_full(folder: Path) -> bool:
-    try:
-        st = os.statvfs(folder)
-        return st.f_bavail * st.f_frsize < (1 << 20)
-    except OSError:
-        return False
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:

@@ -28,10 +28,14 @@ from omegaconf import DictConfig, OmegaConf
 from bnexp import checkpoint as ckpt_mod
 from bnexp.config import ConfigError, hash_matches
 from bnexp.io import atomic_write
-from bnexp.rundir import CHECKPOINT, Action, RunDirGuard, RunLocked, policy, read_record, run_lock
+from bnexp.rundir import (
+    CHECKPOINT, LOCK_FILE, Action, RunDirGuard, RunLocked, acquire_run_lock, before_writing, policy, read_record, release_run_lock,
+    run_lock, world_mismatch,
+)
 from bnexp.runs import CONFIG, read_run
+from bnexp.runtime import recorded_threads
 from bnexp.schema import typed, validate
-from bnexp.train import train
+from bnexp.train import led, train
 
 log = logging.getLogger("bnexp")
 
@@ -59,13 +63,18 @@ def load_saved_config(run_dir: Path, overrides: list[str] | None = None) -> Dict
 
 
 def log_to(run_dir: Path) -> None:
-    """Log like a Hydra job: to the console and, appended, to the run's own log file."""
+    """Log like a Hydra job: to the console and, appended, to the run's own log file
+    (replacing the handlers an earlier call in this process added)."""
     root = logging.getLogger()
     root.setLevel(logging.INFO)
+    for h in [h for h in root.handlers if getattr(h, "bnexp_rerun", False)]:
+        h.close()
+        root.removeHandler(h)
     formatter = logging.Formatter(LOG_FORMAT)
     # delay=True: the file is opened on the first record, so a resume refused while setting up leaves it alone.
     for handler in (logging.StreamHandler(), logging.FileHandler(run_dir / "bnexp.log", mode="a", delay=True)):
         handler.setFormatter(formatter)
+        handler.bnexp_rerun = True  # type: ignore[attr-defined]
         root.addHandler(handler)
 
 
@@ -82,6 +91,9 @@ def check_resumable(run_dir: str | Path) -> tuple[DictConfig, dict[str, Any], di
     record = read_record(run_dir)
     if record is None:
         raise ConfigError("RUN_DIR", f"{run_dir} is not a bnexp run directory (no readable metrics.json); `bnexp runs` lists run directories")
+    world = world_mismatch(record, run_dir)
+    if world:
+        raise ConfigError("RUN_DIR", world)
     cfg = load_saved_config(run_dir)  # fits the schema; data files and device still there
     if record.get("config_hash") is not None and not hash_matches(record["config_hash"], cfg):
         raise ConfigError("RUN_DIR", f"{run_dir}/.hydra/config.yaml no longer matches the run in metrics.json (config hash {record['config_hash']})")
@@ -104,6 +116,10 @@ def resume(run_dir: str | Path) -> dict[str, Any]:
     KeyboardInterrupt) if it is interrupted again.
     """
     run_dir = Path(run_dir).resolve()
+    return led(lambda: _resume(run_dir))  # in a data-parallel run: rank 0 checks, every rank trains
+
+
+def _resume(run_dir: Path) -> dict[str, Any]:
     cfg, record, checkpoint = check_resumable(run_dir)
     with run_lock(run_dir):  # refused if another process trains here; held until train() is done
         if read_record(run_dir) != record:
@@ -111,7 +127,8 @@ def resume(run_dir: str | Path) -> dict[str, Any]:
             # (perhaps finished it): check again what it left.
             cfg, record, checkpoint = check_resumable(run_dir)
         log_to(run_dir)
-        return train(cfg, run_dir, resume=True, extra_record={"overrides": record.get("overrides", [])}, checkpoint=checkpoint)
+        with recorded_threads(cfg, record):  # results depend on the thread count
+            return train(cfg, run_dir, resume=True, extra_record={"overrides": record.get("overrides", [])}, checkpoint=checkpoint)
 
 
 # --------------------------------------------------------------------------- reproduce
@@ -128,17 +145,28 @@ def reproduce(run_dir: Path, out_dir: Path | None = None, overrides: list[str] |
     """Train ``run_dir``'s config into a new run dir; returns (new dir, its metrics.json record).
 
     A config that fails while setting up (e.g. a batch larger than the data)
-    leaves nothing behind of what this call wrote (see RunDirGuard)."""
+    leaves nothing behind of what this call wrote (see RunDirGuard). In a
+    data-parallel run the other ranks train rank 0's copy and return its record."""
+    return led(lambda: _reproduce(run_dir, out_dir, overrides))
+
+
+def _reproduce(run_dir: Path, out_dir: Path | None, overrides: list[str] | None) -> tuple[Path, dict[str, Any]]:
     cfg = load_saved_config(run_dir, overrides)
     out = out_dir or default_out_dir(run_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError("--out", f"{out} exists and is not a directory; allowed: a new directory")
     if out.exists() and any(out.iterdir()):
         raise ConfigError("--out", f"{out} exists and is not empty; allowed: a new directory")
-    guard = RunDirGuard(out, [*HYDRA_FILES, "bnexp.log", ".bnexp.lock"])
+    before = before_writing(out, (LOCK_FILE,))
     try:
-        with run_lock(out):
-            if policy(cfg, out).action != Action.train or any(p.name != ".bnexp.lock" for p in out.iterdir()):
+        acquire_run_lock(out)  # refused (RunLocked, nothing touched) if another process took it since the check
+    except OSError as e:
+        RunDirGuard(out, [], before).undo()
+        raise ConfigError("--out", f"cannot write into {out}: {e.strerror}; allowed: a directory you can write to") from None
+    try:
+        guard = RunDirGuard(out, [*HYDRA_FILES, "bnexp.log"], before)  # under the lock
+        try:
+            if policy(cfg, out).action != Action.train or any(p.name != LOCK_FILE for p in out.iterdir()):
                 raise ConfigError("--out", f"{out} was written to by another process meanwhile; allowed: a new directory")
             (out / ".hydra").mkdir(parents=True, exist_ok=True)
             for name in HYDRA_FILES:
@@ -150,10 +178,17 @@ def reproduce(run_dir: Path, out_dir: Path | None = None, overrides: list[str] |
                 atomic_write(out / ".hydra" / "overrides.yaml", lambda f: OmegaConf.save(OmegaConf.create([*saved, *overrides]), f))
             log_to(out)
             original = read_run(run_dir)
-            record = train(cfg, out, extra_record={"overrides": original.overrides + list(overrides or []), "reproduce_of": str(run_dir.resolve())})
-    except ConfigError:
-        guard.undo()
-        raise
+            with recorded_threads(cfg, original.metrics):  # results depend on the thread count
+                record = train(cfg, out, extra_record={"overrides": original.overrides + list(overrides or []), "reproduce_of": str(run_dir.resolve())})
+        except ConfigError:
+            guard.undo()
+            raise
+        except KeyboardInterrupt:
+            if read_record(out) is None:  # stopped before training began: nothing of the new run to keep
+                guard.undo()
+            raise
+    finally:
+        release_run_lock(out)
     return out, record
 
 

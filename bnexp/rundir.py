@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import socket
 import time
 from contextlib import contextmanager
@@ -24,7 +23,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Iterator
 
-from bnexp.config import ConfigError, hash_matches
+from bnexp.config import ConfigError, hash_matches, launch_world_size
 from bnexp.io import TEMP_SUFFIX, read_json, write_json
 
 try:
@@ -46,9 +45,16 @@ def read_record(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
+# What bnexp 0.1 wrote for a sweep job refused while setting up: no hash, no env.
+_V01_FAILURE_KEYS = {"status", "steps", "final", "best", "overrides", "error"}
+
+
 def is_bnexp_record(record: dict[str, Any]) -> bool:
-    """Whether a metrics.json was written by bnexp (this version says so; earlier ones left a config hash or env.bnexp)."""
-    return record.get("writer") == WRITER or "config_hash" in record or "bnexp" in (record.get("env") or {})
+    """Whether a metrics.json was written by bnexp (this version says so; 0.1's have a
+    config hash or env.bnexp, or are its failure record of a job refused while setting up)."""
+    if record.get("writer") == WRITER or "config_hash" in record or "bnexp" in (record.get("env") or {}):
+        return True
+    return record.get("status") == "failed" and set(record) <= _V01_FAILURE_KEYS and {"status", "steps", "error"} <= set(record)
 
 
 class RunRecord:
@@ -91,7 +97,9 @@ def process_info() -> dict[str, Any]:
 
 def _process_alive(pid: int, start_ticks: int | None) -> bool:
     if pid == os.getpid():
-        return False  # this process runs its jobs one at a time: the run is not being trained now
+        return False  # a run this process trains holds its lock; a record naming this pid outside it is stale
+    if os.name == "nt":
+        return True  # os.kill(pid, 0) would terminate the process on Windows: assume alive
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -116,7 +124,7 @@ def run_is_alive(metrics: dict[str, Any], now: float | None = None) -> bool:
     if metrics.get("status") != "running":
         return False
     proc = metrics.get("process") or {}
-    if proc.get("host") == socket.gethostname() and isinstance(proc.get("pid"), int):
+    if proc.get("host") == socket.gethostname() and isinstance(proc.get("pid"), int) and os.name != "nt":
         return _process_alive(proc["pid"], proc.get("start_ticks"))
     beat = (metrics.get("time") or {}).get("heartbeat", 0)
     return (now or time.time()) - beat < 6 * HEARTBEAT_SEC
@@ -127,9 +135,9 @@ class RunInterrupted(KeyboardInterrupt):
     (``step`` set), or before it could save one (``step`` None).
     (Raised by bnexp.train; defined here so that the CLI can catch it without importing torch.)"""
 
-    def __init__(self, run_dir: Path, step: int | None):
+    def __init__(self, run_dir: Path, step: int | None, signum: int | None = None):
         super().__init__(f"{run_dir} interrupted after step {step}; checkpoint saved" if step is not None else f"{run_dir} interrupted")
-        self.run_dir, self.step = Path(run_dir), step
+        self.run_dir, self.step, self.signum = Path(run_dir), step, signum  # signum: the signal that stopped the loop
 
     @property
     def resumable(self) -> bool:
@@ -302,19 +310,49 @@ def remove_orphan_temp_files(run_dir: Path, locked: bool) -> list[str]:
 # --------------------------------------------------------------------------- undoing a rejected run
 
 
+@dataclass
+class Before:
+    """A run dir's surroundings before this process writes anything there: the
+    paths it is about to create, and the listing and times of the directories
+    whose listing that changes (to give them back)."""
+
+    missing: list[Path]
+    dir_times: dict[Path, tuple[set[str], tuple[int, int]]]
+
+
+def before_writing(run_dir: Path, names: tuple[str, ...] = ()) -> Before:
+    """:class:`Before` of ``run_dir`` and of ``names`` inside it (taken before the lock, which creates them)."""
+    run_dir = Path(run_dir)
+    missing = [p for p in [*(run_dir / n for n in names), run_dir, *run_dir.parents] if not p.exists()]
+    times = {}
+    for d in [run_dir, *run_dir.parents[:1]]:
+        nearest = next((q for q in [d, *d.parents] if q.exists()), None)
+        if nearest is not None and nearest.is_dir() and nearest not in times:
+            st = nearest.stat()
+            times[nearest] = (set(os.listdir(nearest)), (st.st_atime_ns, st.st_mtime_ns))
+    return Before(missing, times)
+
+
 class RunDirGuard:
     """Takes back what one process wrote into a run dir when its config is
     rejected after files were written (problems only found while setting up, e.g.
     a batch larger than the data): exactly the ``files`` it names (Hydra's
-    ``.hydra/*.yaml`` and job log, the lock file), and the directories it
-    created if they are empty again. Nothing else, whoever wrote it: another
-    process's run in a sibling dir, or files that were there before (those get
-    their bytes and times back).
+    ``.hydra/*.yaml`` and job log), which get their bytes and times back if they
+    existed and are removed if not; the lock file and directories that were
+    missing ``before`` (see :func:`before_writing`, taken before the lock created
+    them) and the directories it created, if they are empty again; and the times
+    of the directories whose listing it changed, if nobody else changed them. Nothing else, whoever wrote it: another process's run in a sibling
+    dir survives. Made while holding the run dir's lock, so that no other bnexp
+    process writes there between the snapshot and the undo.
     """
 
-    def __init__(self, run_dir: Path, files: list[str]):
+    def __init__(self, run_dir: Path, files: list[str], before: Before | None = None):
         self.run_dir = Path(run_dir)
-        self.created_dirs = [p for p in [self.run_dir / ".hydra", self.run_dir, *self.run_dir.parents] if not p.exists()]
+        before = before or before_writing(self.run_dir)
+        subdirs = {(self.run_dir / f).parent for f in files} - {self.run_dir}
+        self.created_files = [p for p in before.missing if p.parent == self.run_dir and p.name == LOCK_FILE]
+        dirs = {p for p in before.missing if p not in self.created_files} | {d for d in subdirs if not d.exists()}
+        self.created_dirs = sorted(dirs, key=lambda p: len(p.parts), reverse=True)  # deepest first
         self.files: dict[Path, tuple[bytes, tuple[int, int]] | None] = {}
         for name in files:
             p = self.run_dir / name
@@ -324,12 +362,11 @@ class RunDirGuard:
             elif not p.exists():
                 self.files[p] = None
         # Directory times come back too, where the listing is as it was (nobody else added to it).
-        self.dir_times: dict[Path, tuple[set[str], tuple[int, int]]] = {}
-        for d in [self.run_dir / ".hydra", self.run_dir, *self.run_dir.parents[:1]]:
-            nearest = next((q for q in [d, *d.parents] if q.exists()), None)
-            if nearest is not None and nearest not in self.dir_times:
-                st = nearest.stat()
-                self.dir_times[nearest] = (set(os.listdir(nearest)), (st.st_atime_ns, st.st_mtime_ns))
+        self.dir_times = dict(before.dir_times)
+        for d in subdirs:
+            if d.is_dir() and d not in self.created_dirs:
+                st = d.stat()
+                self.dir_times[d] = (set(os.listdir(d)), (st.st_atime_ns, st.st_mtime_ns))
 
     def undo(self) -> None:
         root_logger = logging.getLogger()  # close Hydra's log file before removing or restoring it
@@ -344,11 +381,13 @@ class RunDirGuard:
             elif p.is_file():
                 p.write_bytes(before[0])
                 os.utime(p, ns=before[1])
-        for d in self.created_dirs:  # deepest first; a directory someone else put files into stays
+        for p in self.created_files:  # removed while still locked, so nobody else holds it
+            p.unlink(missing_ok=True)
+        for d in self.created_dirs:  # a directory someone else put files into stays
             try:
                 d.rmdir()
             except OSError:
-                break
+                pass
         for d, (names, ns) in self.dir_times.items():
             try:
                 if set(os.listdir(d)) == names:
@@ -373,6 +412,17 @@ class Decision:
     reason: str = ""  # one line: why (shown for skip and refuse)
     record: dict[str, Any] | None = None  # the metrics.json there, if any
     live: bool = False  # refused because a live process is training this very run (a sweep skips it)
+
+
+def world_mismatch(record: dict[str, Any], run_dir: Path) -> str | None:
+    """Why ``record``'s run does not fit this process, when it was trained by
+    another number of processes (world size is part of config_hash); None if it fits."""
+    recorded, here = record.get("world_size") or 1, launch_world_size()
+    if recorded == here:
+        return None
+    again = "bnexp resume" if recorded == 1 else f"torchrun --nproc_per_node={recorded} -m bnexp resume"
+    return (f"{run_dir} was trained by {recorded} process(es) and this is a run of {here}; "
+            f"continue it as it began (`{again} {run_dir}`) or choose another directory")
 
 
 def is_finished(record: dict[str, Any] | None, cfg: Any) -> bool:
@@ -403,6 +453,9 @@ def policy(cfg: Any, run_dir: str | os.PathLike) -> Decision:
     if run_is_alive(record):
         return Decision(Action.refuse, str(RunLocked(run_dir, record.get("process"))), record, live=True)
     same = record.get("config_hash") is None or hash_matches(record["config_hash"], cfg)
+    world = None if same else world_mismatch(record, run_dir)
+    if world:
+        return Decision(Action.refuse, world, record)
     if not same:
         return Decision(Action.refuse, f"{run_dir} holds a run of a different config (status {record.get('status')}); "
                                        "choose another directory, or delete that run to reuse its name", record)

@@ -4,13 +4,14 @@ whether kernels must be deterministic, signals, the garbage collector, the clock
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import random
 import signal
 import threading
 import time
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -38,19 +39,27 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = True
 
 
+# The signal a cluster sends ahead of preemption or the time limit: submitit's
+# (SUBMITIT_PREEMPT_SIGNAL, USR2 by default; Slurm's --signal). None on Windows.
+PREEMPT_SIGNAL = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), None)
+
+
 @contextmanager
 def stop_on_signal() -> Iterator[threading.Event]:
-    """SIGINT/SIGTERM ask the loop to stop after the current step; a second SIGINT stops at once."""
+    """SIGINT, SIGTERM and PREEMPT_SIGNAL ask the loop to stop after the current
+    step (the event's ``signum`` says which came); a second SIGINT stops at once."""
     stop = threading.Event()
+    stop.signum = None  # type: ignore[attr-defined]
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
 
     def handler(signum, _frame):
+        stop.signum = stop.signum or signum  # type: ignore[attr-defined]
         stop.set()
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM, PREEMPT_SIGNAL) if s is not None}
     try:
         yield stop
     finally:
@@ -82,3 +91,151 @@ def clock(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
+
+
+# --------------------------------------------------------------------------- threads
+#
+# PyTorch's default is one intra-op thread per core. That is a poor default for
+# bnexp's small networks on a shared machine (docs/performance.md, "Threads"):
+# a step split over every core waits at each op for the thread that lost its
+# core to another process, so one competing busy process cut a 500-step run on
+# 2 cores from 634 to 175 steps/s where 1 thread held 634; and results depend
+# on the thread count (matmul and BN reductions split the work differently).
+# ``train.threads=auto`` therefore gives a step below AUTO_MIN_FLOPS of
+# matmul/conv work one thread, always (a second thread gains little there even
+# on an idle machine, and the choice stays a function of the config), and a
+# larger step the CPUs that are idle when the run starts, up to the budget.
+
+# Threads this process was given before bnexp changed anything: OMP_NUM_THREADS
+# when set (joblib's loky workers get cpu_count // n_jobs there), else one per
+# core. Read once, at import, before any train() sets its own count.
+_DEFAULT_THREADS = torch.get_num_threads()
+
+# Forward + backward matmul/conv FLOPs per training step from which auto uses
+# more than one thread (benchmarks/bench_threads.py; docs/performance.md).
+AUTO_MIN_FLOPS = 2e8
+
+# Set by recorded_threads() while `bnexp resume`/`reproduce` retrain a run.
+_recorded_count: int | None = None
+
+log = logging.getLogger("bnexp")
+
+
+def _cpus() -> set[int]:
+    try:
+        return os.sched_getaffinity(0)
+    except (AttributeError, OSError):  # not Linux
+        return set(range(os.cpu_count() or 1))
+
+
+def thread_budget() -> int:
+    """The most intra-op threads a run may use: the process's default count,
+    capped by the CPUs it may run on (taskset, cgroup cpusets)."""
+    return max(1, min(_DEFAULT_THREADS, len(_cpus())))
+
+
+def idle_cpus(interval: float = 0.2) -> float:
+    """How many of this process's CPUs were idle over the last ``interval`` seconds.
+
+    From /proc/stat's per-CPU idle and iowait time (Linux), sampled while this
+    process sleeps, so it counts other processes' load only; elsewhere the CPU
+    count minus the 1-minute load average (which lags, and counts this process
+    too if it has been busy).
+    """
+    cpus = _cpus()
+
+    def sample() -> dict[int, tuple[int, int]]:
+        times = {}
+        with open("/proc/stat") as f:
+            for line in f:
+                name, *fields = line.split()
+                if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+                    v = [int(x) for x in fields[:8]]  # user nice system idle iowait irq softirq steal
+                    times[int(name[3:])] = (v[3] + v[4], sum(v))
+        return times
+
+    try:
+        before = sample()
+        time.sleep(interval)
+        after = sample()
+    except (OSError, ValueError, IndexError):
+        return max(0.0, len(cpus) - os.getloadavg()[0])
+    return sum((after[c][0] - before[c][0]) / max(1, after[c][1] - before[c][1]) for c in after if c in before)
+
+
+def step_flops(model: torch.nn.Module, example: torch.Tensor, batch_size: int) -> float:
+    """Matmul and conv FLOPs of one training step (forward + backward ~ 3x the forward),
+    counted by torch's FlopCounterMode on one example in eval mode (BN statistics untouched)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    counter = FlopCounterMode(display=False)
+    try:
+        with torch.no_grad(), counter:
+            model.eval()(example)
+    finally:
+        model.train(was_training)
+    return 3.0 * batch_size * counter.get_total_flops()
+
+
+def auto_threads(flops: float, budget: int, idle: float) -> int:
+    """train.threads=auto's count: 1 for a small step, else the idle CPUs (rounded), 1 to ``budget``."""
+    if flops < AUTO_MIN_FLOPS:
+        return 1
+    return max(1, min(budget, int(idle + 0.5)))
+
+
+def set_threads(setting: Any, model: torch.nn.Module, example: torch.Tensor, batch_size: int, device: torch.device) -> int:
+    """Set torch's intra-op threads for a run from ``train.threads`` and return the count.
+
+    ``N``: N threads. ``auto``: the count a run being retrained was recorded
+    with (see :func:`recorded_threads`); else on CPU :func:`auto_threads`; on a
+    GPU the budget (the CPU only launches kernels there).
+    """
+    if setting != "auto":
+        n, why = int(setting), "train.threads"
+    elif _recorded_count is not None:
+        n, why = _recorded_count, "as recorded in the run's metrics.json"
+    elif device.type != "cpu":
+        n, why = thread_budget(), f"auto: {device.type} device"
+    else:
+        flops = step_flops(model, example, batch_size)
+        if flops < AUTO_MIN_FLOPS:
+            n, why = 1, f"auto: {flops / 1e6:.3g} MFLOP a step, under {AUTO_MIN_FLOPS / 1e6:.0f}"
+        else:
+            idle = idle_cpus()
+            n = auto_threads(flops, thread_budget(), idle)
+            why = f"auto: {flops / 1e6:.3g} MFLOP a step; {idle:.1f} of {len(_cpus())} CPUs idle, budget {thread_budget()}"
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    log.info("torch threads: %d (%s)", torch.get_num_threads(), why)
+    return torch.get_num_threads()
+
+
+@contextmanager
+def recorded_threads(cfg: Any, record: dict[str, Any] | None) -> Iterator[None]:
+    """While `bnexp resume` or `reproduce` retrain a run with ``train.threads=auto``,
+    use the thread count its metrics.json records (env.threads), since results
+    depend on it; an explicit ``train.threads=N`` in the config wins. Warns in
+    one line when that count cannot be had here, or only on fewer cores.
+    """
+    global _recorded_count
+    n = ((record or {}).get("env") or {}).get("threads")
+    if cfg.train.threads != "auto" or not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    got = torch.get_num_threads()
+    if got != n:
+        log.warning("the run was trained with %d threads, this torch runs %d: results may differ slightly from the run's", n, got)
+        n = got
+    elif n > thread_budget():
+        log.warning("the run was trained with %d threads: retrained with as many for the same results, above this process's "
+                    "budget of %d (OMP_NUM_THREADS, CPUs), so slower", n, thread_budget())
+    _recorded_count = n
+    try:
+        yield
+    finally:
+        _recorded_count = None
+        torch.set_num_threads(before)

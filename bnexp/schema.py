@@ -15,26 +15,35 @@ from __future__ import annotations
 import difflib
 import math
 from dataclasses import field, fields, is_dataclass, make_dataclass
-from functools import cache
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from bnexp.config import (
-    IN_MEMORY_DATA, Amp, Config, ConfigError, DataConfig, DataName, NormConfig, NormKind, OptimConfig, Placement, config_dir, flatten, plain,
+    IN_MEMORY_DATA, V01_MODEL_KEYS, Amp, Config, ConfigError, DataConfig, DataName, NormConfig, NormKind, OptimConfig, Placement,
+    config_dir, flatten, launch_world_size, plain,
 )
+from bnexp import augment
 from bnexp.models import FAMILIES, family
 from bnexp.probes import PROBES
 
 # --------------------------------------------------------------------------- the typed nodes
 
 
-@cache
+# :class:`bnexp.config.Config` plus ``probes``: one node per registered probe.
+# Made from the probe registry when this module loads, and bound to module
+# names so that pickles of a config (joblib and submitit carry jobs' configs
+# between processes) refer to these classes by name; a class pickled by value
+# would be rebuilt over these in the parent process, with foreign dataclass
+# sentinels that break OmegaConf.
+ProbesConfig = make_dataclass("ProbesConfig", [(name, kind.schema, field(default_factory=kind.schema))
+                                               for name, kind in PROBES.items() if kind.schema])
+RootConfig = make_dataclass("RootConfig", [("probes", ProbesConfig, field(default_factory=ProbesConfig))], bases=(Config,))
+ProbesConfig.__module__ = RootConfig.__module__ = __name__
+
+
 def root_schema() -> type:
-    """:class:`bnexp.config.Config` plus ``probes``: one node per registered probe."""
-    probe_fields = [(name, kind.schema, field(default_factory=kind.schema)) for name, kind in PROBES.items() if kind.schema]
-    probes = make_dataclass("ProbesConfig", probe_fields)
-    return make_dataclass("Config", [("probes", probes, field(default_factory=probes))], bases=(Config,))
+    return RootConfig
 
 
 def register_configs() -> None:
@@ -81,36 +90,58 @@ def _check_keys(cfg: DictConfig) -> None:
     """Keys Hydra lets through but bnexp would silently ignore or miss: a key added
     with ``+`` inside one of bnexp's own nodes (a typo such as ``+norm.placment=pre``),
     and a key removed with ``~``."""
-    def walk(node: DictConfig, prefix: str) -> None:
-        cls = OmegaConf.get_type(node)
+    def walk(node: DictConfig, prefix: str, cls: type) -> None:
         if not is_dataclass(cls):
             return
-        known = {f.name for f in fields(cls)}
+        known = {f.name: f for f in fields(cls)}
         for key in node.keys():
             full = f"{prefix}{key}"
             if key not in known and prefix:  # top-level extras (+my_note=...) are the user's own
-                near = closest_key(full)
-                hint = f"did you mean {near}? " if near else ""
-                raise ConfigError(full, f"is not a key of bnexp's schema; {hint}(`bnexp show` lists the keys; `+key=value` adds keys outside bnexp's nodes only)")
+                raise ConfigError(full, f"is not a key of bnexp's schema; {unknown_key_hint(full, cfg)}")
             value = node._get_node(key)
             if key in known and isinstance(value, DictConfig):
-                walk(value, full + ".")
-        for key in sorted(known - set(node.keys())):
+                walk(value, full + ".", OmegaConf.get_type(value))
+        for key in sorted(set(known) - set(node.keys())):
             raise ConfigError(f"{prefix}{key}", "was removed (~key), but bnexp needs every key of its schema; allowed: a value (`bnexp show` prints the defaults)")
 
-    walk(cfg, "")
+    # The root of a copy without `hydra` (as the callback makes) is untyped: its schema is RootConfig.
+    walk(cfg, "", root_schema())
+
+
+def unknown_key_hint(key: str, cfg: DictConfig | None = None) -> str:
+    """What to say about an unknown ``key``: the model family it belongs to, or the closest key."""
+    if key.startswith("model."):
+        leaf = key.split(".", 1)[1]
+        owners = [name for name, fam in FAMILIES.items() if leaf in {f.name for f in fields(fam.schema)}]
+        if owners:
+            current = OmegaConf.select(cfg, "model.kind", default=None) if cfg is not None else None
+            now = f", not model={current}" if current else ""
+            return f"it belongs to model={'/'.join(owners)}{now} (`bnexp show model=...` lists a family's keys)"
+    near = closest_key(key)
+    return (f"did you mean {near}? " if near and near != key else "") + "(`bnexp show` lists the keys; `+key=value` adds keys outside bnexp's nodes only)"
 
 
 def typed(saved: DictConfig | dict) -> DictConfig:
     """A saved config (``.hydra/config.yaml``) merged onto the schema of its model family.
 
-    Keys a run added with Hydra's ``+key=value`` are part of its saved config:
-    they are accepted (types of known keys are still checked), then the config
-    is closed again, so that a mistyped change made later is rejected."""
+    Keys a run added at the top level with Hydra's ``+key=value`` are part of its
+    saved config and accepted (types of known keys are still checked); the config
+    is closed again, so that a mistyped change made later is rejected. A config
+    saved by bnexp 0.1 holds every family's model keys in one node: those of
+    other families are dropped (its config hash stays valid, see
+    :func:`bnexp.config.hash_matches`)."""
     saved = OmegaConf.create(saved) if isinstance(saved, dict) else saved
-    kind = OmegaConf.select(saved, "model.kind", default="mlp")
-    schema = OmegaConf.structured(root_schema())
-    schema = OmegaConf.merge(schema, {"model": OmegaConf.structured(family(str(kind)).schema)})
+    kind = str(OmegaConf.select(saved, "model.kind", default="mlp"))
+    schema_cls = family(kind).schema
+    if isinstance(saved.get("model"), DictConfig):
+        known = {f.name for f in fields(schema_cls)}
+        legacy = [k for k in V01_MODEL_KEYS if k in saved.model and k not in known]
+        if legacy:
+            container = OmegaConf.to_container(saved, resolve=False)
+            for k in legacy:
+                container["model"].pop(k)
+            saved = OmegaConf.create(container)
+    schema = OmegaConf.merge(OmegaConf.structured(root_schema()), {"model": OmegaConf.structured(schema_cls)})
     OmegaConf.set_struct(schema, False)
     cfg = OmegaConf.merge(schema, saved)
     OmegaConf.set_struct(cfg, True)
@@ -127,12 +158,10 @@ def _first_non_empty(*values: Any) -> str:
     return ""
 
 
-def _job_subdir(override_dirname: str, seed: Any) -> str:
-    # Hydra sorts overrides alphabetically in override_dirname; seed is excluded
-    # there and appended last so that one config's seeds sit next to each other.
-    # A path in an override (data.root=/x/y) must not nest the job's directory.
-    name = f"{override_dirname},seed={seed}" if override_dirname else f"seed={seed}"
-    return name.replace("/", "_")
+def _job_subdir(task: Any, seed: Any, params: Any, sweep_dir: str) -> str:
+    from bnexp import sweep  # evaluated where the job runs (a joblib or SLURM worker too): all it needs is on disk
+
+    return sweep.job_dir_name(task, seed, sweep.sweep_overrides(sweep_dir, params))
 
 
 def register_resolvers() -> None:
@@ -181,12 +210,12 @@ def _cuda_available() -> bool:
 
 def validate(cfg: DictConfig) -> None:
     """Checks the types cannot express; raises ConfigError with one clear line."""
-    _check_keys(cfg)
     n, d, o, t = cfg.norm, cfg.data, cfg.optim, cfg.train
     flat = flatten(plain(cfg))
     targets = [k for k in flat if k.rsplit(".", 1)[-1] == "_target_"]
     if targets:  # bnexp never calls hydra.utils.instantiate on a user's config
         raise ConfigError(targets[0], "bnexp builds everything from its own registries and never imports a _target_; allowed: the keys `bnexp show` lists")
+    _check_keys(cfg)
     for key, value in flat.items():
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(key, f"got {value}; allowed: a finite number")
@@ -208,6 +237,7 @@ def validate(cfg: DictConfig) -> None:
             if n.dmax < 0:
                 raise ConfigError("norm.dmax", f"got {n.dmax}; allowed: dmax >= 0")
     family(str(cfg.model.kind)).check(cfg)  # widths, norm.layers, norm.groups dividing widths
+    augment.check(cfg)  # image data for crop_flip
     if not (0 < d.val_size < 1 or (d.val_size >= 1 and float(d.val_size).is_integer()) or d.val_size == 0):
         raise ConfigError("data.val_size", f"got {d.val_size}; allowed: 0, a fraction in (0, 1), or a whole number of examples")
     _positive(cfg, "data.subset", allow_none=True)
@@ -237,7 +267,10 @@ def validate(cfg: DictConfig) -> None:
         _positive(cfg, f"probes.{name}.every", allow_none=True, allow_zero=True)
     if t.target_acc is not None and not 0 < t.target_acc <= 1:
         raise ConfigError("train.target_acc", f"got {t.target_acc}; allowed: an accuracy in (0, 1]")
+    if t.threads != "auto" and not (isinstance(t.threads, int) and not isinstance(t.threads, bool) and t.threads > 0):
+        raise ConfigError("train.threads", f"got {t.threads!r}; allowed: auto or a positive number of threads")
     _check_device(t)
+    _check_world(cfg, launch_world_size())
     if DataName(cfg.data.name) not in IN_MEMORY_DATA:
         from bnexp import datasets
 
@@ -245,6 +278,32 @@ def validate(cfg: DictConfig) -> None:
             datasets.check_available(DataName(cfg.data.name).value, cfg.data.root, cfg.data.download)
         except datasets.DataError as e:
             raise ConfigError("data.root", str(e)) from None
+
+
+def _check_world(cfg: DictConfig, world: int) -> None:
+    """norm.sync, and what a data-parallel run of ``world`` processes needs: a
+    global batch that splits evenly, ghost batches that fit the per-device batch."""
+    n, t = cfg.norm, cfg.train
+    batch_stats = (NormKind.batch, NormKind.ghost_batch, NormKind.batch_renorm)
+    if n.sync and n.placement != Placement.none and n.kind not in batch_stats:
+        raise ConfigError("norm.sync", f"true, but norm={NormKind(n.kind).value} normalizes each example by itself: there are no batch "
+                                       "statistics to synchronize; allowed: false (true for batch, ghost_batch, batch_renorm)")
+    if world == 1:
+        return
+    if t.batch_size % world:
+        raise ConfigError("train.batch_size", f"{t.batch_size} does not split evenly over {world} processes; allowed: a multiple "
+                                              f"of {world} (train.batch_size is the global batch, each process gets batch_size / {world})")
+    if t.device.startswith("cuda:") or t.device == "mps":
+        raise ConfigError("train.device", f"{t.device}, but in a data-parallel run each process uses cuda:LOCAL_RANK; allowed: auto, cuda, cpu")
+    per_device, vbs = t.batch_size // world, n.virtual_batch_size
+    if n.kind == NormKind.ghost_batch and n.placement != Placement.none and vbs is not None and per_device % vbs:
+        if not n.sync:
+            raise ConfigError("norm.virtual_batch_size", f"{vbs} does not divide the per-device batch {per_device} "
+                                                         f"(train.batch_size / {world}); allowed: a divisor of {per_device}, "
+                                                         "or norm.sync=true for ghost batches that span devices")
+        if vbs % per_device:
+            raise ConfigError("norm.virtual_batch_size", f"{vbs} neither divides the per-device batch {per_device} nor is a multiple "
+                                                         f"of it; allowed: a divisor or a multiple of {per_device}")
 
 
 def _check_device(t: DictConfig) -> None:

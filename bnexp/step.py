@@ -278,6 +278,15 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return {"loss": loss / len(x), "acc": correct.float() / len(x)}
 
 
+@torch.no_grad()
+def grad_norm(model: nn.Module) -> torch.Tensor:
+    """L2 norm of all gradients, on the device (0 when there are none)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros((), device=next(model.parameters()).device)
+    return torch.stack(torch._foreach_norm(grads)).float().norm()
+
+
 def to_host(values: dict[str, torch.Tensor]) -> dict[str, float]:
     """One device->host copy for a dict of scalar tensors."""
     if not values:

@@ -18,24 +18,28 @@ back from disk instead of trusting in-process results:
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 import re
-from collections import Counter
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Mapping
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from bnexp.io import atomic_write
 from bnexp.report import CURVE_TAGS, DEFAULT_METRICS, differing_keys, group_curves, group_runs, seed_band, status_text
 from bnexp.runs import AGGREGATE, HEADLINE, METRICS, OVERRIDES, Run, find_run_dirs, headline_cells, read_run, shown_overrides, status_cell
 
 
-SUFFIX = ".bnexp-sweep"  # marks the sweep root's own event file, rewritten at each sweep end
+SUFFIX = ".bnexp-sweep"  # the sweep root's own event file of earlier versions (removed when the records are rewritten)
 BAND_TAGS = (*CURVE_TAGS, "test/loss", "test/acc")
 
 
@@ -76,6 +80,91 @@ class SweepCallback(Callback):
         missing = [p for p in (sweep_dir, *sweep_dir.parents) if not p.exists()]
         sweeper = str(OmegaConf.select(config, "hydra.sweeper._target_", default=""))
         STARTED.append(SweepStart(sweep_dir, time.time(), missing[-1] if missing else None, sweeper))
+        # The sweep's own overrides, for naming its jobs (sweep_overrides()), wherever they run.
+        # Hydra's basic sweeper writes the same file before its first job; other sweepers
+        # (Optuna) write none, and a stale one from an earlier sweep here would misname them.
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(sweep_dir / MULTIRUN, lambda f: f.write(OmegaConf.to_yaml(config)))
+
+
+# --------------------------------------------------------------------------- job directory names
+
+MULTIRUN = "multirun.yaml"  # the sweep's composed config, with its raw overrides in hydra.overrides.task
+# Well under the 255 bytes that ext4, XFS, APFS and NTFS allow per name (and
+# eCryptfs' 143): a name also has to read well in TensorBoard's run list.
+MAX_NAME_BYTES = 128
+UNNAMED_KEYS = ("seed", "name", "train.progress")  # seed goes last; name names the sweep folder; progress changes nothing
+
+
+def _parse(overrides: Iterable[str]) -> list:
+    # Hydra's own parser: quoted commas, lists ([16,16] is one value), choice(),
+    # range(), glob(), interval() all mean what they mean to the sweeper.
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create().parse_overrides([str(o) for o in overrides])
+
+
+def varying_keys(sweep_overrides: Iterable[str]) -> frozenset[str]:
+    """The keys to which a sweep gives more than one value. ``sweep_overrides``: what
+    its sweeper expands, hydra.sweeper.params as key=value first, then the command
+    line's; a key's last override wins, as in Hydra's BasicSweeper."""
+    return _varying_keys(tuple(map(str, sweep_overrides)))
+
+
+@lru_cache(maxsize=8)  # every job of a sweep in one process asks the same (parsing costs ~3 ms an override)
+def _varying_keys(sweep_overrides: tuple[str, ...]) -> frozenset[str]:
+    last = {o.get_key_element(): o for o in _parse(sweep_overrides)}
+    out = set()
+    for key, o in last.items():
+        if not o.is_sweep_override():
+            continue
+        try:
+            if len(set(o.sweep_string_iterator())) < 2:
+                continue
+        except Exception:  # noqa: BLE001  glob() needs the config groups' options, interval() has no list: both vary
+            pass
+        out.add(key)
+    return frozenset(out)
+
+
+def fit_name(name: str, limit: int = MAX_NAME_BYTES) -> str:
+    """``name`` if it fits in ``limit`` UTF-8 bytes, else its head and a hash of all of it (still unique, still stable)."""
+    raw = name.encode()
+    if len(raw) <= limit:
+        return name
+    digest = hashlib.sha256(raw).hexdigest()[:12]
+    return raw[: limit - len(digest) - 1].decode("utf-8", errors="ignore") + "~" + digest
+
+
+def job_dir_name(job_overrides: Iterable[str], seed: Any, sweep_overrides: Iterable[str] | None) -> str:
+    """A sweep job's directory name: the job's own values of the keys the sweep
+    varies (:func:`varying_keys`; constant keys and ``experiment=NAME`` are the
+    sweep folder's business), sorted, then ``seed=N`` last so that one config's
+    seeds sit side by side; "/" becomes "_" (a path in a value must not nest the
+    directory); at most MAX_NAME_BYTES bytes. The same command names the same
+    jobs again, so a rerun into the same sweep dir finds them. ``sweep_overrides``
+    None (not known): every override of the job is named."""
+    varying = None if sweep_overrides is None else varying_keys(sweep_overrides)
+    parts = sorted(f"{o.get_key_element()}={o.get_value_element_as_str()}" for o in _parse(job_overrides)
+                   if o.get_key_element() not in UNNAMED_KEYS and (varying is None or o.get_key_element() in varying))
+    last = f"seed={seed}"
+    name = ",".join(parts).replace("/", "_")
+    return f"{fit_name(name, MAX_NAME_BYTES - len(last) - 1)},{last}" if name else last
+
+
+def sweep_overrides(sweep_dir: str | os.PathLike, params: Mapping[str, Any] | None) -> list[str] | None:
+    """What the sweeper of ``sweep_dir`` expanded into jobs: ``params``
+    (hydra.sweeper.params) as key=value, then the command line's overrides as
+    the sweep dir's multirun.yaml records them; None where there is no record."""
+    import yaml
+
+    try:
+        with open(Path(sweep_dir) / MULTIRUN) as f:
+            recorded = yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))["hydra"]["overrides"]["task"]
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return None
+    params = OmegaConf.to_container(params) if isinstance(params, DictConfig) else (params or {})
+    return [f"{k}={v}" for k, v in params.items()] + [str(o) for o in recorded or []]
 
 
 # --------------------------------------------------------------------------- the jobs of a sweep
@@ -90,17 +179,6 @@ class Job:
     @property
     def status(self) -> str:
         return "skipped" if self.skipped else self.run.status
-
-
-def _job_num(run_dir: Path) -> int:
-    import yaml
-
-    try:
-        with open(run_dir / ".hydra" / "hydra.yaml") as f:
-            # libyaml's loader where PyYAML has it: ~10x faster on Hydra's long record (~4 ms a job otherwise).
-            return int(yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))["hydra"]["job"]["num"])
-    except Exception:  # noqa: BLE001
-        return 1 << 30
 
 
 def read_sweep(sweep_dir: Path) -> list[Run]:
@@ -123,7 +201,7 @@ def sweep_jobs(runs: list[Run], started: float) -> list[Job]:
             continue
         finished = ((run.metrics or {}).get("time") or {}).get("finished_at") or math.inf
         skipped = run.status == "completed" and finished < started
-        jobs.append(Job(run, _job_num(run.path), skipped))
+        jobs.append(Job(run, run.job_num, skipped))
     return sorted(jobs, key=lambda j: (j.num, str(j.run.path)))
 
 
@@ -135,13 +213,17 @@ def _shown_overrides(jobs: list[Job]) -> tuple[list[list[str]], list[str]]:
     return [seed_last(os) for os in lists], [o for o in (lists[0] if lists else []) if o in common]
 
 
-def jobs_table(jobs: list[Job], sweep_dir: Path, interrupted: bool = False):
+def jobs_heading(sweep_dir: Path, interrupted: bool = False) -> str:
+    return f"sweep {sweep_dir}" + (" (interrupted: the jobs that ran)" if interrupted else "")
+
+
+def jobs_table(jobs: list[Job]):
+    """One row per job (its heading, :func:`jobs_heading`, is printed above it whole)."""
     from rich.table import Table
 
     shown, common = _shown_overrides(jobs)
     caption = f"every job: {' '.join(common)}" if common else None
-    title = f"sweep {sweep_dir}" + (" (interrupted: the jobs that ran)" if interrupted else "")
-    table = Table(title=title, caption=caption, show_header=True, header_style="bold")
+    table = Table(caption=caption, show_header=True, header_style="bold")
     table.add_column("#", justify="right")
     table.add_column("job", overflow="fold")
     table.add_column("status")
@@ -166,9 +248,9 @@ def _hparam_domain(name: str, values: list[Any]):
     """A discrete HParams domain of the values seen, in the types the runs' session records use."""
     from tensorboard.plugins.hparams import summary_v2 as hp
 
-    from bnexp.tracking import _hparam_value
+    from bnexp.tracking import hparam_value
 
-    vals = sorted({_hparam_value(v) for v in values}, key=lambda v: (str(type(v)), v))
+    vals = sorted({hparam_value(name, v) for v in values}, key=lambda v: (str(type(v)), v))
     if all(isinstance(v, bool) for v in vals):
         return hp.HParam(name, hp.Discrete(vals, dtype=bool))
     if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
@@ -211,33 +293,35 @@ def write_tensorboard_extras(sweep_dir: Path, runs: list[Run]) -> dict[str, Any]
     metrics = [hp.Metric(tag, display_name=tag) for tag in HPARAM_METRICS]
 
     # Seed bands: the mean under the run's own tag (so `aggregate/*` lines sit
-    # beside the seeds in TensorBoard's scalar charts), the band as <tag>/mean±std.
+    # beside the seeds in TensorBoard's scalar charts), and for the margin charts
+    # the mean and band as <tag>/mean, <tag>/mean-std, <tag>/mean+std: tags only
+    # aggregate runs have (a margin chart lists every run that has some but not
+    # all of its three tags under "Missing Tags").
     shutil.rmtree(sweep_dir / AGGREGATE, ignore_errors=True)
+    for old in sweep_dir.glob(f"events.out.tfevents.*{SUFFIX}"):  # where earlier versions kept the sweep's records
+        old.unlink(missing_ok=True)
     groups = [g for g in group_runs(runs) if g.completed]
-    band_tags: set[str] = set()
-    for g in groups:
-        curves = group_curves(g, BAND_TAGS)
-        if not curves:
-            continue
-        with SummaryWriter(log_dir=str(sweep_dir / AGGREGATE / _safe_name(g.label))) as w:
+    bands = {g.label: curves for g in groups if (curves := group_curves(g, BAND_TAGS))}
+    band_tags = [t for t in BAND_TAGS if any(t in c for c in bands.values())]
+    tags = band_tags or list(HPARAM_METRICS)
+    layout = {
+        "all runs": {tag: ["Multiline", [f"^{re.escape(tag)}$"]] for tag in tags},
+        "seed bands (mean ± std over seeds)": {tag: ["Margin", [f"{tag}/mean", f"{tag}/mean-std", f"{tag}/mean+std"]] for tag in band_tags},
+    }
+    # The sweep's HParams experiment and chart layout go into each seed-band run
+    # (TensorBoard reads the first experiment it finds and merges equal layouts):
+    # an event file of their own would be one more run, named after its folder.
+    for label, curves in bands.items():
+        with SummaryWriter(log_dir=str(sweep_dir / AGGREGATE / fit_name(_safe_name(label)))) as w:
+            w.file_writer.add_summary(hp.hparams_config_pb(hparams=hparams, metrics=metrics, time_created_secs=time.time()))
+            w.add_custom_scalars(layout)
             for tag, per_run in curves.items():
                 for step, mean, std in zip(*seed_band(per_run)):
                     w.add_scalar(tag, mean, step)
+                    w.add_scalar(f"{tag}/mean", mean, step)
                     w.add_scalar(f"{tag}/mean-std", mean - std, step)
                     w.add_scalar(f"{tag}/mean+std", mean + std, step)
-                band_tags.add(tag)
-
-    tags = [t for t in BAND_TAGS if t in band_tags] or list(HPARAM_METRICS)
-    layout = {
-        "all runs": {tag: ["Multiline", [f"^{re.escape(tag)}$"]] for tag in tags},
-        "seed bands (mean ± std over seeds)": {tag: ["Margin", [tag, f"{tag}/mean-std", f"{tag}/mean+std"]] for tag in tags if tag in band_tags},
-    }
-    for old in sweep_dir.glob(f"events.out.tfevents.*{SUFFIX}"):
-        old.unlink(missing_ok=True)
-    with SummaryWriter(log_dir=str(sweep_dir), filename_suffix=SUFFIX) as w:
-        w.file_writer.add_summary(hp.hparams_config_pb(hparams=hparams, metrics=metrics, time_created_secs=time.time()))
-        w.add_custom_scalars(layout)
-    return {"hparams": keys, "groups": [g.label for g in groups]}
+    return {"hparams": keys, "groups": list(bands)}
 
 
 def finish(start: SweepStart, interrupted: bool = False) -> list[Job]:
@@ -256,14 +340,14 @@ def finish(start: SweepStart, interrupted: bool = False) -> list[Job]:
 
 def print_summary(start: SweepStart, runs: list[Run], interrupted: bool = False) -> list[Job]:
     """Every job, the failures, and the seed-aggregated comparison (``runs``: as in :func:`sweep_jobs`)."""
-    from bnexp.report import aggregate, console as make_console, to_rich
+    from bnexp.report import aggregate, choose_baseline, console as make_console, print_titled, to_rich
 
     console = make_console()
     jobs = sweep_jobs(runs, start.started)
     if not jobs:
         console.print(f"sweep {start.dir}: no job of this sweep began training", highlight=False, soft_wrap=True)
         return jobs
-    console.print(jobs_table(jobs, start.dir, interrupted))
+    print_titled(console, jobs_heading(start.dir, interrupted), jobs_table(jobs))
     for j in jobs:
         if j.status in ("failed", "dead", "unreadable"):
             error = (j.run.metrics or {}).get("error") or j.run.problem or "no error recorded"
@@ -272,6 +356,8 @@ def print_summary(start: SweepStart, runs: list[Run], interrupted: bool = False)
     runs = [j.run for j in jobs]
     groups = group_runs(runs)
     if len(jobs) > 1 and any(g.completed for g in groups):
-        console.print(to_rich(aggregate(groups), list(DEFAULT_METRICS), title="comparison (mean ± std over seeds)", compact=True))
+        base = choose_baseline(groups)
+        console.print(to_rich(aggregate(groups, DEFAULT_METRICS, base, differences=False), list(DEFAULT_METRICS),
+                              title="comparison (mean ± std over seeds)", compact=True, baseline=base))
     console.print(f"compare: bnexp report {start.dir}    dashboards: bnexp tb {start.dir}", highlight=False, soft_wrap=True)
     return jobs

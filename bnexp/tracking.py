@@ -52,7 +52,13 @@ def env_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def _hparam_value(v: Any) -> bool | int | float | str:
+def hparam_value(key: str, v: Any) -> bool | int | float | str:
+    """A config value as the HParams records hold it (a run's session and a sweep's domains alike)."""
+    if key == "seed":
+        # An identifier, not a quantity: as text, so that the HParams table shows 2, not
+        # the 2.0000 it prints for every number. Integer quantities (batch size, steps)
+        # stay numbers: the parallel-coordinates and scatter views give them numeric axes.
+        return str(v)
     if isinstance(v, (bool, int, float, str)):
         return v
     return str(v)  # lists (model.hidden), None
@@ -61,9 +67,12 @@ def _hparam_value(v: Any) -> bool | int | float | str:
 def hparams_session_start(hparams: dict[str, Any], start_time: float):
     # tensorboard's summary_v2.hparams_pb builds the session-start record
     # without TensorFlow; SummaryWriter.add_hparams would write a stray sub-run.
+    # trial_id "": no group name, so the HParams plugin names the trial by its run
+    # (list_session_groups: `start_info.group_name or session.name`), the run dir
+    # relative to the logdir (a sweep's: the job's dir name), not by a hash of the values.
     from tensorboard.plugins.hparams import summary_v2
 
-    return summary_v2.hparams_pb({k: _hparam_value(v) for k, v in hparams.items()}, start_time_secs=start_time)
+    return summary_v2.hparams_pb({k: hparam_value(k, v) for k, v in hparams.items()}, trial_id="", start_time_secs=start_time)
 
 
 def hparams_session_end(status: str, end_time: float):
@@ -113,7 +122,7 @@ class Console_:
             self.progress = None
 
 
-def summary_table(title: str, record: dict[str, Any]) -> Table:
+def summary_table(title: str | None, record: dict[str, Any]) -> Table:
     table = Table(title=title, show_header=True)
     table.add_column("metric")
     table.add_column("final", justify="right")
@@ -171,5 +180,6 @@ class Tracker:
 
 
 def print_summary(record: dict[str, Any], run_dir: Path) -> None:
-    console = Console(file=sys.stdout)
-    console.print(summary_table(str(run_dir), record))
+    from bnexp.report import print_titled
+
+    print_titled(Console(file=sys.stdout), str(run_dir), summary_table(None, record))

@@ -15,7 +15,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,12 +24,15 @@ from torch import nn
 
 from bnexp import checkpoint as ckpt_mod
 from bnexp import data as data_mod
+from bnexp import distributed
+from bnexp.augment import make_augment
 from bnexp.config import Amp, ConfigError, config_hash, flatten, plain, steps_per_epoch
 from bnexp.models import build_model
 from bnexp.probes import ProbeContext, ProbeSetup, build_probes
-from bnexp.rundir import CHECKPOINT, RunInterrupted, process_info, run_lock
-from bnexp.runtime import clock, frozen_gc, pick_device, seed_everything, stop_on_signal
-from bnexp.step import LogWindow, LrSchedule, Sampler, TrainStep, evaluate, make_optimizer, to_host
+from bnexp.rundir import CHECKPOINT, RunInterrupted, process_info
+from bnexp.runtime import clock, frozen_gc, seed_everything, set_threads, stop_on_signal
+from bnexp.schema import typed
+from bnexp.step import LrSchedule, TrainStep, evaluate, grad_norm, make_optimizer, to_host
 from bnexp.tracking import Tracker, env_info, print_summary
 
 log = logging.getLogger("bnexp")
@@ -42,12 +45,13 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, extra_record: di
     With ``resume``, continues from ``checkpoint`` (as :func:`bnexp.checkpoint.load`
     returned it; ``bnexp resume`` has checked it already) or else from
     ``run_dir/checkpoint.pt`` if there is one. Holds the run dir's lock from
-    before the first write to after the last. Raises ConfigError (RunLocked
+    before the first write to after the last (in a data-parallel run, rank 0
+    does, and alone writes; every rank calls train()). Raises ConfigError (RunLocked
     included) for problems found while setting up, before anything is written;
     RunInterrupted (a KeyboardInterrupt) after an interruption was saved.
     """
     run_dir = Path(run_dir)
-    with run_lock(run_dir):
+    with distributed.training(run_dir, cfg, resume):  # rank 0 takes the lock; in a data-parallel run every rank trains
         run = setup(cfg, run_dir, resume, checkpoint, extra_record)
         state, tracker, status = run.state, run.tracker, "running"
         try:
@@ -58,18 +62,18 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, extra_record: di
             with stop_on_signal() as stop, frozen_gc():
                 for step in range(state.step + 1, run.total + 1):
                     idx = run.sampler.next()
-                    x, y = run.data.x_train[idx], run.data.y_train[idx]
+                    x, y = run.augment(run.data.x_train[idx]), run.data.y_train[idx]  # data.augment, on the device
                     loss, logits = run.train_step.step(x, y)
                     run.window.add(step, loss, logits, y)
                     run.schedule.step()
                     state.step = step
-                    if run.reports_at(step) and report(run, step, x, y) == "diverged":
+                    if run.reports_at(step) and run.ranks.any(report(run, step, x, y) == "diverged"):
                         status = "diverged"
                         break
                     if run.checkpoint_every and step % run.checkpoint_every == 0 and step != run.total:
                         save(run)
                     tracker.record.heartbeat()
-                    if stop.is_set():
+                    if run.stop_vote(stop.is_set()):
                         status = "interrupted"
                         break
                 else:
@@ -81,11 +85,21 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, extra_record: di
             raise
         finally:
             end(run, status)
-    if summary:  # a sweep prints one table of all its jobs instead
+    if summary and run.ranks.is_master:  # a sweep prints one table of all its jobs instead
         print_summary(tracker.record.data, run_dir)
     if status == "interrupted":
-        raise RunInterrupted(run_dir, state.step)
+        raise RunInterrupted(run_dir, state.step, stop.signum)
     return tracker.record.data
+
+
+def led(fn: Callable[[], Any]) -> Any:
+    """``fn()`` (a run's checks, ending in :func:`train` or not) as rank 0 of a
+    data-parallel run does it; a follower rank trains exactly when rank 0 does,
+    into rank 0's run dir with rank 0's config (see bnexp.distributed.lead)."""
+    out = distributed.lead(fn)
+    if isinstance(out, distributed.Go):
+        return train(typed(out.config), Path(out.run_dir), resume=out.resume, summary=False)
+    return out
 
 
 def report(run: "Run", step: int, x: torch.Tensor, y: torch.Tensor, now: float | None = None) -> str | None:
@@ -102,12 +116,17 @@ def report(run: "Run", step: int, x: torch.Tensor, y: torch.Tensor, now: float |
     if evaluating and len(run.data.x_val):
         out.update({f"val/{k}": v for k, v in evaluate(run.model, run.data.x_val, run.data.y_val, run.cfg.train.eval_batch_size).items()})
     out.update(run.probes.due(step, run.total, lambda: run.probe_context(step, x, y)))
+    # The gradient's divergence check does not depend on how often the norm probe runs.
+    # fp16's GradScaler skips steps with inf gradients by design; its loss check suffices.
+    check_grad = logging_step and not run.train_step.scaler.is_enabled()
+    if check_grad and "grad_norm/total" not in out:
+        out["window/grad_norm"] = grad_norm(run.model)
     values = to_host(out)
+    grad_total = values.pop("window/grad_norm", values.get("grad_norm/total", 0.0))
     if logging_step:
         train_values, bad_step = run.window.values(step, values)
         values.update(train_values)
-        # fp16's GradScaler skips steps with inf gradients by design; its loss check suffices.
-        bad_grad = not math.isfinite(values.get("grad_norm/total", 0.0)) and not run.train_step.scaler.is_enabled()
+        bad_grad = check_grad and not math.isfinite(grad_total)
         if bad_step is not None or bad_grad:
             start = run.window.start(step)  # the last logging step before it, whose values are the last finite ones
             run.state.diverged = {"step": bad_step if bad_step is not None else step, "detected_at": step,
@@ -138,6 +157,8 @@ def window_clock(run: "Run", step: int, since: float) -> None:
 def finish(run: "Run", status: str) -> None:
     """A completed run's test metrics (once); the last checkpoint of a completed or interrupted one."""
     if status == "completed" and not run.state.done:
+        if run.resumed_at == run.total:  # stopped at the last step (by bnexp 0.1: before its report): give it again
+            report(run, run.total, run.probe_x, run.probe_y)
         test = evaluate(run.model, run.data.x_test, run.data.y_test, run.cfg.train.eval_batch_size)
         run.tracker.scalars(run.total, to_host({f"test/{k}": v for k, v in test.items()}), is_eval=True)
         run.state.done = True
@@ -154,12 +175,17 @@ class Run:
     def __init__(self, cfg: DictConfig, run_dir: Path, device: torch.device, data: data_mod.Splits, total: int):
         t = cfg.train
         self.cfg, self.run_dir, self.device, self.data, self.total = cfg, run_dir, device, data, total
-        self.model = build_run_model(cfg, data, device)
+        self.ranks = distributed.current()  # one process, or this rank's share of a data-parallel run
+        self.stop_vote = self.ranks.stop_vote()  # signals reach ranks at different steps: they agree on one
+        # The step trains through the DDP wrapper (step_model); all else sees the raw model.
+        self.model, step_model = self.ranks.models(build_run_model(cfg, data, device), cfg.norm, t.batch_size, device)
         self.optimizer = make_optimizer(cfg.optim, self.model, t.batch_size)
+        self.ranks.share_running_stats(self.model, self.optimizer)
         self.schedule = LrSchedule(cfg.optim, self.optimizer, total)
-        self.train_step = TrainStep(self.model, self.optimizer, Amp(t.amp), device, t.compile)
-        self.sampler = Sampler(len(data.x_train), t.batch_size, cfg.seed, device)
-        self.window = LogWindow(int(t.log_every), total, t.batch_size, data.num_classes, device)
+        self.train_step = TrainStep(step_model, self.optimizer, Amp(t.amp), device, t.compile)
+        self.sampler = self.ranks.sampler(len(data.x_train), t.batch_size, cfg.seed, device)
+        self.window = self.ranks.window(int(t.log_every), total, t.batch_size, data.num_classes, device)
+        self.augment = make_augment(cfg.data, cfg.seed, device)
         # Plain ints for the per-step checks: a DictConfig lookup costs ~8 us.
         self.log_every, self.checkpoint_every = int(t.log_every), int(t.checkpoint_every)
         self.eval_every = int(t.eval_every) if t.eval_every is not None else self.sampler.per_epoch  # null: once per epoch
@@ -169,6 +195,7 @@ class Run:
         self.probes = build_probes(ProbeSetup(cfg, self.model, self.log_every, self.eval_every, self.probe_x, self.probe_y, data))
         self.cadences = tuple(sorted({self.log_every, self.eval_every, *self.probes.cadences()}))
         self.state = ckpt_mod.LoopState()
+        self.resumed_at: int | None = None  # the step a resumed run continues after
         self.tracker: Tracker  # made last by setup(), once nothing can be rejected any more
         self.t0 = self.window_t0 = 0.0
 
@@ -176,7 +203,7 @@ class Run:
     def parts(self) -> dict[str, Any]:
         """The stateful parts a checkpoint holds (bnexp.checkpoint.PARTS)."""
         return {"model": self.model, "optimizer": self.optimizer, "scheduler": self.schedule,
-                "scaler": self.train_step.scaler, "sampler": self.sampler, "window": self.window}
+                "scaler": self.train_step.scaler, "sampler": self.sampler, "window": self.window, "augment": self.augment}
 
     def reports_at(self, step: int) -> bool:
         return step == self.total or any(step % c == 0 for c in self.cadences)
@@ -190,14 +217,16 @@ def setup(cfg: DictConfig, run_dir: Path, resume: bool, checkpoint: dict[str, An
     """The run's parts, restored from the checkpoint when resuming, and its tracker
     (the first thing that writes into ``run_dir``)."""
     t = cfg.train
-    device = pick_device(t.device)
+    device = distributed.current().device(t.device)
     seed_everything(cfg.seed, t.deterministic)
     data = data_mod.load(cfg.data, device)
     run = Run(cfg, run_dir, device, data, total_steps(cfg, len(data.x_train)))
+    set_threads(t.threads, run.model, data.x_train[:1], t.batch_size, device)  # train.threads; before env_info records them
     record = {
         "status": "running", "steps": 0, "total_steps": run.total, "final": {}, "best": {}, "steps_to_target": None,
         "time": {"started_at": time.time()}, "env": env_info(device), "config_hash": config_hash(cfg),
-        "num_params": sum(p.numel() for p in run.model.parameters()), "process": process_info(), **(extra_record or {}),
+        "num_params": sum(p.numel() for p in run.model.parameters()), "process": process_info(), **run.ranks.record(device),
+        **(extra_record or {}),
     }
     purge_step = None
     if resume and (checkpoint is not None or (run_dir / CHECKPOINT).exists()):
@@ -205,11 +234,14 @@ def setup(cfg: DictConfig, run_dir: Path, resume: bool, checkpoint: dict[str, An
         run.state = ckpt_mod.restore(ckpt, run.parts, run_dir / CHECKPOINT)
         record.update(final=ckpt["final"], best=ckpt["best"], steps_to_target=run.state.steps_to_target,
                       resumed_from=run.state.step, steps=run.state.step)
-        purge_step = run.state.step + 1  # drop events logged after the checkpoint by the dead run
+        run.resumed_at = run.state.step
+        # Drop events logged after the checkpoint by the dead run (and the last step's own,
+        # when its report is given again: see train()).
+        purge_step = run.total if run.state.step == run.total and not run.state.done else run.state.step + 1
         log.info("resuming %s from step %d", run_dir, run.state.step)
     elif any(run_dir.glob("events.out.tfevents.*")):
         purge_step = 0  # a restart from scratch: TensorBoard drops the earlier attempt's events
-    run.tracker = Tracker(run_dir, flatten(plain(cfg)), run.total, bool(t.progress), record, purge_step=purge_step)
+    run.tracker = run.ranks.tracker(run_dir, flatten(plain(cfg)), run.total, bool(t.progress), record, purge_step=purge_step)
     run.t0 = time.perf_counter() - run.state.train_time
     run.window_t0 = time.perf_counter()
     return run
@@ -223,7 +255,8 @@ def save(run: Run) -> None:
     tracker = run.tracker
     tracker.writer.flush()
     tracker.record.write(steps=run.state.step, final=tracker.final, best=tracker.best, steps_to_target=run.state.steps_to_target)
-    ckpt_mod.save(run.run_dir / CHECKPOINT, run.parts, run.state, tracker.final, tracker.best)
+    if run.ranks.is_master:
+        ckpt_mod.save(run.run_dir / CHECKPOINT, run.parts, run.state, tracker.final, tracker.best)
 
 
 def end(run: Run, status: str) -> None:

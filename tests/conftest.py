@@ -1,4 +1,5 @@
-"""Shared test helpers: composing configs and running the real CLI in a subprocess."""
+"""Shared test helpers: the suite's one tiny config, and running the real CLI
+in this process (fast) or in a subprocess (for signals, kills and imports)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
-# Tiny, fast settings shared by CLI tests (data=mnist1d is the default).
-TINY = ["train.steps=30", "train.log_every=10", "train.eval_every=15", "train.progress=false", "model.hidden=[16,16]"]
+# The suite's one tiny config: a 2x16 MLP with BN on 576 synthetic training
+# examples (18 steps an epoch), on the CPU. Tests add what they are about.
+TINY = ["data=synthetic", "data.n_train=640", "data.n_test=100", "model.hidden=[16,16]", "train.batch_size=32",
+        "train.steps=30", "train.log_every=10", "train.eval_every=15", "train.progress=false", "train.device=cpu"]
 
 
 def _cli_env(env: dict | None) -> dict:
@@ -45,6 +48,14 @@ def snapshot(root: Path) -> dict[str, tuple[int, int]]:
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     return tmp_path
+
+
+@pytest.fixture
+def tiny_cfg():
+    """``tiny_cfg(*overrides)``: the composed TINY config with ``overrides`` on top."""
+    from bnexp.schema import compose
+
+    return lambda *overrides: compose([*TINY, *overrides])
 
 
 @pytest.fixture
@@ -76,7 +87,7 @@ class InProcessResult:
         self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
 
 
-def run_inprocess(args: list[str], cwd: Path) -> InProcessResult:
+def run_inprocess(args: list[str], cwd: Path, env: dict | None = None) -> InProcessResult:
     """``bnexp ARGS`` through Typer's test runner in this process: the same code path
     as the console script, without a new interpreter importing torch each time."""
     from typer.testing import CliRunner
@@ -86,7 +97,7 @@ def run_inprocess(args: list[str], cwd: Path) -> InProcessResult:
     old = os.getcwd()
     os.chdir(cwd)
     try:
-        result = CliRunner().invoke(app, args)
+        result = CliRunner().invoke(app, args, env=env)
     finally:
         os.chdir(old)
     if result.exception is not None and not isinstance(result.exception, SystemExit):

@@ -1,3 +1,4 @@
+import pytest
 import numpy as np
 import torch
 
@@ -45,6 +46,7 @@ def test_validation_split_is_deterministic_and_disjoint():
     assert len(data.split_train_val(1000, 250, seed=0)[1]) == 250
 
 
+@pytest.mark.slow
 def test_subset_keeps_only_the_first_training_examples():
     cfg = compose(["data.subset=500"])
     splits = data.load(cfg.data, torch.device("cpu"))
@@ -65,12 +67,14 @@ def test_real_mnist_images_keep_their_chw_shape_and_the_mlp_flattens_them():
     assert mlp.hidden0.linear.in_features == 784 and mlp(images.x_train[:4]).shape == (4, 10)
 
 
+@pytest.mark.slow
 def test_mnist1d_default_dataset_shapes():
     splits = data.load(compose([]).data, torch.device("cpu"))
     assert splits.input_shape == (1, 40) and splits.num_classes == 10  # a one-channel signal
     assert len(splits.x_train) + len(splits.x_val) == 4000 and len(splits.x_test) == 1000
 
 
+@pytest.mark.slow
 def test_the_last_load_is_reused_until_the_data_config_or_the_files_change(tmp_path):
     # A sweep's jobs in one process share their data; any change to what load() reads loads again.
     import os

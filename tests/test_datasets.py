@@ -11,6 +11,7 @@ import gzip
 import hashlib
 import http.server
 import io
+import json
 import os
 import pickle
 import subprocess
@@ -66,6 +67,13 @@ def make_mnist_folder(folder: Path, n_train=5, n_test=3, seed=0) -> dict:
         a = arrays[key]
         write_gz(folder / fname, idx_bytes(2051 if a.ndim == 3 else 2049, a.shape, a.tobytes()))
     return arrays
+
+
+@pytest.fixture(autouse=True)
+def own_md5_cache(tmp_path, monkeypatch) -> Path:
+    """Each test remembers MD5s in a cache of its own, not the user's ~/.cache/bnexp."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+    return tmp_path / "xdg-cache" / "bnexp" / "md5.json"
 
 
 @pytest.fixture
@@ -127,8 +135,6 @@ def test_check_available_names_folder_and_files(tmp_path, monkeypatch):
     D.check_available("mnist", str(tmp_path / "nowhere"), download=True)  # will be fetched
     D.check_available("mnist1d", str(tmp_path / "nowhere"), download=False)  # generated
     D.check_available("mnist", str(tmp_path / "m0"), download=True)
-    make_mnist_folder(tmp_path / "ok")
-    D.check_available("mnist", str(tmp_path / "ok"), download=False)  # existence only, no MD5
 
 
 def test_load_without_files_raises_the_same_message(tmp_path):
@@ -244,6 +250,96 @@ def test_existing_file_checksum_mismatch(tmp_path):
     assert md5(tmp_path / IDX[0]) in msg and D.CHECKSUMS["mnist"][IDX[0]] in msg
     assert "delete it and re-download" in msg
     assert (tmp_path / IDX[0]).exists()  # the user's file is left alone
+
+
+def copy_of_real_mnist(dest: Path) -> Path:
+    src = SHARED_DATA / "mnist"
+    if not all((src / f).is_file() for f in IDX):
+        pytest.skip(f"real MNIST files not found in {src}")
+    dest.mkdir(parents=True)
+    for f in IDX:
+        (dest / f).write_bytes((src / f).read_bytes())
+    return dest
+
+
+def spoil_truncated(folder: Path) -> str:
+    path = folder / IDX[0]
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return f"{path} has MD5 "
+
+
+def spoil_other_content(folder: Path) -> str:
+    # A valid gzipped IDX image file, under the right name, holding other images.
+    (folder / IDX[0]).write_bytes((folder / IDX[2]).read_bytes())
+    return f"{folder / IDX[0]} has MD5 {md5(folder / IDX[2])}, expected {D.CHECKSUMS['mnist'][IDX[0]]} for MNIST"
+
+
+def spoil_fashion_file(folder: Path) -> str:
+    fashion = SHARED_DATA / "fashion-mnist" / IDX[1]
+    if not fashion.is_file():
+        pytest.skip(f"real Fashion-MNIST files not found in {fashion.parent}")
+    (folder / IDX[1]).write_bytes(fashion.read_bytes())
+    return f"{folder / IDX[1]} is the Fashion-MNIST file, not the MNIST one (same file name); point data.root at a folder of MNIST files"
+
+
+@pytest.mark.parametrize("spoil", [spoil_truncated, spoil_other_content, spoil_fashion_file], ids=["truncated", "other-content", "fashion-as-mnist"])
+def test_train_on_a_corrupt_dataset_file_exits_2_with_one_line_before_any_run_dir_exists(tmp_path, spoil):
+    from tests.conftest import run_cli, snapshot
+
+    root = copy_of_real_mnist(tmp_path / "mnist")
+    expected = spoil(root)
+    before = snapshot(root)
+    result = run_cli(["train", "data=mnist", f"data.root={root}", "hydra.run.dir=runs/here", "train.steps=5", "train.progress=false"],
+                     tmp_path, env={"XDG_CACHE_HOME": str(tmp_path / "xdg-cache")})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [result.stderr.strip()] and "Traceback" not in result.stderr + result.stdout
+    assert result.stderr.startswith("error: data.root: ") and expected in result.stderr, result.stderr
+    assert not (tmp_path / "runs").exists()
+    assert snapshot(root) == before  # the user's files are left as they are
+
+
+def test_md5_of_an_unchanged_file_is_read_from_the_cache(tmp_path, patched_md5s, own_md5_cache):
+    make_mnist_folder(tmp_path / "m")
+    patched_md5s("mnist", tmp_path / "m")
+    D.check_available("mnist", str(tmp_path / "m"), download=False)
+    cache = json.loads(own_md5_cache.read_text())
+    path = tmp_path / "m" / IDX[0]
+    st = path.stat()
+    assert cache[str(path)] == [st.st_size, st.st_mtime_ns, st.st_ctime_ns, md5(path)]
+    # The next check believes the cache while the file is unchanged: it does not read the file again.
+    cache[str(path)][3] = "0" * 32
+    own_md5_cache.write_text(json.dumps(cache))
+    with pytest.raises(DataError) as e:
+        D.check_available("mnist", str(tmp_path / "m"), download=False)
+    assert f"{path} has MD5 {'0' * 32}" in one_line(e)
+
+
+def test_a_file_rewritten_with_its_old_size_and_mtime_is_hashed_again(tmp_path, patched_md5s):
+    make_mnist_folder(tmp_path / "m")
+    patched_md5s("mnist", tmp_path / "m")
+    D.check_available("mnist", str(tmp_path / "m"), download=False)
+    path = tmp_path / "m" / IDX[1]
+    st = path.stat()
+    raw = bytearray(path.read_bytes())
+    raw[-5] ^= 0xFF  # inside the gzip stream: same size, other bytes
+    path.write_bytes(bytes(raw))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # as cp -p or touch -r would leave it
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    with pytest.raises(DataError) as e:
+        D.check_available("mnist", str(tmp_path / "m"), download=False)
+    assert f"{path} has MD5 {md5(path)}" in one_line(e)
+
+
+def test_an_unwritable_md5_cache_only_costs_the_hashing(tmp_path, patched_md5s, monkeypatch):
+    make_mnist_folder(tmp_path / "m")
+    patched_md5s("mnist", tmp_path / "m")
+    (tmp_path / "not-a-dir").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "not-a-dir"))
+    D.check_available("mnist", str(tmp_path / "m"), download=False)
+    (tmp_path / "m" / IDX[3]).write_bytes(b"junk")
+    with pytest.raises(DataError) as e:
+        D.check_available("mnist", str(tmp_path / "m"), download=False)
+    assert f"{tmp_path / 'm' / IDX[3]} has MD5 " in one_line(e)
 
 
 # ---------------------------------------------------------------- CIFAR-10 tarball
@@ -446,6 +542,7 @@ REF_X_TRAIN_0 = [
 ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_mnist1d_shapes_and_determinism(tmp_path):
     d = D.load_arrays("mnist1d", str(tmp_path / "unused"), download=True)
     assert not (tmp_path / "unused").exists()  # generated, never downloaded or cached on disk
@@ -464,6 +561,7 @@ def test_mnist1d_shapes_and_determinism(tmp_path):
         np.testing.assert_array_equal(d[k], again[k])
 
 
+@pytest.mark.slow
 def test_mnist1d_matches_reference():
     d = D.load_arrays("mnist1d", "", download=False)
     assert d["y_train"][:20].tolist() == REF_Y_TRAIN_HEAD

@@ -39,9 +39,10 @@ def data_overrides(preset: str) -> list[str]:
 
 
 def grid(preset: str) -> list[list[str]]:
-    """Every job of the preset's hydra.sweeper.params, as override lists."""
+    """Every job of the preset's hydra.sweeper.params but the seed's, as override lists
+    (a seed changes no config's validity; composing costs ~0.2 s a point)."""
     params = dict(OmegaConf.load(config_dir() / "experiment" / f"{preset}.yaml").hydra.sweeper.params)
-    assert "seed" in params, "a preset's sweep should cover several seeds"
+    assert len(str(params.pop("seed", "")).split(",")) >= 3, "a preset's sweep should cover several seeds"
     axes = [[f"{k}={v.strip()}" for v in str(values).split(",")] for k, values in params.items()]
     return [list(point) for point in itertools.product(*axes)]
 
@@ -71,11 +72,12 @@ def test_seed_keras_is_the_keras_tutorial_network():
     assert cfg.norm.momentum == pytest.approx(0.01)  # Keras momentum=0.99
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", PAPER_PRESETS)
 def test_every_point_of_a_presets_sweep_grid_is_a_valid_config(preset):
     extra = data_overrides(preset)
     points = grid(preset)
-    assert len(points) >= 6
+    assert len(points) >= 2
     for point in points:
         cfg = compose([f"experiment={preset}", *point, *extra])
         validate(cfg)  # group norm's groups divide the widths, ghost batch's virtual size divides the batch, ...
@@ -83,6 +85,7 @@ def test_every_point_of_a_presets_sweep_grid_is_a_valid_config(preset):
         build_model(cfg.model, cfg.norm, shape, 10)
 
 
+@pytest.mark.slow
 def test_batch_size_ablation_scales_the_learning_rate_linearly_with_the_batch(tmp_path):
     args = ["train", "experiment=batch_size_ablation", *SMOKE, *CNN_SMOKE, "train.batch_size=4", *data_overrides("batch_size_ablation")]
     assert run_inprocess(args, tmp_path).returncode == 0
@@ -91,6 +94,7 @@ def test_batch_size_ablation_scales_the_learning_rate_linearly_with_the_batch(tm
     assert lrs and lrs == pytest.approx([0.1 * 4 / 32] * len(lrs))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", PAPER_PRESETS)
 def test_preset_trains_at_smoke_size(preset, tmp_path):
     args = ["train", f"experiment={preset}", *SMOKE, *data_overrides(preset)]
@@ -105,6 +109,7 @@ def test_preset_trains_at_smoke_size(preset, tmp_path):
     assert record["status"] == "completed" and 0 <= record["final"]["test/acc"] <= 1
 
 
+@pytest.mark.slow
 def test_bnexp_sweep_runs_the_grid_a_preset_declares(tmp_path):
     args = ["sweep", "experiment=lr_ablation", "seed=0", *SMOKE, *data_overrides("lr_ablation"), "hydra.sweep.dir=sw"]
     assert run_inprocess(args, tmp_path).returncode == 0
@@ -115,6 +120,7 @@ def test_bnexp_sweep_runs_the_grid_a_preset_declares(tmp_path):
     assert sorted(lrs) == pytest.approx([0.05, 0.05, 0.25, 0.25, 1.5, 1.5])  # x1, x5, x30
 
 
+@pytest.mark.slow
 def test_lr_ablation_divergence_is_status_diverged_with_exit_code_0(tmp_path):
     args = ["train", "experiment=lr_ablation", *SMOKE, "train.steps=20", "norm.placement=none", "model.activation=relu",
             "model.init=default", "optim.lr=1e8", *data_overrides("lr_ablation")]

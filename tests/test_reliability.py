@@ -27,20 +27,18 @@ from omegaconf import OmegaConf
 from bnexp.config import config_hash
 from bnexp.schema import typed
 from bnexp.rundir import HEARTBEAT_SEC, process_info, run_is_alive
-from tests.conftest import REPO, run_cli, snapshot, start_cli
+from tests.conftest import REPO, TINY as SUITE_TINY, run_inprocess, snapshot, start_cli
 
-# A small, fast, deterministic CPU run: a 2x32 MLP on synthetic clusters (about 1000 steps/s).
-TINY = [
-    "data=synthetic", "model.hidden=[32,32]", "train.log_every=10", "train.eval_every=50",
-    "train.deterministic=true", "train.device=cpu", "train.progress=false",
-]
+# The suite's tiny config, wider and deterministic: resumed runs must match bit for bit.
+TINY = [*SUITE_TINY, "model.hidden=[32,32]", "train.eval_every=50", "train.deterministic=true"]
 
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # a 2x32 MLP runs fastest on one thread, and steadily on a busy machine
 
 
-def bnexp(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return run_cli(list(args), cwd, env=ONE_THREAD)
+def bnexp(*args: str, cwd: Path):
+    """``bnexp ARGS`` in this process (signals and kills go through :func:`start`)."""
+    return run_inprocess(list(args), cwd)
 
 
 def start(*args: str, cwd: Path) -> subprocess.Popen:
@@ -108,6 +106,7 @@ def interrupt_when(proc: subprocess.Popen, ready, sig: int, rng: random.Random) 
     proc.send_signal(sig)
 
 
+@pytest.mark.slow
 def test_resume_after_sigint_and_sigterm_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     args = [*TINY, "train.steps=2000", "train.checkpoint_every=100", "train.target_acc=0.3"]
     rng = random.Random()
@@ -141,6 +140,7 @@ def test_resume_after_sigint_and_sigterm_is_bit_identical_to_an_uninterrupted_ru
     assert_no_duplicated_steps(run)
 
 
+@pytest.mark.slow
 def test_sweep_rerun_after_sigkill_skips_finished_jobs_and_resumes_the_killed_one(tmp_path):
     sweep = [*TINY, "train.steps=1000", "train.checkpoint_every=50", "optim.lr=0.05,0.1,0.2", "hydra.sweep.dir=sweep"]
     job = lambda lr: Path(glob.glob(str(tmp_path / "sweep" / f"*optim.lr={lr},*"))[0])  # noqa: E731
@@ -167,6 +167,7 @@ def test_sweep_rerun_after_sigkill_skips_finished_jobs_and_resumes_the_killed_on
         assert_no_duplicated_steps(job(lr))
 
 
+@pytest.mark.slow
 def test_rerun_without_a_checkpoint_starts_over_and_tensorboard_drops_the_first_attempt(tmp_path):
     args = [*TINY, "train.steps=100", "hydra.run.dir=run"]
     assert bnexp("train", *args, cwd=tmp_path).returncode == 0
@@ -215,6 +216,7 @@ def test_a_run_on_this_host_is_alive_exactly_while_its_process_is():
 # ---------------------------------------------------------------- divergence
 
 
+@pytest.mark.slow
 def test_diverging_run_is_a_result_exit_0_and_the_sweep_goes_on(tmp_path):
     # No normalization and an absurd learning rate: the loss is non-finite within a few steps.
     args = [*TINY, "norm.placement=none", "train.steps=100", "hydra.sweep.dir=sweep"]
@@ -426,6 +428,7 @@ def resumable_run(tmp_path: Path, *args: str) -> Path:
     return run
 
 
+@pytest.mark.slow
 def test_a_run_dir_another_process_trains_is_refused_untouched_until_that_process_dies(tmp_path):
     run = resumable_run(tmp_path)
     holder = hold_lock(run)
@@ -444,6 +447,7 @@ def test_a_run_dir_another_process_trains_is_refused_untouched_until_that_proces
     assert metrics(run)["status"] == "completed" and metrics(run)["resumed_from"] == 40
 
 
+@pytest.mark.slow
 def test_a_sweep_skips_a_job_another_process_trains_and_runs_the_others(tmp_path):
     sweep = [*TINY, "train.steps=40", "optim.lr=0.05,0.1", "hydra.sweep.dir=sweep"]
     job = lambda lr: Path(glob.glob(str(tmp_path / "sweep" / f"*optim.lr={lr},*"))[0])  # noqa: E731
@@ -466,6 +470,7 @@ def test_a_sweep_skips_a_job_another_process_trains_and_runs_the_others(tmp_path
     assert metrics(other)["status"] == "completed" and metrics(other)["steps"] == 40
 
 
+@pytest.mark.slow
 def test_two_resumes_started_together_train_the_run_once(tmp_path):
     args = [*TINY, "train.steps=3000", "train.checkpoint_every=100", "hydra.run.dir=run"]
     run = tmp_path / "run"
@@ -498,6 +503,7 @@ except SystemExit as e:
 """
 
 
+@pytest.mark.slow
 def test_resume_reads_the_checkpoint_once(tmp_path):
     run = resumable_run(tmp_path)
     out = subprocess.run([sys.executable, "-c", COUNT_CHECKPOINT_LOADS, str(run)], capture_output=True, text=True,
@@ -506,6 +512,7 @@ def test_resume_reads_the_checkpoint_once(tmp_path):
     assert metrics(run)["status"] == "completed"
 
 
+@pytest.mark.slow
 def test_a_ctrl_c_before_the_first_step_leaves_status_interrupted_not_running(tmp_path, monkeypatch):
     # Once metrics.json says "running", however the run ends is written down:
     # a KeyboardInterrupt between that record and the loop must not leave a "running" run behind.

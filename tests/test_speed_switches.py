@@ -45,6 +45,7 @@ def run(tmp_path: Path, overrides: list[str]) -> tuple[list[float], dict, dict[s
     return [e.value for e in acc.Scalars("train/loss")], record, weights
 
 
+@pytest.mark.slow
 def test_compile_gives_the_same_losses_as_eager(tmp_path):
     # torch.compile on CPU builds C++ with gcc: ~10-20 s here, the slowest test of the file.
     eager, _, w_eager = run(tmp_path, ["train.device=cpu"])

@@ -20,11 +20,11 @@ import pytest
 import yaml
 
 from bnexp.runs import load_scalars
-from tests.conftest import REPO, run_cli, start_cli
+from tests.conftest import REPO, TINY as SUITE_TINY, run_inprocess, start_cli
 
 PLACEMENTS = ("pre", "post", "none")
-# 20 steps with an eval every 10: enough for curves, seed bands and a test metric.
-TINY = ("train.steps=20", "train.eval_every=10", "train.log_every=10", "train.progress=false")
+# The suite's tiny config, 20 steps with an eval every 10: enough for curves, seed bands and a test metric.
+TINY = (*SUITE_TINY, "train.steps=20", "train.eval_every=10")
 ENV = {
     # One intra-op thread: these networks are too small to gain from torch's
     # thread pool, which on a small shared CPU costs several times its worth.
@@ -33,8 +33,9 @@ ENV = {
 }
 
 
-def bnexp(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return run_cli(list(args), cwd, timeout=180, env=ENV)
+def bnexp(*args: str, cwd: Path):
+    """``bnexp ARGS`` in this process (Ctrl-C tests start a real one with start_cli)."""
+    return run_inprocess(list(args), cwd, env=ENV)
 
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
@@ -54,11 +55,11 @@ def sweep(tmp_path_factory):
     return cwd / "sw", r
 
 
-def test_sweep_makes_one_run_dir_per_job_named_by_its_overrides_with_seed_last(sweep):
+@pytest.mark.slow
+def test_sweep_makes_one_run_dir_per_job_named_by_its_swept_values_with_seed_last(sweep):
     sweep_dir, r = sweep
     dirs = job_dirs(sweep_dir)
-    expected = {f"norm.placement={p},train.deterministic=True,train.device=cpu,train.eval_every=10,train.log_every=10,train.steps=20,seed={s}"
-                for p in PLACEMENTS for s in range(3)}
+    expected = {f"norm.placement={p},seed={s}" for p in PLACEMENTS for s in range(3)}  # the constant overrides: not in the names
     assert {d.name for d in dirs} == expected
     for d in dirs:
         record = json.loads((d / "metrics.json").read_text())
@@ -69,6 +70,7 @@ def test_sweep_makes_one_run_dir_per_job_named_by_its_overrides_with_seed_last(s
     assert "comparison (mean ± std over seeds)" in r.stdout
 
 
+@pytest.mark.slow
 def test_rerunning_a_sweep_into_the_same_sweep_dir_skips_every_completed_job(sweep):
     sweep_dir, _ = sweep
     before = {d.name: (d / "metrics.json").read_text() for d in job_dirs(sweep_dir)}
@@ -78,12 +80,13 @@ def test_rerunning_a_sweep_into_the_same_sweep_dir_skips_every_completed_job(swe
     assert {d.name: (d / "metrics.json").read_text() for d in job_dirs(sweep_dir)} == before
 
 
+@pytest.mark.slow
 def test_report_on_the_sweep_shows_three_placement_groups_of_three_seeds(sweep):
     sweep_dir, _ = sweep
     r = bnexp("report", str(sweep_dir), "--format", "json", cwd=sweep_dir.parent)
     assert r.returncode == 0, r.stderr
     groups = json.loads(r.stdout)["groups"]
-    assert [g["group"] for g in groups] == ["norm.placement=none", "norm.placement=post", "norm.placement=pre"]
+    assert [g["group"] for g in groups] == ["norm.placement=pre", "norm.placement=post", "norm.placement=none"]  # the sweep's order
     for g in groups:
         assert g["n"] == 3 and g["status"] == {"completed": 3}
         finals = [json.loads((Path(p) / "metrics.json").read_text())["final"]["val/acc"] for p in g["runs"]]
@@ -92,6 +95,7 @@ def test_report_on_the_sweep_shows_three_placement_groups_of_three_seeds(sweep):
         assert g["metrics"]["val/acc"]["std"] == pytest.approx(statistics.stdev(finals))
 
 
+@pytest.mark.slow
 def test_aggregate_runs_hold_the_seed_mean_and_mean_plus_minus_std_per_step(sweep):
     sweep_dir, _ = sweep
     assert sorted(p.name for p in (sweep_dir / "aggregate").iterdir()) == [f"norm.placement={p}" for p in sorted(PLACEMENTS)]
@@ -116,6 +120,7 @@ def _post(port: int, route: str, body: dict) -> dict:
     return json.loads(urllib.request.urlopen(req, timeout=10).read())
 
 
+@pytest.mark.slow  # a TensorBoard server in a subprocess
 def test_tensorboard_started_by_bnexp_tb_lists_every_run_in_its_hparams_plugin(sweep):
     sweep_dir, _ = sweep
     jobs = {d.name: json.loads((d / "metrics.json").read_text()) for d in job_dirs(sweep_dir)}
@@ -144,23 +149,25 @@ def test_tensorboard_started_by_bnexp_tb_lists_every_run_in_its_hparams_plugin(s
     # The sweep root's experiment config: every swept key with its values, and the metrics.
     infos = {h["name"]: h for h in experiment["hparamInfos"]}
     assert infos["norm.placement"]["domainDiscrete"] == ["none", "post", "pre"]
-    assert infos["seed"]["domainDiscrete"] == [0, 1, 2]
+    assert infos["seed"]["domainDiscrete"] == ["0", "1", "2"]
     assert {"val/acc", "val/loss", "test/acc", "test/loss", "train/loss"} <= {m["name"]["tag"] for m in experiment["metricInfos"]}
     # Every job is one session with its hparams, status and final metrics.
     sessions = {s["name"]: (g, s) for g in groups for s in g["sessions"]}
     assert set(sessions) == set(jobs)
+    assert all(g["name"] == g["sessions"][0]["name"] for g in groups)  # the Trial ID column: the job's dir name
     for name, (group, session) in sessions.items():
         assert session["status"] == "STATUS_SUCCESS"
         assert group["hparams"]["norm.placement"] == name.split(",")[0].removeprefix("norm.placement=")
         values = {m["name"]["tag"]: m["value"] for m in session["metricValues"]}
         assert values["val/acc"] == pytest.approx(jobs[name]["final"]["val/acc"])
         assert values["test/acc"] == pytest.approx(jobs[name]["final"]["test/acc"])
-    # No stray sub-run per job: the jobs, the seed bands and the sweep root ("."), nothing else.
-    assert set(runs) == set(jobs) | {f"aggregate/norm.placement={p}" for p in PLACEMENTS} | {"."}
+    # No stray run: the jobs and the seed bands, nothing else (no sub-run per job, no "." for the sweep's records).
+    assert set(runs) == set(jobs) | {f"aggregate/norm.placement={p}" for p in PLACEMENTS}
     charts = {c["title"]: c for cat in layout["category"] for c in cat["chart"] if "margin" in c}
-    assert charts["val/acc"]["margin"]["series"] == [{"value": "val/acc", "lower": "val/acc/mean-std", "upper": "val/acc/mean+std"}]
+    assert charts["val/acc"]["margin"]["series"] == [{"value": "val/acc/mean", "lower": "val/acc/mean-std", "upper": "val/acc/mean+std"}]
 
 
+@pytest.mark.slow
 def test_a_sweep_with_one_impossible_job_completes_the_others_reports_it_and_exits_1(tmp_path):
     # norm.groups=7 divides no hidden width (100): only the norm=group job is impossible.
     # Through the joblib launcher, so the jobs run in worker processes and the
@@ -168,20 +175,21 @@ def test_a_sweep_with_one_impossible_job_completes_the_others_reports_it_and_exi
     r = bnexp("sweep", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "norm=batch,group", "norm.groups=7", *TINY,
               "hydra.sweep.dir=sw", cwd=tmp_path)
     assert r.returncode == 1, r.stdout + r.stderr
-    records = {d.name.split(",")[1]: json.loads((d / "metrics.json").read_text()) for d in job_dirs(tmp_path / "sw")}
+    records = {d.name.split(",")[0]: json.loads((d / "metrics.json").read_text()) for d in job_dirs(tmp_path / "sw")}
     assert records["norm=batch"]["status"] == "completed"
     assert records["norm=group"]["status"] == "failed" and "norm.groups" in records["norm=group"]["error"]
     assert "2 jobs: 1 completed, 1 failed" in r.stdout
-    assert "does not divide hidden layer 0's width 100" in r.stdout
+    assert "does not divide hidden layer 0's width 16" in r.stdout
     # Event files are named events.out.tfevents.<time>.<host>.<pid>.<n>: the job
-    # ran in a worker process, the sweep root's records were written by the main one.
+    # ran in a worker process, the sweep's records (with its seed band) were written by the main one.
     pid = lambda event_file: event_file.name.split(".")[5]  # noqa: E731
-    (root,) = (tmp_path / "sw").glob("events.out.tfevents.*.bnexp-sweep")
+    (root,) = (tmp_path / "sw" / "aggregate").glob("*/events.out.tfevents.*")
     job_pids = {pid(f) for d in job_dirs(tmp_path / "sw") for f in d.glob("events.out.tfevents.*")}
     assert job_pids and pid(root) not in job_pids
     assert [p.name for p in (tmp_path / "sw" / "aggregate").iterdir()] == ["norm.kind=batch"]
 
 
+@pytest.mark.slow
 def test_optuna_sweeper_gets_val_acc_as_the_objective(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="extra `optuna` not installed")
     r = bnexp("sweep", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.direction=maximize",
@@ -192,6 +200,7 @@ def test_optuna_sweeper_gets_val_acc_as_the_objective(tmp_path):
     assert len(accs) == 2 and best == pytest.approx(max(accs))
 
 
+@pytest.mark.slow
 def test_reproduce_of_a_deterministic_cpu_run_gives_identical_metrics(sweep, tmp_path):
     orig = job_dirs(sweep[0])[0]
     r = bnexp("reproduce", str(orig), "--out", "again", cwd=tmp_path)
@@ -204,6 +213,7 @@ def test_reproduce_of_a_deterministic_cpu_run_gives_identical_metrics(sweep, tmp
     assert (tmp_path / "again" / ".hydra" / "config.yaml").read_text() == (orig / ".hydra" / "config.yaml").read_text()
 
 
+@pytest.mark.slow
 def test_reproduce_writes_next_to_runs_reproduce_by_default(sweep, tmp_path):
     orig = job_dirs(sweep[0])[0]
     r = bnexp("reproduce", str(orig), "train.steps=10", cwd=tmp_path)
@@ -214,6 +224,7 @@ def test_reproduce_writes_next_to_runs_reproduce_by_default(sweep, tmp_path):
     assert "differs" in r.stdout
 
 
+@pytest.mark.slow
 def test_reproduce_with_a_config_that_fails_at_setup_exits_2_and_leaves_no_directory(sweep, tmp_path):
     orig = job_dirs(sweep[0])[0]
     r = bnexp("reproduce", str(orig), "--out", "new/rp", "train.batch_size=100000", cwd=tmp_path)
@@ -221,6 +232,7 @@ def test_reproduce_with_a_config_that_fails_at_setup_exits_2_and_leaves_no_direc
     assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.slow
 def test_reproduce_logs_into_its_run_dir(sweep, tmp_path):
     orig = job_dirs(sweep[0])[0]
     r = bnexp("reproduce", str(orig), "--out", "rp", "train.steps=10", cwd=tmp_path)
@@ -235,6 +247,7 @@ def test_reproduce_of_a_directory_that_is_not_a_run_exits_2_with_one_line(tmp_pa
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_runs_lists_each_run_and_shows_a_running_run_without_heartbeat_as_dead(sweep, tmp_path):
     sweep_dir, _ = sweep
     src = job_dirs(sweep_dir)[0]
@@ -254,10 +267,11 @@ def test_runs_lists_each_run_and_shows_a_running_run_without_heartbeat_as_dead(s
 def test_a_bad_override_exits_2_with_the_allowed_values_and_leaves_no_sweep_directory(tmp_path):
     r = bnexp("sweep", "norm.placement=pre,bogus", *TINY, cwd=tmp_path)
     assert r.returncode == 2
-    assert r.stderr.strip() == "error: norm.placement: Invalid value 'bogus', expected one of [pre, post, none]"
+    assert r.stderr.strip() == "error: norm.placement: Invalid value 'bogus', expected one of [pre, post, none, preact]"
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_reproduce_accepts_a_run_made_with_an_added_key_but_rejects_unknown_overrides(tmp_path):
     made = bnexp("train", "+notes_extra=hello", "train.steps=10", "train.log_every=5", "train.eval_every=5",
                  "model.hidden=[8]", "train.progress=false", "hydra.run.dir=orig", cwd=tmp_path)
@@ -304,13 +318,14 @@ def _hparams_domains(sweep_dir: Path) -> dict[str, list]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import plugin_data_pb2
 
-    acc = EventAccumulator(str(sweep_dir))
+    acc = EventAccumulator(str(next((sweep_dir / "aggregate").iterdir())))  # every seed-band run holds it
     acc.Reload()
     data = plugin_data_pb2.HParamsPluginData()
     data.ParseFromString(acc.SummaryMetadata("_hparams_/experiment").plugin_data.content)
     return {h.name: [v.number_value or v.string_value for v in h.domain_discrete.values] for h in data.experiment.hparam_infos}
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_a_sweep_summarizes_the_jobs_that_ran_and_the_printed_command_continues_it(tmp_path):
     args = [*QUICK, "optim.lr=0.05,0.1,0.2", "hydra.sweep.dir=sw"]
     job = lambda lr: next((tmp_path / "sw").glob(f"*optim.lr={lr},*"), tmp_path / "none")  # noqa: E731
@@ -346,6 +361,7 @@ def test_ctrl_c_in_a_sweep_summarizes_the_jobs_that_ran_and_the_printed_command_
     assert _hparams_domains(tmp_path / "sw")["optim.lr"] == [0.05, 0.1, 0.2]
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_stops_a_sweep_at_once_without_the_summary(tmp_path):
     # Runs of an earlier sweep in the same directory: reading them makes the
     # summary take long enough to be interrupted in the middle of it.
@@ -354,7 +370,7 @@ def test_a_second_ctrl_c_stops_a_sweep_at_once_without_the_summary(tmp_path):
         (old / ".hydra").mkdir(parents=True)
         (old / ".hydra" / "config.yaml").write_text(f"seed: {i}\noptim:\n  lr: 0.3\n")
         (old / "metrics.json").write_text(json.dumps({"status": "completed", "steps": 1, "final": {"val/acc": 0.5}}))
-    run = tmp_path / "sw" / "data=synthetic,model.hidden=[16,16],train.eval_every=500,train.log_every=10,train.steps=2000,seed=0"
+    run = tmp_path / "sw" / "seed=0"  # nothing varies: the seed alone names the job
     proc = start_cli(["sweep", *QUICK, "hydra.sweep.dir=sw"], tmp_path, env=ENV)
     _wait_for(lambda: _in_loop(run), proc, "the job's first eval")
     proc.send_signal(signal.SIGINT)
@@ -370,6 +386,7 @@ def test_a_second_ctrl_c_stops_a_sweep_at_once_without_the_summary(tmp_path):
     assert err.strip().splitlines()[-1].endswith("hydra.sweep.dir=sw")
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_the_summary_of_a_finished_sweep_exits_130_and_says_how_to_get_it(tmp_path, monkeypatch):
     from tensorboard.plugins.hparams import summary_v2
 

@@ -1,4 +1,4 @@
-"""`bnexp train` end to end, through the real CLI in a subprocess."""
+"""`bnexp train` end to end, through the real CLI: in this process, and once as the console script in a subprocess."""
 
 import json
 from pathlib import Path
@@ -21,8 +21,9 @@ def scalars(run_dir: Path) -> EventAccumulator:
     return acc
 
 
+@pytest.mark.slow
 def test_short_run_writes_every_contract_tag(workdir):
-    result = run_cli(["train", *TINY, "model.activation=sigmoid"], workdir)
+    result = run_cli(["train", *TINY, "model.activation=sigmoid"], workdir)  # the console script, as a user runs it
     assert result.returncode == 0, result.stderr
     run_dir = only_run_dir(workdir)
     assert run_dir.parent.name == "default"
@@ -41,7 +42,7 @@ def test_short_run_writes_every_contract_tag(workdir):
 
 
 def test_metrics_json_records_status_results_and_env(workdir):
-    assert run_cli(["train", *TINY, "train.target_acc=0.05"], workdir).returncode == 0
+    assert run_inprocess(["train", *TINY, "train.target_acc=0.05"], workdir).returncode == 0
     m = json.loads((only_run_dir(workdir) / "metrics.json").read_text())
     assert m["status"] == "completed" and m["steps"] == 30
     assert 0 <= m["final"]["test/acc"] <= 1 and m["best"]["val/acc"] >= m["final"]["val/acc"]
@@ -51,15 +52,17 @@ def test_metrics_json_records_status_results_and_env(workdir):
     assert (only_run_dir(workdir) / ".hydra" / "config.yaml").exists()
 
 
+@pytest.mark.slow
 def test_hydra_run_dir_override_and_experiment_name_pick_the_directory(workdir):
-    assert run_cli(["train", *TINY, "hydra.run.dir=out/here"], workdir).returncode == 0
+    assert run_inprocess(["train", *TINY, "hydra.run.dir=out/here"], workdir).returncode == 0
     assert (workdir / "out/here/metrics.json").exists()
-    assert run_cli(["train", *TINY, "name=mine"], workdir).returncode == 0
+    assert run_inprocess(["train", *TINY, "name=mine"], workdir).returncode == 0
     assert len(list(workdir.glob("runs/mine/*/metrics.json"))) == 1
 
 
+@pytest.mark.slow
 def test_drug_trial_tutorial_command_trains(workdir):
-    result = run_cli(["train", "data=drug_trial", "model.hidden=[16,32]", "norm.placement=post", "norm.layers=[1]",
+    result = run_inprocess(["train", "data=drug_trial", "model.hidden=[16,32]", "norm.placement=post", "norm.layers=[1]",
                       "optim=adam", "optim.lr=1e-3", "train.batch_size=10", "train.epochs=2", "data.preprocess=minmax",
                       "train.progress=false"], workdir)
     assert result.returncode == 0, result.stderr
@@ -83,6 +86,7 @@ def test_drug_trial_tutorial_command_trains(workdir):
     ("train.device=tpu", "train.device"),
     ("train.batch_size=100000", "train.batch_size"),
 ])
+@pytest.mark.slow
 def test_invalid_config_exits_2_with_one_line_and_no_run_dir(workdir, bad, key):
     (workdir / "keep.txt").write_text("precious")
     before = snapshot(workdir)
@@ -95,16 +99,17 @@ def test_invalid_config_exits_2_with_one_line_and_no_run_dir(workdir, bad, key):
 
 def test_missing_data_files_exit_2_naming_folder_and_files(workdir):
     (workdir / "empty").mkdir()
-    result = run_cli(["train", "data=mnist", "data.root=empty"], workdir)
+    result = run_inprocess(["train", "data=mnist", "data.root=empty"], workdir)
     assert result.returncode == 2
     assert "empty" in result.stderr and "train-images-idx3-ubyte.gz" in result.stderr and "data.download=true" in result.stderr
     assert not (workdir / "runs").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dataset, folder, floor", [("mnist", "mnist", 0.85), ("fashion_mnist", "fashion-mnist", 0.7)])
 def test_real_idx_files_reach_well_above_chance_in_a_few_hundred_steps(workdir, dataset, folder, floor):
     root = mnist_root(folder)
-    result = run_cli(["train", f"data={dataset}", f"data.root={root}", "train.steps=300", "train.eval_every=300",
+    result = run_inprocess(["train", f"data={dataset}", f"data.root={root}", "train.steps=300", "train.eval_every=300",
                       "train.progress=false"], workdir)
     assert result.returncode == 0, result.stderr
     m = json.loads((only_run_dir(workdir) / "metrics.json").read_text())
@@ -112,6 +117,6 @@ def test_real_idx_files_reach_well_above_chance_in_a_few_hundred_steps(workdir, 
 
 
 def test_show_prints_composed_config_and_group_options(workdir):
-    result = run_cli(["show", "norm=group"], workdir)
+    result = run_inprocess(["show", "norm=group"], workdir)
     assert result.returncode == 0
     assert "kind: group" in result.stdout and "norm: batch, batch_renorm, ghost_batch, group, layer" in result.stdout

@@ -4,7 +4,8 @@ activation is decided in one place, :func:`hidden_block`.
 Module names are stable and reused by TensorBoard tags: hidden block ``i`` is
 ``hidden{i}`` with children ``linear``/``conv``, ``norm``, ``act`` (and ``pool``),
 and the classifier is ``output``. So ``grad_norm/hidden1.linear`` and
-``act/hidden1/p50`` always mean the same layer.
+``act/hidden1/p50`` always mean the same layer. The image families (ResNet,
+VGG: :class:`StagedNet`) name stages and blocks instead: ``stage1.block0.conv1``.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from collections import OrderedDict
 from typing import Any
 
 import torch
-from omegaconf import ListConfig
+from omegaconf import DictConfig, ListConfig
 from torch import nn
 
-from bnexp.config import Activation, ConfigError, Init, ModelConfig, NormConfig, NormKind, Placement
+from bnexp.config import Activation, ConfigError, DataName, Init, ModelConfig, NormConfig, NormKind, Placement, example_shape
 from bnexp.norms import is_centered
 
 ACTIVATIONS = {
@@ -41,14 +42,17 @@ def hidden_block(layer_name: str, layer: nn.Module, norm: nn.Module | None, act:
     pre:  layer -> norm -> act   (Ioffe & Szegedy 2015: normalize x = Wu, the nonlinearity's input)
     post: layer -> act -> norm   (normalize the activation's output, the next layer's input)
     none: layer -> act
+    (preact is a residual block's order: bnexp/models/resnet.py; plain families refuse it, see check_plain_norm.)
     """
     parts: list[tuple[str, nn.Module]] = [(layer_name, layer)]
     if norm is None or placement == Placement.none:
         parts.append(("act", act))
     elif placement == Placement.pre:
         parts += [("norm", norm), ("act", act)]
-    else:
+    elif placement == Placement.post:
         parts += [("act", act), ("norm", norm)]
+    else:
+        raise ValueError(f"a plain block has no {placement.value} placement")
     return nn.Sequential(OrderedDict(parts))
 
 
@@ -84,6 +88,35 @@ class Net(nn.Module):
         x = self.stem(x)
         for block in self._blocks:
             x = block(x)
+        return self.output(self.head(x))
+
+
+class StagedNet(nn.Module):
+    """The image families' layout (ResNet, VGG): ``stem`` (if any), ``stage1..stageS``,
+    ``final`` (if any), ``head`` (global pool + flatten), ``output``. Their
+    nonlinearities are the children named ``act``, ``act1``, ``act2``, ..., and
+    ``act/*`` tags name them by module path (``stage1.block0.act1``)."""
+
+    def __init__(self, stem: nn.Module | None, stages: list[nn.Module], final: nn.Module | None, output: nn.Module):
+        super().__init__()
+        if stem is not None:
+            self.stem = stem
+        for i, stage in enumerate(stages, start=1):
+            self.add_module(f"stage{i}", stage)
+        if final is not None:
+            self.final = final
+        self.head = nn.Sequential(OrderedDict([("pool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten())]))
+        self.output = output
+        # The same modules as a plain tuple (registered above): forward iterates it without attribute lookups.
+        self._body = tuple(m for m in (stem, *stages, final) if m is not None)
+
+    def activations(self) -> dict[str, nn.Module]:
+        """Module path -> nonlinearity, whose input ``act/*`` tracks."""
+        return {name: m for name, m in self.named_modules() if name.rsplit(".", 1)[-1].rstrip("0123456789") == "act"}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for part in self._body:
+            x = part(x)
         return self.output(self.head(x))
 
 
@@ -153,3 +186,26 @@ def check_groups_divide(norm_cfg: NormConfig, normalized_widths: dict[str, int])
     for name, width in normalized_widths.items():
         if width % norm_cfg.groups:
             raise ConfigError("norm.groups", f"{norm_cfg.groups} does not divide {name}'s width {width}; allowed: a divisor of every normalized width")
+
+
+def check_plain_norm(cfg: DictConfig) -> None:
+    """A family without residual blocks has no pre-activation order and no residual branch to zero."""
+    kind = cfg.model.kind
+    if Placement(cfg.norm.placement) == Placement.preact:
+        raise ConfigError("norm.placement", f"preact (norm -> act -> layer) orders residual blocks, and model={kind} has none; "
+                                            "allowed: pre, post, none (or model=resnet)")
+    if cfg.norm.zero_init_residual:
+        raise ConfigError("norm.zero_init_residual", f"model={kind} has no residual blocks; allowed: false (or model=resnet)")
+
+
+def check_images(cfg: DictConfig) -> None:
+    """Families built for [C,H,W] images refuse other data at validation, before any file is read."""
+    shape = example_shape(cfg.data)
+    if len(shape) != 3:
+        raise ConfigError("model.kind", f"model={cfg.model.kind} needs images [C,H,W], and data={DataName(cfg.data.name).value} gives examples "
+                                        f"of shape {list(shape)}; allowed data: mnist, fashion_mnist, cifar10, or synthetic with a 3-D data.shape")
+
+
+def scaled(channels: int, width: float) -> int:
+    """A width multiplier applied to a channel count (at least one channel)."""
+    return max(1, int(round(channels * width)))

@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from bnexp.config import ConfigError, ModelConfig, NormConfig, Placement
-from bnexp.models.blocks import Net, activation, check_groups_divide, check_widths, hidden_block, init_weights, needs_bias, normed_indices
+from bnexp.models.blocks import Net, activation, check_groups_divide, check_plain_norm, check_widths, hidden_block, init_weights, needs_bias, normed_indices
 from bnexp.models.registry import register
 from bnexp.norms import make_norm
 
@@ -55,6 +55,7 @@ def build(cfg: CNNConfig, norm_cfg: NormConfig, input_shape: tuple[int, ...], nu
 
 
 def check(cfg: DictConfig) -> None:
+    check_plain_norm(cfg)
     check_widths("model.hidden", cfg.model.hidden)
     if cfg.model.kernel_size <= 0:
         raise ConfigError("model.kernel_size", f"got {cfg.model.kernel_size}; allowed: a positive size")

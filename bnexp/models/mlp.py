@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from bnexp.config import ModelConfig, NormConfig, Placement
-from bnexp.models.blocks import Net, activation, check_groups_divide, check_widths, hidden_block, init_weights, needs_bias, normed_indices
+from bnexp.models.blocks import Net, activation, check_groups_divide, check_plain_norm, check_widths, hidden_block, init_weights, needs_bias, normed_indices
 from bnexp.models.registry import register
 from bnexp.norms import make_norm
 
@@ -35,6 +35,7 @@ def build(cfg: MLPConfig, norm_cfg: NormConfig, input_shape: tuple[int, ...], nu
 
 
 def check(cfg: DictConfig) -> None:
+    check_plain_norm(cfg)
     check_widths("model.hidden", cfg.model.hidden)
     normed = normed_indices(cfg.norm, len(cfg.model.hidden))
     check_groups_divide(cfg.norm, {f"hidden layer {i}": cfg.model.hidden[i] for i in normed})

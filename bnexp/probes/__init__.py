@@ -6,8 +6,8 @@ runs every ``every`` steps (and at the last step), and when called with a
 batch, the optimizer, the loss function, the step) returns ``{tag: 0-d tensor}``
 still on the device; the loop copies every value of a step to the host at once.
 
-The loop calls :meth:`ProbeSet.due` once per logging/eval step: the one call
-site. A probe that perturbs the model (a trial step along the gradient, a
+The loop calls :meth:`ProbeSet.due` at every step where anything is reported
+(a logging, eval or probe step): the one call site. A probe that perturbs the model (a trial step along the gradient, a
 Hessian-vector product, a forward pass in train mode) declares
 ``read_only = False`` and runs inside :func:`preserved`, which gives back
 parameters, buffers (BN running statistics, num_batches_tracked), gradients,
