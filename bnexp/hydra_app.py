@@ -290,7 +290,7 @@ def execute_replicas(jobs: list[tuple[DictConfig, Path, list[str]]]) -> list[dic
                     continue
                 results[i] = _not_trained(decision, run_dir, overrides)
                 if results[i] is None:
-                    pending.append((i, ReplicaJob(cfg, run_dir, decision.action == Action.resume, {"overrides": overrides})))
+                    pending.append((i, ReplicaJob(cfg, run_dir, decision.action == Action.resume, {"overrides": overrides}, decision.record)))
         if pending:
             try:
                 trained: list[Any] = train_replicas([job for _, job in pending])

@@ -35,10 +35,11 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from bnexp.config import Amp, ConfigError, OptimName, flatten, plain
+from bnexp.augment import NoAugment
+from bnexp.config import Amp, ConfigError, OptimName, flatten, launch_world_size, plain
 from bnexp.models.stacked import StackedNet
 from bnexp.rundir import RunInterrupted, run_lock
-from bnexp.runtime import clock, frozen_gc, stop_on_signal
+from bnexp.runtime import clock, frozen_gc, recorded_threads, set_threads, stop_on_signal
 from bnexp.step import WINDOW_LOGITS, LogWindow, TrainStep
 from bnexp.train import Run, end, finish, report, save, setup, window_clock
 
@@ -67,14 +68,17 @@ STACKED_FAMILIES = ("mlp", "cnn")
 
 def stack_key(cfg: DictConfig) -> str | None:
     """What a job's config must share with another's to be stacked with it: all
-    of it but ``seed`` and SCALAR_KEYS. None: it trains alone (another family,
-    fp16, whose GradScaler would skip a step for every replica at once, or a
-    config that does not even resolve, whose job then says why)."""
+    of it but ``seed`` and SCALAR_KEYS. None: it trains alone (another family;
+    fp16, whose GradScaler would skip a step for every replica at once;
+    synchronized norms (norm.sync), which the stacked model does not fold, and a
+    data-parallel process (torchrun), whose ranks share one run; or a config
+    that does not even resolve, whose job then says why)."""
     try:
         flat = flatten(plain(cfg))
     except Exception:  # noqa: BLE001
         return None
-    if flat.get("model.kind") not in STACKED_FAMILIES or flat.get("train.amp") == Amp.fp16.value:
+    if (flat.get("model.kind") not in STACKED_FAMILIES or flat.get("train.amp") == Amp.fp16.value or flat.get("norm.sync")
+            or launch_world_size() > 1):
         return None
     for key in ("seed", *SCALAR_KEYS):
         flat.pop(key, None)
@@ -104,6 +108,7 @@ class ReplicaJob:
     run_dir: Path
     resume: bool = False
     extra_record: dict[str, Any] | None = None
+    record: dict[str, Any] | None = None  # the run dir's metrics.json when resuming (its recorded thread count)
 
 
 class ReplicasInterrupted(RunInterrupted):
@@ -389,8 +394,11 @@ def train_replicas(jobs: list[ReplicaJob]) -> list[dict[str, Any] | ConfigError]
                 except ConfigError as e:
                     out[i] = e
         for stack in _stacks(runs):
-            for (i, run), record in zip(stack, _train_stack([run for _, run in stack])):
-                out[i] = record
+            # A resumed stack keeps the thread count it was trained with, as a resumed run does.
+            recorded = next((jobs[i].record for i, _ in stack if jobs[i].resume and jobs[i].record), None)
+            with recorded_threads(stack[0][1].cfg, recorded):
+                for (i, run), record in zip(stack, _train_stack([run for _, run in stack])):
+                    out[i] = record
     return out
 
 
@@ -413,7 +421,12 @@ def _train_stack(runs: list[Run]) -> list[dict[str, Any]]:
     stopped = False
     try:
         stack = Stack(runs)
+        # train.threads for the stack's step, R replicas' work in one process (auto:
+        # the rule sees R times a replica's FLOPs); each replica records the count.
+        threads = set_threads(first.cfg.train.threads, first.model, first.data.x_train[:1], R * first.cfg.train.batch_size, first.device)
+        augmenting = not isinstance(first.augment, NoAugment)
         for run in runs:
+            run.tracker.record.data["env"]["threads"] = threads
             run.tracker.record.write(status="running")
         first.tracker.console.start(first.state.step)
         if first.tracker.console.progress is not None:  # in a terminal: one bar for the stack; else each replica logs its evals
@@ -427,6 +440,8 @@ def _train_stack(runs: list[Run]) -> list[dict[str, Any]]:
             for step in range(first.state.step + 1, first.total + 1):
                 idx = torch.stack([run.sampler.next() for run in runs])
                 x, y = data.x_train[idx], data.y_train[idx]
+                if augmenting:  # each replica's own crops and flips, from its own generator (data.augment)
+                    x = torch.stack([run.augment(xr) for run, xr in zip(runs, x)])
                 losses, logits = stack.train_step.step(x, y)
                 stack.window.add(step, losses, logits, y)
                 if first.schedule.changes:

@@ -124,6 +124,9 @@ def test_cnn_replicas_with_grouped_convolutions_train_like_their_standalone_runs
     [*CNN, "norm=group", "norm.groups=2"],
     ["norm.layers=[1]", "norm.center=false"],
     ["norm.scale=false", "norm.track_running_stats=false"],
+    ["norm.running_var=biased"],
+    # Each replica's own crops and flips (data.augment), from its own generator.
+    [*CNN, "norm=ghost_batch", "norm.virtual_batch_size=8", "norm.running_var=biased", "data.augment=crop_flip"],
 ], ids=lambda case: " ".join(case).replace("model=cnn model.hidden=[8,8] data.shape=[3,8,8] model.activation=tanh", "cnn"))
 def test_every_norm_kind_placement_and_family_trains_each_replica_like_its_standalone_run(tmp_path, case):
     train_both(tmp_path, configs(case))
@@ -174,7 +177,8 @@ def test_stacks_group_jobs_that_differ_only_in_seed_and_shape_free_scalars():
     assert stacks_of([cfgs[0], None, cfgs[1]], 16) == [[0, 2], [1]]  # None: a job that must run alone (hydra.job.chdir)
 
 
-def test_a_replicas_checkpoint_is_standalone_and_bnexp_resume_continues_it_to_its_standalone_result(tmp_path, register_probe):
+def test_a_replicas_checkpoint_is_standalone_and_bnexp_resume_or_a_resumed_stack_continues_it_to_its_standalone_result(
+        tmp_path, register_probe):
     from bnexp.rerun import resume
 
     class CtrlC:  # the first replica's report at step 20 sends one SIGINT, as a Ctrl-C would
@@ -187,7 +191,8 @@ def test_a_replicas_checkpoint_is_standalone_and_bnexp_resume_continues_it_to_it
 
     probe = CtrlC()
     register_probe("ctrl_c", lambda setup, cfg: probe)
-    cfgs = configs(["train.steps=40"], [[f"optim.lr={lr}"] for lr in (0.05, 0.1, 0.2, 0.4)])
+    # Batch renorm: its running_std (Ioffe 2017, Algorithm 1) must come back from the checkpoint into the stack.
+    cfgs = configs(["train.steps=40", "norm=batch_renorm"], [[f"optim.lr={lr}"] for lr in (0.05, 0.1, 0.2, 0.4)])
     with pytest.raises(ReplicasInterrupted) as stopped:
         quietly(train_replicas, [ReplicaJob(cfg, tmp_path / f"replica{r}") for r, cfg in enumerate(cfgs)])
     assert stopped.value.step == 20 and stopped.value.resumable
@@ -203,8 +208,10 @@ def test_a_replicas_checkpoint_is_standalone_and_bnexp_resume_continues_it_to_it
     for r, cfg in enumerate(cfgs):  # what Hydra writes into a sweep job's run dir, which bnexp resume reads
         (tmp_path / f"replica{r}" / ".hydra").mkdir()
         OmegaConf.save(cfg, tmp_path / f"replica{r}" / ".hydra" / "config.yaml")
-    for r in range(R):
+    for r in range(2):  # two alone, by bnexp resume
         assert quietly(resume, tmp_path / f"replica{r}")["steps"] == 40
+    records = quietly(train_replicas, [ReplicaJob(cfgs[r], tmp_path / f"replica{r}", resume=True) for r in range(2, R)])
+    assert [(rec["resumed_from"], rec["steps"], rec["replica"]) for rec in records] == [(20, 40, {"index": i, "of": 2}) for i in range(2)]
     assert_trains_like_standalone(tmp_path)
 
 

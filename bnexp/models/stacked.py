@@ -46,6 +46,8 @@ from bnexp.models.blocks import ACTIVATIONS, Net
 _ELEMENTWISE = tuple(set(ACTIVATIONS.values()))
 _PER_CHANNEL = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
 _PER_EXAMPLE = (nn.Identity, nn.Flatten, nn.Unflatten)
+# torch's batch norm, with running_var per norm.running_var.
+_BATCH_NORMS = (norms.BatchNorm1d, norms.BatchNorm2d, norms.BiasedBatchNorm1d, norms.BiasedBatchNorm2d)
 
 
 class NotStackable(ValueError):
@@ -95,11 +97,11 @@ def _folded_norm(parts: list[nn.Module]) -> nn.Module:
         folded: nn.Module = norms.GroupNorm(n, n * t.normalized_shape[0], eps=t.eps)
     elif isinstance(t, norms.GroupNorm):
         folded = norms.GroupNorm(n * t.num_groups, n * t.num_channels, eps=t.eps)
-    elif isinstance(t, (norms.BatchNorm1d, norms.BatchNorm2d)):
+    elif isinstance(t, _BATCH_NORMS):  # the biased ones too: their n/(n-1) is over one channel's values, as alone
         folded = type(t)(n * t.num_features, eps=t.eps, momentum=t.momentum, track_running_stats=t.track_running_stats)
     elif isinstance(t, norms.GhostBatchNorm):
         folded = norms.GhostBatchNorm(n * t.num_features, t.virtual_batch_size, eps=t.eps, momentum=t.momentum,
-                                      track_running_stats=t.track_running_stats)
+                                      track_running_stats=t.track_running_stats, unbiased=t.unbiased)
     elif isinstance(t, norms.BatchRenorm):
         folded = norms.BatchRenorm(n * t.num_features, rmax=t.rmax, dmax=t.dmax, eps=t.eps, momentum=t.momentum,
                                    track_running_stats=t.track_running_stats)
@@ -111,12 +113,17 @@ def _folded_norm(parts: list[nn.Module]) -> nn.Module:
             folded.register_parameter(name, None)
         else:
             folded.register_parameter(name, nn.Parameter(_leaf([getattr(m, name) for m in parts], p.requires_grad, cat=True)))
-    for name in ("running_mean", "running_var"):
-        if getattr(t, name, None) is not None:
-            with torch.no_grad():
-                getattr(folded, name).copy_(torch.cat([getattr(m, name) for m in parts]))
-    if getattr(t, "num_batches_tracked", None) is not None:
-        folded.num_batches_tracked.copy_(t.num_batches_tracked)
+    # Every buffer the standalone layer has (running_mean and running_var, or
+    # batch renorm's running_std), so a resumed replica keeps its restored statistics.
+    own = dict(t.named_buffers())
+    if own.keys() != dict(folded.named_buffers()).keys():
+        raise NotStackable(f"norm layer {type(t).__name__}: buffers {sorted(own)}")
+    with torch.no_grad():
+        for name, buf in folded.named_buffers():
+            if name == "num_batches_tracked":  # one count: the replicas of a stack are at the same step
+                buf.copy_(own[name])
+            else:
+                buf.copy_(torch.cat([getattr(m, name) for m in parts]))
     return folded
 
 
@@ -164,7 +171,7 @@ class StackedNet(nn.Module):
         elif isinstance(t, norms.NORM_TYPES):
             # Batch statistics per channel over the batch (and length): in [R, C, B] too,
             # as [1, R*C, B]; the others need examples in dim 0.
-            per_channel = isinstance(t, (norms.BatchNorm1d, norms.BatchRenorm))
+            per_channel = isinstance(t, (norms.BatchNorm1d, norms.BiasedBatchNorm1d, norms.BatchRenorm))
             self.plan.append(("rcb|folded" if per_channel else "folded", ("norm", self._norm_ranges(name, mods))))
         elif isinstance(t, _ELEMENTWISE):
             self.plan.append(("any", ("module", t)))
