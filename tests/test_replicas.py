@@ -163,18 +163,23 @@ def test_a_diverging_replica_is_marked_diverged_at_its_own_step_and_the_others_t
     assert_trains_like_standalone(tmp_path, replicas=(0, 2, 3))
 
 
-def test_stacks_group_jobs_that_differ_only_in_seed_and_shape_free_scalars():
+def test_stacks_group_jobs_that_differ_only_in_seed_and_shape_free_scalars(monkeypatch):
     base = ["data=synthetic", "train.device=cpu"]
     jobs = [
         [*base, "seed=0"], [*base, "seed=1", "optim.lr=0.3"], [*base, "norm.placement=none"],  # 0, 1 | 2
         [*base, "seed=2", "norm.momentum=0.5", "norm.eps=1e-3", "model.init_std=0.1", "optim.weight_decay=0.1", "optim.momentum=0"],
         [*base, "model=cnn"], [*base, "model=cnn", "seed=1"], [*base, "train.amp=bf16"], [*base, "train.steps=7"],
         [*base, "seed=3"], [*base, "seed=4"],
+        # What the stacked model does not fold (families other than mlp and cnn, synchronized norms) runs alone: 10 | 11 | 12 | 13
+        *([*base, "model=resnet", f"seed={s}"] for s in (0, 1)), *([*base, "norm.sync=true", f"seed={s}"] for s in (0, 1)),
     ]
     cfgs = [compose(j) for j in jobs]
-    assert stacks_of(cfgs, 16) == [[0, 1, 3, 8, 9], [2], [4, 5], [6], [7]]
-    assert stacks_of(cfgs, 2) == [[0, 1], [3, 8], [9], [2], [4, 5], [6], [7]]
+    alone = [[i] for i in range(10, 14)]
+    assert stacks_of(cfgs, 16) == [[0, 1, 3, 8, 9], [2], [4, 5], [6], [7], *alone]
+    assert stacks_of(cfgs, 2) == [[0, 1], [3, 8], [9], [2], [4, 5], [6], [7], *alone]
     assert stacks_of([cfgs[0], None, cfgs[1]], 16) == [[0, 2], [1]]  # None: a job that must run alone (hydra.job.chdir)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # a process of a data-parallel run (torchrun): its ranks share each job
+    assert stacks_of(cfgs[:2], 16) == [[0], [1]]
 
 
 def test_a_replicas_checkpoint_is_standalone_and_bnexp_resume_or_a_resumed_stack_continues_it_to_its_standalone_result(
