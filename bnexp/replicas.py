@@ -66,19 +66,35 @@ SCALAR_KEYS = ("optim.lr", "optim.momentum", "optim.weight_decay", "norm.momentu
 STACKED_FAMILIES = ("mlp", "cnn")
 
 
+def alone_reason(cfg: DictConfig) -> str | None:
+    """Why a job cannot be a replica of a stack, in a few words (None: it can)."""
+    try:
+        flat = flatten(plain(cfg))
+    except Exception:  # noqa: BLE001
+        return "its config does not resolve"  # its job then says why
+    return _alone_reason(flat)
+
+
+def _alone_reason(flat: dict[str, Any]) -> str | None:
+    if flat.get("model.kind") not in STACKED_FAMILIES:
+        return f"model={flat.get('model.kind')}: the stacked model folds {' and '.join(STACKED_FAMILIES)} networks only"
+    if flat.get("train.amp") == Amp.fp16.value:  # its GradScaler would skip a step for every replica at once
+        return "train.amp=fp16: one grad scaler would skip a step for every replica when one overflows"
+    if flat.get("norm.sync"):
+        return "norm.sync=true: the stacked model does not fold synchronized norms"
+    if launch_world_size() > 1:
+        return "under torchrun: the ranks of a data-parallel run share each job"
+    return None
+
+
 def stack_key(cfg: DictConfig) -> str | None:
     """What a job's config must share with another's to be stacked with it: all
-    of it but ``seed`` and SCALAR_KEYS. None: it trains alone (another family;
-    fp16, whose GradScaler would skip a step for every replica at once;
-    synchronized norms (norm.sync), which the stacked model does not fold, and a
-    data-parallel process (torchrun), whose ranks share one run; or a config
-    that does not even resolve, whose job then says why)."""
+    of it but ``seed`` and SCALAR_KEYS. None: it trains alone (:func:`alone_reason`)."""
     try:
         flat = flatten(plain(cfg))
     except Exception:  # noqa: BLE001
         return None
-    if (flat.get("model.kind") not in STACKED_FAMILIES or flat.get("train.amp") == Amp.fp16.value or flat.get("norm.sync")
-            or launch_world_size() > 1):
+    if _alone_reason(flat) is not None:
         return None
     for key in ("seed", *SCALAR_KEYS):
         flat.pop(key, None)

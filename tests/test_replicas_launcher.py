@@ -107,6 +107,7 @@ def test_a_mixed_sweep_stacks_what_it_can_runs_the_rest_alone_and_a_stack_picks_
               "hydra.sweep.dir=sw", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "Launching 6 jobs: 1 stack of replicas (2), 4 alone" in r.stdout and "6 jobs: 6 completed" in r.stdout
+    assert "3 jobs one by one, as the basic launcher runs them (norm.sync=true: the stacked model does not fold synchronized norms)" in r.stdout
     dirs = job_dirs(tmp_path / "sw")
     replicas = {(record(d)["overrides"][1].lower(), record(d)["overrides"][0]): record(d).get("replica") for d in dirs}
     assert replicas == {("norm.sync=false", "seed=0"): {"index": 0, "of": 2}, ("norm.sync=false", "seed=1"): {"index": 1, "of": 2},

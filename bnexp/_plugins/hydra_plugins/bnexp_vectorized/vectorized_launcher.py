@@ -59,7 +59,7 @@ class VectorizedLauncher(Launcher):
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from bnexp.replicas import stacks_of
+        from bnexp.replicas import alone_reason, stacks_of
 
         setup_globals()
         assert self.config is not None and self.hydra_context is not None and self.task_function is not None
@@ -77,6 +77,13 @@ class VectorizedLauncher(Launcher):
         sizes = sorted((len(s) for s in stacks if len(s) > 1), reverse=True)
         stacked = f"{len(sizes)} stack{'' if len(sizes) == 1 else 's'} of replicas ({', '.join(map(str, sizes))})" if sizes else "no stack of replicas"
         log.info(f"Launching {len(configs)} jobs: {stacked}, {sum(len(s) == 1 for s in stacks)} alone")
+        reasons: dict[str, int] = {}
+        for c in configs:
+            why = None if c.hydra.job.chdir else alone_reason(_task_cfg(c))
+            if why is not None:
+                reasons[why] = reasons.get(why, 0) + 1
+        for why, n in reasons.items():
+            log.info(f"{n} job{'' if n == 1 else 's'} one by one, as the basic launcher runs them ({why})")
         returns: list[JobReturn | None] = [None] * len(configs)
         for stack in stacks:
             for i in stack:
