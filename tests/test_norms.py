@@ -5,6 +5,7 @@ from torch import nn
 
 from bnexp.config import NormConfig
 from bnexp.norms import BatchRenorm, GhostBatchNorm, make_norm
+from bnexp.schema import compose
 
 
 def norm_of(kind, width=8, spatial=0, **options):
