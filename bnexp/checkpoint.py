@@ -9,6 +9,7 @@ checkpoint holds tensors and plain containers, never code.
 
 from __future__ import annotations
 
+import copy
 import random
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -72,8 +73,23 @@ def set_rng_state(s: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
+def _compact(obj: Any) -> Any:
+    """``obj`` with every tensor that views part of a larger storage copied out:
+    torch.save writes a view's whole storage, so a replica's slice of a stacked
+    model (bnexp.replicas) would otherwise carry every replica into its checkpoint."""
+    if isinstance(obj, torch.Tensor):
+        return obj.clone() if obj.untyped_storage().nbytes() > obj.numel() * obj.element_size() else obj
+    if isinstance(obj, dict):
+        out = copy.copy(obj)  # keeps the type and attributes (a module state_dict's _metadata)
+        out.update((k, _compact(v)) for k, v in obj.items())
+        return out
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_compact(v) for v in obj)
+    return obj
+
+
 def save(path: Path, parts: dict[str, Stateful], state: LoopState, final: dict[str, float], best: dict[str, float]) -> None:
-    ckpt = {"format": FORMAT, **{k: parts[k].state_dict() for k in (*PARTS, *LATER_PARTS)}, "rng": rng_state(),
+    ckpt = {"format": FORMAT, **{k: _compact(parts[k].state_dict()) for k in (*PARTS, *LATER_PARTS)}, "rng": rng_state(),
             "state": asdict(state), "final": dict(final), "best": dict(best)}
     atomic_write(path, lambda f: torch.save(ckpt, f), mode="wb")
 

@@ -15,6 +15,7 @@ same way; a job that fails is recorded and the sweep goes on.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -33,8 +34,8 @@ from bnexp import distributed
 from bnexp.config import ConfigError, config_dir
 from bnexp.io import NoSpace, write_json
 from bnexp.rundir import (
-    LOCK_FILE, METRICS, Action, RunDirGuard, RunInterrupted, RunLocked, acquire_run_lock, is_finished, before_writing, policy,
-    read_record, release_run_lock, run_lock,
+    LOCK_FILE, METRICS, Action, Decision, RunDirGuard, RunInterrupted, RunLocked, acquire_run_lock, is_finished, before_writing,
+    policy, read_record, release_run_lock, run_lock,
 )
 from bnexp.runtime import PREEMPT_SIGNAL, recorded_threads
 from bnexp.schema import register_configs, register_resolvers, validate
@@ -207,22 +208,36 @@ def _execute(cfg: DictConfig, run_dir: Path, multirun: bool, overrides: list[str
         return _skipped(run_dir, read_record(run_dir) or {}, str(e))
 
 
+def _decide(cfg: DictConfig, run_dir: Path, multirun: bool) -> Decision:
+    """Under the run dir's lock: the config checked, and what policy() says to do."""
+    validate(cfg)
+    decision = policy(cfg, run_dir)
+    if decision.action == Action.refuse and not multirun:
+        raise ConfigError("hydra.run.dir", decision.reason)
+    return decision
+
+
+def _not_trained(decision: Decision, run_dir: Path, overrides: list[str]) -> dict[str, Any] | None:
+    """The result of a sweep's job that policy() says not to train (None: train or resume it)."""
+    if decision.action == Action.skip:  # finished by another process since execute() looked
+        return _skipped(run_dir, decision.record or {}, decision.reason)
+    if decision.action != Action.refuse:
+        return None
+    if decision.live:  # live elsewhere: leave it to that process, touch nothing
+        return _skipped(run_dir, decision.record or {}, decision.reason)
+    log.error("not run: %s", decision.reason)  # someone else's run lives here: report, touch nothing
+    return {"status": "failed", "error": decision.reason, "steps": 0, "final": {}, "best": {}, "overrides": overrides, "run_dir": str(run_dir)}
+
+
 def _execute_locked(cfg: DictConfig, run_dir: Path, multirun: bool, overrides: list[str]) -> dict[str, Any]:
     # Here, not at the top: a config refused before this point is said without loading TensorBoard.
     from bnexp.train import train
 
     try:
-        validate(cfg)
-        decision = policy(cfg, run_dir)
-        if decision.action == Action.skip:  # finished by another process since execute() looked
-            return _skipped(run_dir, decision.record or {}, decision.reason)
-        if decision.action == Action.refuse:
-            if not multirun:
-                raise ConfigError("hydra.run.dir", decision.reason)
-            if decision.live:  # live elsewhere: leave it to that process, touch nothing
-                return _skipped(run_dir, decision.record or {}, decision.reason)
-            log.error("not run: %s", decision.reason)  # someone else's run lives here: report, touch nothing
-            return {"status": "failed", "error": decision.reason, "steps": 0, "final": {}, "best": {}, "overrides": overrides, "run_dir": str(run_dir)}
+        decision = _decide(cfg, run_dir, multirun)
+        result = _not_trained(decision, run_dir, overrides)
+        if result is not None:
+            return result
         # A resumed job keeps the thread count it was trained with (results depend on it).
         with recorded_threads(cfg, decision.record if decision.action == Action.resume else None):
             result = train(cfg, run_dir, resume=decision.action == Action.resume, extra_record={"overrides": overrides}, summary=not multirun)
@@ -243,6 +258,55 @@ def _execute_locked(cfg: DictConfig, run_dir: Path, multirun: bool, overrides: l
         if not multirun:
             raise RunFailed(result["error"], run_dir) from None
         return result
+
+
+def execute_replicas(jobs: list[tuple[DictConfig, Path, list[str]]]) -> list[dict[str, Any]]:
+    """A sweep's jobs (config, run dir, overrides) trained as the replicas of one
+    stacked model (``hydra/launcher=vectorized``, bnexp.replicas). Each job is
+    decided as :func:`execute` decides it (skipped when finished or held by
+    another process, failed when invalid, resumed when unfinished), under its
+    own run dir's lock; those left to train or resume are trained together. A
+    failure while training fails every replica still training; a job whose
+    setup fails (a checkpoint that does not fit) fails alone."""
+    from bnexp.replicas import ReplicaJob, current, train_replicas
+
+    results: list[dict[str, Any] | None] = [None] * len(jobs)
+    pending: list[tuple[int, ReplicaJob]] = []
+    with contextlib.ExitStack() as locks:
+        for i, (cfg, run_dir, overrides) in enumerate(jobs):
+            with current(run_dir):
+                existing = read_record(run_dir)
+                if is_finished(existing, cfg):
+                    results[i] = _skipped(run_dir, existing, f"{existing['status']} earlier with the same config")
+                    continue
+                try:
+                    locks.enter_context(run_lock(run_dir))
+                    decision = _decide(cfg, run_dir, multirun=True)
+                except RunLocked as e:
+                    results[i] = _skipped(run_dir, read_record(run_dir) or {}, str(e))
+                    continue
+                except ConfigError as e:
+                    results[i] = _failed(run_dir, f"invalid config: {e}", overrides)
+                    continue
+                results[i] = _not_trained(decision, run_dir, overrides)
+                if results[i] is None:
+                    pending.append((i, ReplicaJob(cfg, run_dir, decision.action == Action.resume, {"overrides": overrides}, decision.record)))
+        if pending:
+            try:
+                trained: list[Any] = train_replicas([job for _, job in pending])
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:  # noqa: BLE001  a failed stack must not stop a sweep
+                log.error("replicas failed: %s\n%s", e, traceback.format_exc())
+                trained = [e] * len(pending)
+            for (i, job), out in zip(pending, trained):
+                if isinstance(out, dict):
+                    results[i] = {**out, "run_dir": str(job.run_dir)}
+                    continue
+                with current(job.run_dir):
+                    what = f"invalid config: {out}" if isinstance(out, ConfigError) else f"{type(out).__name__}: {out}"
+                    results[i] = _failed(job.run_dir, what, job.extra_record["overrides"])
+    return results  # type: ignore[return-value]
 
 
 def _skipped(run_dir: Path, record: dict[str, Any], why: str) -> dict[str, Any]:
@@ -282,8 +346,12 @@ def task(cfg: DictConfig) -> float:
         _PENDING.pop(run_dir, None)  # the run stands (or was taken back): nothing more to undo
         if not multirun:
             release_run_lock(run_dir)  # the callback's lock
-    # The objective of search sweepers (hydra/sweeper=optuna maximizes it with
-    # hydra.sweeper.direction=maximize); NaN marks a failed job as a failed trial.
+    return objective(result)
+
+
+def objective(result: dict[str, Any]) -> float:
+    """A job's return value: the objective of search sweepers (hydra/sweeper=optuna
+    maximizes it with hydra.sweeper.direction=maximize); NaN marks a failed job as a failed trial."""
     value = (result.get("final") or {}).get("val/acc") if result.get("status") == "completed" else None
     return float("nan") if value is None else float(value)
 

@@ -165,17 +165,19 @@ def idle_cpus(interval: float = 0.2) -> float:
 
 def step_flops(model: torch.nn.Module, example: torch.Tensor, batch_size: int) -> float:
     """Matmul and conv FLOPs of one training step (forward + backward ~ 3x the forward),
-    counted by torch's FlopCounterMode on one example in eval mode (BN statistics untouched)."""
+    counted by torch's FlopCounterMode in eval mode (BN statistics untouched) on
+    ``example`` twice: a norm without running statistics (norm.track_running_stats=false)
+    takes batch statistics in eval mode too, and refuses a batch of one."""
     from torch.utils.flop_counter import FlopCounterMode
 
     was_training = model.training
     counter = FlopCounterMode(display=False)
     try:
         with torch.no_grad(), counter:
-            model.eval()(example)
+            model.eval()(torch.cat([example[:1], example[:1]]))
     finally:
         model.train(was_training)
-    return 3.0 * batch_size * counter.get_total_flops()
+    return 3.0 * batch_size * counter.get_total_flops() / 2
 
 
 def auto_threads(flops: float, budget: int, idle: float) -> int:

@@ -160,20 +160,27 @@ class TrainStep:
     # 2-7% of the BN-paper MLP's ~0.7 ms step on a 2-core CPU).
     def _forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model(x)
-        return self.loss_fn(logits, y), logits
+        return self.loss(logits, y), logits
 
     def _forward_loss_autocast(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # Norm layers keep themselves in fp32 under autocast (bnexp.norms.FP32Norm).
         with torch.autocast(self.device_type, dtype=self.dtype):
             logits = self.model(x)
-        return self.loss_fn(logits.float(), y), logits
+        return self.loss(logits.float(), y), logits
 
     def _plain_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.optimizer.zero_grad(set_to_none=True)
         loss, logits = self.forward_loss(x, y)
-        loss.backward()
+        self.backward(loss)
         self.optimizer.step()
         return loss, logits
+
+    # The step of stacked replicas (bnexp.replicas.StackedStep) has one loss per replica.
+    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(logits, y)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
 
     def _scaled_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.optimizer.zero_grad(set_to_none=True)
@@ -250,7 +257,7 @@ class LogWindow:
             return
         # argmax via max(): over 10 classes argmax runs ~4x slower on CPU.
         correct = torch.stack(self.logits).max(-1).indices == torch.stack(self.labels)
-        torch.sum(correct, 1, dtype=self.buf.dtype, out=self.buf[1, cols])
+        torch.sum(correct, -1, dtype=self.buf.dtype, out=self.buf[1, cols])
         self.losses, self.logits, self.labels = [], [], []
 
     def sums(self, step: int) -> dict[str, torch.Tensor]:

@@ -78,15 +78,7 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, extra_record: di
                         break
                 else:
                     status = "completed"
-            if status == "completed" and not state.done:
-                if run.resumed_at == run.total:  # stopped at the last step (by bnexp 0.1: before its report): give it again
-                    report(run, run.total, run.probe_x, run.probe_y)
-                run.recalibrate(run.total)
-                test = evaluate(run.model, run.data.x_test, run.data.y_test, cfg.train.eval_batch_size)
-                tracker.scalars(run.total, to_host({f"test/{k}": v for k, v in test.items()}), is_eval=True)
-                state.done = True
-            if status in ("completed", "interrupted"):
-                save(run)
+            finish(run, status)
         except BaseException as e:
             status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
             tracker.record.data["error"] = f"{type(e).__name__}: {e}"
@@ -110,12 +102,16 @@ def led(fn: Callable[[], Any]) -> Any:
     return out
 
 
-def report(run: "Run", step: int, x: torch.Tensor, y: torch.Tensor) -> str | None:
+def report(run: "Run", step: int, x: torch.Tensor, y: torch.Tensor, now: float | None = None) -> str | None:
     """Log what is due at ``step``: the training window (at logging steps),
     validation (at eval steps) and every probe due; all values reach the host
-    in one copy. Returns "diverged" when the loss or gradient is not finite."""
+    in one copy. Returns "diverged" when the loss or gradient is not finite.
+
+    ``now``: when the report began; given, the caller restarts the window's
+    clock (:func:`window_clock`), as a loop reporting several runs at one step does."""
     logging_step, evaluating = run.window.is_logging_step(step, run.total), step % run.eval_every == 0 or step == run.total
-    now = clock(run.device)  # before evaluation and probes, which the window's timing leaves out
+    own_clock = now is None
+    now = clock(run.device) if own_clock else now  # before evaluation and probes, which the window's timing leaves out
     out = run.window.sums(step) if logging_step else {}
     if evaluating and len(run.data.x_val):
         run.recalibrate(step)
@@ -147,9 +143,29 @@ def report(run: "Run", step: int, x: torch.Tensor, y: torch.Tensor) -> str | Non
     target = run.cfg.train.target_acc
     if target is not None and run.state.steps_to_target is None and values.get("val/acc", 0) >= target:
         run.state.steps_to_target = step
-    # The window's clock: a new window starts after a logging step; an eval or probe step pauses it.
-    run.window_t0 = clock(run.device) if logging_step else run.window_t0 + clock(run.device) - now
+    if own_clock:
+        window_clock(run, step, now)
     return None
+
+
+def window_clock(run: "Run", step: int, since: float) -> None:
+    """After the report of ``step`` that began at ``since``: a new window starts
+    after a logging step; an eval or probe step pauses the window's clock."""
+    now = clock(run.device)
+    run.window_t0 = now if run.window.is_logging_step(step, run.total) else run.window_t0 + now - since
+
+
+def finish(run: "Run", status: str) -> None:
+    """A completed run's test metrics (once); the last checkpoint of a completed or interrupted one."""
+    if status == "completed" and not run.state.done:
+        if run.resumed_at == run.total:  # stopped at the last step (by bnexp 0.1: before its report): give it again
+            report(run, run.total, run.probe_x, run.probe_y)
+        run.recalibrate(run.total)
+        test = evaluate(run.model, run.data.x_test, run.data.y_test, run.cfg.train.eval_batch_size)
+        run.tracker.scalars(run.total, to_host({f"test/{k}": v for k, v in test.items()}), is_eval=True)
+        run.state.done = True
+    if status in ("completed", "interrupted"):
+        save(run)
 
 
 # --------------------------------------------------------------------------- one run's parts

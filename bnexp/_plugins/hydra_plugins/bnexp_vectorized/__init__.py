@@ -1,0 +1,1 @@
+"""bnexp's Hydra launcher plugin: ``hydra/launcher=vectorized`` (see vectorized_launcher.py)."""
