@@ -357,6 +357,7 @@ class ReplicaWindow(LogWindow):
 
     def __init__(self, stacked: StackedWindow, r: int):
         self.log_every, self.batch_size, self.stacked = stacked.log_every, stacked.batch_size, stacked
+        self.accuracy = stacked.accuracy  # stacks train classifiers only (alone_reason: train.loss)
         self.buf = stacked.buf[..., r]
         self.losses, self.logits, self.labels = [], [], []
 
