@@ -103,6 +103,7 @@ def test_replicas_with_different_lrs_train_the_weights_losses_and_probe_values_o
     assert_trains_like_standalone(tmp_path)
 
 
+@pytest.mark.slow
 def test_cnn_replicas_with_grouped_convolutions_train_like_their_standalone_runs(tmp_path):
     train_both(tmp_path, configs([*CNN, "norm.placement=pre"]))
     assert_trains_like_standalone(tmp_path)
@@ -163,6 +164,7 @@ def test_a_diverging_replica_is_marked_diverged_at_its_own_step_and_the_others_t
     assert_trains_like_standalone(tmp_path, replicas=(0, 2, 3))
 
 
+@pytest.mark.slow
 def test_stacks_group_jobs_that_differ_only_in_seed_and_shape_free_scalars(monkeypatch):
     base = ["data=synthetic", "train.device=cpu"]
     jobs = [
@@ -197,6 +199,7 @@ def test_seeds_with_an_instrument_of_one_runs_model_are_not_stacked_and_say_why(
     assert stacks_of(cfgs, 16) == [[0], [1]]
     assert alone_reason(cfgs[0]).startswith(key + "=")
 
+@pytest.mark.slow
 def test_a_replicas_checkpoint_is_standalone_and_bnexp_resume_or_a_resumed_stack_continues_it_to_its_standalone_result(
         tmp_path, register_probe):
     from bnexp.rerun import resume
@@ -251,6 +254,7 @@ def test_bf16_replicas_stay_within_bf16_rounding_of_their_standalone_runs(tmp_pa
         assert [s for s, _ in a] == [s for s, _ in b] and all(abs(x - y) <= 1e-3 for (_, x), (_, y) in zip(a, b))
 
 
+@pytest.mark.slow
 def test_a_probe_that_meddles_with_its_replica_leaves_the_stack_training_bit_identical(tmp_path, register_probe):
     from tests.test_core import Meddler  # a trial step, a train-mode forward, random draws, a cleared optimizer state
 

@@ -120,6 +120,7 @@ def test_a_mixed_sweep_stacks_what_it_can_runs_the_rest_alone_and_a_stack_picks_
             assert "torch threads: 1 (auto: 131 MFLOP a step, under 200)" in log and record(d)["env"]["threads"] == 1
 
 
+@pytest.mark.slow
 def test_a_bad_max_replicas_exits_2_naming_the_key_and_leaves_no_sweep_dir(tmp_path):
     r = bnexp("sweep", "seed=0,1", VECTORIZED, "hydra.launcher.max_replicas=0", "hydra.sweep.dir=sw", cwd=tmp_path)
     assert r.returncode == 2

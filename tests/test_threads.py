@@ -48,6 +48,7 @@ def test_auto_gives_a_small_step_one_thread_though_the_process_may_use_two(tmp_p
     assert "torch threads: 1 (auto: " in out.stdout + out.stderr and "MFLOP a step, under" in out.stdout + out.stderr
 
 
+@pytest.mark.slow
 def test_train_threads_n_sets_the_count_and_anything_else_is_refused():
     for bad in ("0", "-1", "two", "1.5", "true"):
         with pytest.raises(ConfigError) as e:
