@@ -117,12 +117,22 @@ class BiasedBatchNorm2d(FP32Norm, _BiasedRunningVar, nn.BatchNorm2d):
 class _RunningStatsNorm(nn.Module):
     """What the two batch-statistics norms written here share: gamma, beta, eps, momentum."""
 
+    # The running statistic of spread: running_var here (nn.BatchNorm's name),
+    # running_std for batch renorm (Ioffe 2017 keeps sigma).
+    spread = "running_var"
+
     def __init__(self, num_features: int, eps: float, momentum: float, track_running_stats: bool):
         super().__init__()
         self.num_features, self.eps, self.momentum = num_features, eps, momentum
         self.track_running_stats = track_running_stats
         self.weight = nn.Parameter(torch.ones(num_features))
         self.bias = nn.Parameter(torch.zeros(num_features))
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features))
+            self.register_buffer(self.spread, torch.ones(num_features))
+        else:
+            self.running_mean = None
+            setattr(self, self.spread, None)
 
     def _affine(self, x_hat: torch.Tensor) -> torch.Tensor:
         if self.weight is not None:
@@ -158,11 +168,6 @@ class _GhostBatchNorm(_RunningStatsNorm):
                  track_running_stats: bool = True, unbiased: bool = True):
         super().__init__(num_features, eps, momentum, track_running_stats)
         self.virtual_batch_size, self.unbiased = virtual_batch_size, unbiased
-        if track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(num_features))
-            self.register_buffer("running_var", torch.ones(num_features))
-        else:
-            self.running_mean = self.running_var = None
 
     def _running_var_of(self, var: torch.Tensor, count: int) -> torch.Tensor:
         """What running_var moves towards for a biased variance of ``count`` values."""
@@ -225,15 +230,12 @@ class _BatchRenorm(_RunningStatsNorm):
     normalizes by sqrt(running unbiased variance + eps).
     """
 
+    spread = "running_std"
+
     def __init__(self, num_features: int, rmax: float = 3.0, dmax: float = 5.0, eps: float = 1e-5, momentum: float = 0.1,
                  track_running_stats: bool = True):
         super().__init__(num_features, eps, momentum, track_running_stats)
         self.rmax, self.dmax = rmax, dmax
-        if track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(num_features))
-            self.register_buffer("running_std", torch.ones(num_features))
-        else:
-            self.running_mean = self.running_std = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._use_batch_stats():
