@@ -213,21 +213,31 @@ _OWN_KEYS: dict[str, tuple[Any, Any]] = {}
 def register(name: str, build: Callable[[Any, int, int], nn.Module], layers: tuple[type, ...], **traits: Any) -> Norm:
     """Register ``norm=<name>``; ``traits`` are :class:`Norm`'s fields. Registering a name again replaces it."""
     entry = Norm(name, build, tuple(layers), **traits)
-    old = NORMS.pop(name, None)
-    if old is not None:
-        for cls in (*old.layers, *old.twins):
-            _BY_TYPE.pop(cls, None)
+    unregister(name)
     for cls in (*entry.layers, *entry.twins):
         if cls in _BY_TYPE:
             raise ValueError(f"norm={name}: {cls.__name__} is already norm={_BY_TYPE[cls].name}'s layer")
     keys = _own_keys(entry)
     NORMS[name] = entry
     _BY_TYPE.update({cls: entry for cls in (*entry.layers, *entry.twins)})
-    for key, (_, default) in keys.items():
-        _OWN_KEYS[key] = keys[key]
+    for key, (kind, default) in keys.items():
+        _OWN_KEYS[key] = (kind, default)
         # At its default a norm's own key leaves a run's config hash as it was before the norm existed.
         config.LATER_KEYS[f"norm.{key}"] = default
     return entry
+
+
+def unregister(name: str) -> None:
+    """Forget ``norm=<name>`` (a norm registered for one test or notebook cell) and its own keys."""
+    entry = NORMS.pop(name, None)
+    if entry is None:
+        return
+    for cls in (*entry.layers, *entry.twins):
+        _BY_TYPE.pop(cls, None)
+    still = {key for other in NORMS.values() for key in _own_keys(other)}
+    for key in set(_own_keys(entry)) - still:
+        _OWN_KEYS.pop(key, None)
+        config.LATER_KEYS.pop(f"norm.{key}", None)
 
 
 def _own_keys(entry: Norm) -> dict[str, tuple[Any, Any]]:
