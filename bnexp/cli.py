@@ -510,7 +510,7 @@ def _has_event_files(logdir: Path) -> bool:
 @app.command(context_settings=PASSTHROUGH)
 def show(ctx: typer.Context) -> None:
     """Print the composed config (like Hydra's --cfg job) and every config group's options."""
-    from bnexp.config import group_options
+    from bnexp.schema import group_options  # configs/ and the norms registered without a YAML file
 
     _run_hydra([*ctx.args, "--cfg", "job"])
     typer.echo("# config groups (choose with group=option):")

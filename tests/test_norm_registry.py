@@ -114,12 +114,15 @@ def test_a_norm_from_one_file_trains_alone_and_as_stacked_replicas_that_equal_th
                 assert abs(va - vb) <= 1e-4 * max(1.0, abs(va)), f"replica {seed} {tag}: {vb} vs standalone {va}"
 
 
-def test_a_norm_from_one_file_gets_its_key_and_check_and_leaves_other_runs_config_hashes_alone(tmp_path):
+def test_a_norm_from_one_file_is_a_norm_option_with_its_key_and_check_and_leaves_other_runs_config_hashes_alone(tmp_path):
     from bnexp.schema import compose
 
     assert compose(["norm=toy"]).norm.toy_shift == 0.0 and compose(["norm=toy"]).norm.kind.value == "toy"
     # What test_distributed records for bnexp at 77b4f55: the toy's key at its default is not hashed.
     assert config_hash(compose(["data=synthetic"])) == "cc1df50f7b333183"
+    shown = run_inprocess(["show", "norm=toy"], tmp_path)
+    assert "  kind: toy\n" in shown.stdout and "  toy_shift: 0.0\n" in shown.stdout
+    assert "#   norm: batch, batch_renorm, ghost_batch, group, layer, toy\n" in shown.stdout
     out = run_inprocess(["train", *TINY, "norm=toy", "norm.toy_shift=2"], tmp_path)
     assert out.returncode == 2 and out.stderr.strip().splitlines() == ["error: norm.toy_shift: got 2.0; allowed: 0 <= toy_shift <= 1"]
     assert list(tmp_path.iterdir()) == []

@@ -18,7 +18,8 @@ from omegaconf import DictConfig, ListConfig
 from torch import nn
 
 from bnexp.config import Activation, ConfigError, DataName, Init, ModelConfig, NormConfig, Placement, example_shape
-from bnexp.norms import is_centered, make_noise, norm
+from bnexp.norms import is_centered, make_noise
+from bnexp.norms import norm as norm_entry
 
 ACTIVATIONS = {
     Activation.relu: nn.ReLU,
@@ -198,7 +199,7 @@ def check_norm_widths(norm_cfg: NormConfig, normalized_widths: dict[str, int]) -
     norm=group's norm.groups dividing it: its registry entry's ``widths`` check."""
     if Placement(norm_cfg.placement) == Placement.none:
         return
-    entry = norm(norm_cfg.kind)
+    entry = norm_entry(norm_cfg.kind)
     if entry.widths is not None:
         entry.widths(norm_cfg, normalized_widths)
 
