@@ -58,7 +58,7 @@ def _default(value: Any) -> Any:
 def root_schema() -> type:
     """The typed root node for the norms registered now."""
     global NormName, NormNode, RootConfig, _BUILT_FOR
-    state = (tuple(NORMS), tuple(own_keys()))
+    state = (tuple(NORMS), repr(own_keys()))
     if state != _BUILT_FOR:
         NormName = Enum("NormName", {name: name for name in NORMS}, type=str, module=__name__)
         own = [(key, kind, _default(default)) for key, (kind, default) in own_keys().items()]

@@ -24,7 +24,7 @@ from torch import nn
 from bnexp.config import NormKind
 from bnexp.norms.base import (
     GROUPS, NORMS, PER_CHANNEL, BatchStatsNorm, Fold, FP32Norm, Norm, NotFoldable, entry_of, is_centered, is_norm, join_channels,
-    join_groups, join_tensors, make_norm, norm, register, running_stat_norms, running_stats, tracks_unbiased_var, unregister,
+    join_groups, join_tensors, make_norm, norm, register, running_stat_norms, running_stats, unregister,
     use_batch_statistics,
 )
 
@@ -51,5 +51,5 @@ __all__ = [
     "GROUPS", "NORMS", "NORM_TYPES", "PER_CHANNEL", "BatchNoise", "BatchNorm1d", "BatchNorm2d", "BatchRenorm", "BatchStatsNorm",
     "BiasedBatchNorm1d", "BiasedBatchNorm2d", "FP32Norm", "Fold", "GhostBatchNorm", "GroupNorm", "LayerNorm", "Norm", "NotFoldable",
     "entry_of", "is_centered", "is_norm", "join_channels", "join_groups", "join_tensors", "make_noise", "make_norm", "norm", "register",
-    "running_stat_norms", "running_stats", "tracks_unbiased_var", "unregister", "use_batch_statistics",
+    "running_stat_norms", "running_stats", "unregister", "use_batch_statistics",
 ]

@@ -113,19 +113,19 @@ def join_tensors(folded: nn.Module, parts: list[nn.Module]) -> nn.Module:
     the replicas of a stack are at the same step). A missing parameter (norm.scale=false)
     stays missing; a tensor that is not one vector per channel cannot be concatenated."""
     first = parts[0]
-    for kind, register in (("_parameters", folded.register_parameter), ("_buffers", folded.register_buffer)):
+    for kind, put in (("_parameters", folded.register_parameter), ("_buffers", folded.register_buffer)):
         for name, t in getattr(first, kind).items():
             if t is None:
-                register(name, None)
+                put(name, None)
                 continue
             if t.dim() == 0 and kind == "_buffers":
-                register(name, t.detach().clone())
+                put(name, t.detach().clone())
                 continue
             if t.dim() != 1:
                 raise NotFoldable(f"{type(first).__name__}.{name} of shape {tuple(t.shape)} is not one value per channel")
             with torch.no_grad():
                 joined = torch.cat([getattr(m, name) for m in parts])
-            register(name, nn.Parameter(joined, requires_grad=t.requires_grad) if kind == "_parameters" else joined)
+            put(name, nn.Parameter(joined, requires_grad=t.requires_grad) if kind == "_parameters" else joined)
     return folded
 
 
@@ -339,12 +339,6 @@ def running_stats(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch-statistics norm's running mean and running spread (its registered buffers)."""
     mean, spread = entry_of(norm).running
     return getattr(norm, mean), getattr(norm, spread)
-
-
-def tracks_unbiased_var(norm: nn.Module) -> bool:
-    """Whether ``norm``'s running_var averages unbiased batch variances (torch's
-    rule; norm.running_var=unbiased) rather than biased ones (Keras')."""
-    return getattr(norm, "unbiased", True)
 
 
 def use_batch_statistics(model: nn.Module) -> list[nn.Module]:
