@@ -89,6 +89,7 @@ def toy_norm():
 TOY = [*TINY, "norm=toy", "norm.toy_shift=0.25", "model.activation=tanh", "probes.activations.every=15"]
 
 
+@pytest.mark.slow  # two in-process sweeps of 3 jobs: ~3 s idle, 7 s on the loaded box
 def test_a_norm_from_one_file_trains_alone_and_as_stacked_replicas_that_equal_their_standalone_runs(tmp_path):
     alone = run_inprocess(["sweep", *TOY, "seed=0,1,2", "hydra.sweep.dir=alone"], tmp_path)
     stacked = run_inprocess(["sweep", *TOY, "seed=0,1,2", "hydra/launcher=vectorized", "hydra.sweep.dir=stacked"], tmp_path)
