@@ -193,7 +193,7 @@ class Norm:
     # Its running statistics' buffers: the mean, then the spread (a variance, or batch renorm's std).
     running: tuple[str, str] = ("running_mean", "running_var")
     # (layer, biased variance, values pooled) -> the spread buffer's value (PreciseBN).
-    spread: Callable[[nn.Module, torch.Tensor, int], torch.Tensor] = variance_spread
+    spread_of: Callable[[nn.Module, torch.Tensor, int], torch.Tensor] = variance_spread
     # Subtracts a per-channel mean, so a bias right before it is redundant (bnexp.models.blocks.needs_bias).
     centers: bool = False
     # How R replicas fold into one layer of the stacked model; None: not stackable.

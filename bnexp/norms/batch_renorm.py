@@ -83,4 +83,4 @@ def running_sigma(norm: nn.Module, var: torch.Tensor, count: int) -> torch.Tenso
 
 
 register("batch_renorm", build, layers=(BatchRenorm,), check=check, batch_stats=True, running=("running_mean", "running_std"),
-         spread=running_sigma, centers=True, fold=PER_CHANNEL, sync=moments_twin, twins=(SyncBatchRenorm,))
+         spread_of=running_sigma, centers=True, fold=PER_CHANNEL, sync=moments_twin, twins=(SyncBatchRenorm,))

@@ -51,7 +51,7 @@ def recompute_bn_stats(model: nn.Module, x: torch.Tensor, batches: int, batch_si
     inputs over ``batches`` batches of ``x`` (as fvcore's _PopulationVarianceEstimator:
     the mean and the variance over every value a channel saw, H and W counting as
     batch). The spread buffer gets what the norm's registry entry makes of the
-    pooled variance (``Norm.spread``): a variance by the norm's own running rule
+    pooled variance (``Norm.spread_of``): a variance by the norm's own running rule
     (norm.running_var): unbiased, n/(n-1) over the n values pooled (torch's
     convention, which fvcore's estimator keeps), or biased; batch renorm's
     running sigma, sqrt(variance + eps). Returns the number of norms recomputed.
@@ -104,7 +104,7 @@ def recompute_bn_stats(model: nn.Module, x: torch.Tensor, batches: int, batch_si
         var = s2 / count - mean**2  # biased, over every value pooled
         running_mean, spread = running_stats(m)
         running_mean.copy_(mean)
-        spread.copy_(entry_of(m).spread(m, var, count))  # a variance by its running rule, batch renorm's sigma
+        spread.copy_(entry_of(m).spread_of(m, var, count))  # a variance by its running rule, batch renorm's sigma
     return len(norms)
 
 
