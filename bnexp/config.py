@@ -45,6 +45,9 @@ class NormKind(str, Enum):
     batch_renorm = "batch_renorm"
     layer = "layer"
     group = "group"
+    frn = "frn"
+    evonorm_s0 = "evonorm_s0"
+    evonorm_b0 = "evonorm_b0"
 
 
 class RunningVar(str, Enum):
@@ -70,6 +73,21 @@ class Init(str, Enum):
     normal = "normal"  # N(0, init_std^2), the BN paper's "small random Gaussian values"
     kaiming = "kaiming"  # Kaiming-normal for ReLU-like nets
     xavier = "xavier"  # Glorot-uniform, Keras' default for Dense
+    fixup = "fixup"  # Zhang et al. 2019: residual families without norms (bnexp.models.resnet)
+
+
+class DropoutPosition(str, Enum):
+    """Where model.dropout's layers go (bnexp.models.blocks.hidden_block)."""
+
+    before_norm = "before_norm"  # in every hidden block, right before its norm (where a pre norm would be, without one)
+    after_norm = "after_norm"  # in every hidden block, right after its norm (idem)
+    head = "head"  # once, before the classifier
+
+
+class Clip(str, Enum):
+    none = "none"
+    norm = "norm"  # the global gradient norm, per run (torch.nn.utils.clip_grad_norm_'s rule)
+    agc = "agc"  # adaptive gradient clipping, unit-wise (Brock et al. 2021b, Sec. 4.1)
 
 
 class Preprocess(str, Enum):
@@ -147,6 +165,10 @@ class ModelConfig:
     activation: Activation = Activation.relu
     init: Init = Init.default
     init_std: float = 0.01  # used by init=normal
+    # De & Smith 2020: a learnable scalar, 0 at init, multiplies every residual branch (residual families).
+    skipinit: bool = False
+    dropout: float = 0.0  # probability; 0: no dropout layers at all
+    dropout_position: DropoutPosition = DropoutPosition.head  # timm's drop_rate: before the classifier
 
 
 @dataclass
@@ -188,6 +210,9 @@ class NormConfig:
     # batch's statistics (per-device BN, Wu & He 2018's setting); true, with the
     # statistics of the whole global batch (synchronized BN). Batch-statistics norms only.
     sync: bool = False
+    # Weight standardization of every linear/conv layer of the hidden blocks (bnexp.models.layers):
+    # false, true (Qiao et al. 2019), or "scaled" (Brock et al. 2021a's scaled WS with its gain).
+    weight_std: Any = False
 
 
 @dataclass
@@ -225,6 +250,8 @@ class OptimConfig:
     schedule: Schedule = Schedule.constant
     warmup_steps: int = 0
     train_only: TrainOnly = TrainOnly.all  # norm: everything else stays frozen at its initialization
+    clip: Clip = Clip.none  # gradient clipping before each update (bnexp.clip)
+    clip_value: Optional[float] = None  # norm: the max global norm (null: 1.0); agc: the ratio lambda (null: 0.01)
 
 
 @dataclass
@@ -312,7 +339,8 @@ LATER_KEYS: dict[str, Any] = {"norm.sync": False, "world_size": 1, "norm.zero_in
                                "norm.running_var": "unbiased", "train.threads": "auto",
                                "norm.noise": False, "norm.noise_mu": 0.5, "norm.noise_sigma": 1.25, "norm.noise_r_mu": 0.1,
                                "norm.noise_r_sigma": 0.1, "data.out_dim": None, "optim.train_only": "all", "train.loss": "cross_entropy",
-                               "train.precise_bn": 0}
+                               "train.precise_bn": 0, "norm.weight_std": False, "model.skipinit": False, "model.dropout": 0.0,
+                               "model.dropout_position": "head", "optim.clip": "none", "optim.clip_value": None}
 
 
 def launch_world_size() -> int:

@@ -41,6 +41,7 @@ from bnexp.models.stacked import StackedNet
 from bnexp.rundir import RunInterrupted, run_lock
 from bnexp.runtime import clock, frozen_gc, recorded_threads, set_threads, stop_on_signal
 from bnexp.schema import ONE_PROCESS_INSTRUMENTS
+from bnexp.clip import Leaf, make_clip
 from bnexp.step import WINDOW_LOGITS, LogWindow, TrainStep
 from bnexp.train import Run, end, finish, report, save, setup, window_clock
 
@@ -379,7 +380,8 @@ class Stack:
         self.net = StackedNet(models)
         self.net.alias(models)
         self.optimizer = StackedOptimizer(self.net, models, [run.optimizer for run in runs], OptimName(cfg.optim.name))
-        self.train_step = StackedStep(self.net, self.optimizer, Amp(cfg.train.amp), runs[0].device, bool(cfg.train.compile))  # type: ignore[arg-type]
+        self.train_step = StackedStep(self.net, self.optimizer, Amp(cfg.train.amp), runs[0].device, bool(cfg.train.compile),  # type: ignore[arg-type]
+                                      clip=make_clip(cfg.optim, [Leaf(s.name, s.tensor, s.shape) for s in self.net.param_slots]))
         self.window = StackedWindow([run.window for run in runs], runs[0].data.num_classes)
         for run in runs:
             # The replicas' own optimizers never step (the stack does their work), which

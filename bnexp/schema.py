@@ -264,6 +264,12 @@ def validate(cfg: DictConfig) -> None:
     if n.placement != Placement.none and entry.check is not None:
         entry.check(cfg)  # its own keys: groups, virtual batch size, clips
     _check_noise(cfg)
+    ws = n.weight_std
+    if not (ws is False or ws is True or ws == "scaled"):
+        raise ConfigError("norm.weight_std", f"got {ws!r}; allowed: false, true (weight standardization), scaled (NF-ResNets' scaled WS)")
+    if not 0.0 <= cfg.model.dropout < 1.0:
+        raise ConfigError("model.dropout", f"got {cfg.model.dropout}; allowed: a probability 0 <= p < 1")
+    _positive(cfg, "optim.clip_value", allow_none=True)
     family(str(cfg.model.kind)).check(cfg)  # widths, norm.layers, norm.groups dividing widths
     augment.check(cfg)  # image data for crop_flip
     if not (0 < d.val_size < 1 or (d.val_size >= 1 and float(d.val_size).is_integer()) or d.val_size == 0):

@@ -141,8 +141,9 @@ class TrainStep:
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, amp: Amp, device: torch.device, compile: bool,
-                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy):
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy, clip: Callable[[], None] | None = None):
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
+        self.clip = clip  # optim.clip (bnexp.clip): between backward and the update
         self.dtype = {Amp.bf16: torch.bfloat16, Amp.fp16: torch.float16}.get(Amp(amp))
         self.device_type = device.type
         # Checkpointed either way; a disabled one is a no-op without fp16.
@@ -172,6 +173,8 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)
         loss, logits = self.forward_loss(x, y)
         self.backward(loss)
+        if self.clip is not None:
+            self.clip()
         self.optimizer.step()
         return loss, logits
 
@@ -186,6 +189,9 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)
         loss, logits = self.forward_loss(x, y)
         self.scaler.scale(loss).backward()
+        if self.clip is not None:
+            self.scaler.unscale_(self.optimizer)  # clipping reads the true gradients
+            self.clip()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return loss, logits

@@ -25,6 +25,7 @@ from bnexp import checkpoint as ckpt_mod
 from bnexp import data as data_mod
 from bnexp import distributed
 from bnexp.augment import make_augment
+from bnexp.clip import leaves_of, make_clip
 from bnexp.config import Amp, ConfigError, Loss, config_hash, flatten, plain, steps_per_epoch
 from bnexp.models import build_model
 from bnexp.probes import ProbeContext, ProbeSetup, build_probes
@@ -185,7 +186,8 @@ class Run:
         self.ranks.share_running_stats(self.model, self.optimizer)
         self.schedule = LrSchedule(cfg.optim, self.optimizer, total)
         self.loss_fn = LOSSES[Loss(t.loss)]
-        self.train_step = TrainStep(step_model, self.optimizer, Amp(t.amp), device, t.compile, self.loss_fn)
+        self.train_step = TrainStep(step_model, self.optimizer, Amp(t.amp), device, t.compile, self.loss_fn,
+                                    clip=make_clip(cfg.optim, leaves_of(self.model)))
         self.sampler = self.ranks.sampler(len(data.x_train), t.batch_size, cfg.seed, device)
         self.window = self.ranks.window(int(t.log_every), total, t.batch_size, data.num_classes, device, accuracy=not data.regression)
         self.augment = make_augment(cfg.data, cfg.seed, device)
@@ -253,6 +255,10 @@ def setup(cfg: DictConfig, run_dir: Path, resume: bool, checkpoint: dict[str, An
     elif any(run_dir.glob("events.out.tfevents.*")):
         purge_step = 0  # a restart from scratch: TensorBoard drops the earlier attempt's events
     run.tracker = run.ranks.tracker(run_dir, flatten(plain(cfg)), run.total, bool(t.progress), record, purge_step=purge_step)
+    if run.state.step == 0:  # probes that also measure the initial network (signal/*) log at step 0
+        initial = run.probes.initial(lambda: run.probe_context(0, run.probe_x, run.probe_y))
+        if initial:
+            run.tracker.scalars(0, to_host(initial))
     run.t0 = time.perf_counter() - run.state.train_time
     run.window_t0 = time.perf_counter()
     return run

@@ -123,7 +123,7 @@ def test_a_norm_from_one_file_is_a_norm_option_with_its_key_and_check_and_leaves
     assert config_hash(compose(["data=synthetic"])) == "cc1df50f7b333183"
     shown = run_inprocess(["show", "norm=toy"], tmp_path)
     assert "  kind: toy\n" in shown.stdout and "  toy_shift: 0.0\n" in shown.stdout
-    assert "#   norm: batch, batch_renorm, ghost_batch, group, layer, toy\n" in shown.stdout
+    assert "#   norm: batch, batch_renorm, evonorm_b0, evonorm_s0, frn, ghost_batch, group, group_ws, layer, none, toy\n" in shown.stdout
     out = run_inprocess(["train", *TINY, "norm=toy", "norm.toy_shift=2"], tmp_path)
     assert out.returncode == 2 and out.stderr.strip().splitlines() == ["error: norm.toy_shift: got 2.0; allowed: 0 <= toy_shift <= 1"]
     assert list(tmp_path.iterdir()) == []

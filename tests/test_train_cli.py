@@ -119,4 +119,4 @@ def test_real_idx_files_reach_well_above_chance_in_a_few_hundred_steps(workdir, 
 def test_show_prints_composed_config_and_group_options(workdir):
     result = run_inprocess(["show", "norm=group"], workdir)
     assert result.returncode == 0
-    assert "kind: group" in result.stdout and "norm: batch, batch_renorm, ghost_batch, group, layer" in result.stdout
+    assert "kind: group" in result.stdout and "norm: batch, batch_renorm, evonorm_b0, evonorm_s0, frn, ghost_batch, group, group_ws, layer, none" in result.stdout

@@ -17,8 +17,8 @@ import torch
 from omegaconf import DictConfig, ListConfig
 from torch import nn
 
-from bnexp.config import Activation, ConfigError, DataName, Init, ModelConfig, NormConfig, Placement, example_shape
-from bnexp.norms import is_centered, make_noise
+from bnexp.config import Activation, ConfigError, DataName, DropoutPosition, Init, ModelConfig, NormConfig, Placement, example_shape
+from bnexp.norms import entry_of, is_centered, make_noise
 from bnexp.norms import norm as norm_entry
 
 ACTIVATIONS = {
@@ -37,8 +37,16 @@ def activation(cfg: ModelConfig) -> nn.Module:
     return ACTIVATIONS[Activation(cfg.activation)]()
 
 
+def activation_after(norm: nn.Module | None, act: nn.Module) -> nn.Module:
+    """The nonlinearity that takes ``norm``'s output directly: the norm's own where its
+    registry entry has one (FRN's TLU replaces the model's activation), else ``act``."""
+    entry = entry_of(norm)
+    return entry.activation(norm) if entry is not None and entry.activation is not None else act
+
+
 def hidden_block(layer_name: str, layer: nn.Module, norm: nn.Module | None, act: nn.Module, placement: Placement,
-                 noise: nn.Module | None = None) -> nn.Sequential:
+                 noise: nn.Module | None = None, dropout: nn.Module | None = None,
+                 dropout_position: DropoutPosition = DropoutPosition.head) -> nn.Sequential:
     """One hidden block; ``placement`` orders it.
 
     pre:  layer -> norm -> act   (Ioffe & Szegedy 2015: normalize x = Wu, the nonlinearity's input)
@@ -46,21 +54,44 @@ def hidden_block(layer_name: str, layer: nn.Module, norm: nn.Module | None, act:
     none: layer -> act
 
     ``noise`` (norm.noise, Santurkar et al. 2018's noisy BN) goes right after the
-    norm; a block without one gets it where a pre norm would be, on the pre-activation.
+    norm; ``dropout`` (model.dropout) right before the norm (``before_norm``) or
+    right after it and its noise (``after_norm``). A block without a norm gets
+    them where a pre norm would be, on the pre-activation. With ``pre``, a norm
+    whose entry brings its own nonlinearity (FRN's TLU) has it in place of ``act``.
     (preact is a residual block's order: bnexp/models/resnet.py places norm and
     noise the same way there; plain families refuse it, see check_plain_norm.)
     """
     noisy = [("noise", noise)] if noise is not None else []
+    drop = [("dropout", dropout)] if dropout is not None else []
+    before, after = (drop, []) if dropout_position == DropoutPosition.before_norm else ([], drop)
     parts: list[tuple[str, nn.Module]] = [(layer_name, layer)]
     if norm is None or placement == Placement.none:
-        parts += [*noisy, ("act", act)]
+        parts += [*drop, *noisy, ("act", act)]
     elif placement == Placement.pre:
-        parts += [("norm", norm), *noisy, ("act", act)]
+        parts += [*before, ("norm", norm), *noisy, *after, ("act", activation_after(norm, act))]
     elif placement == Placement.post:
-        parts += [("act", act), ("norm", norm), *noisy]
+        parts += [("act", act), *before, ("norm", norm), *noisy, *after]
     else:
         raise ValueError(f"a plain block has no {placement.value} placement")
     return nn.Sequential(OrderedDict(parts))
+
+
+def block_dropout(model_cfg: ModelConfig) -> nn.Module | None:
+    """model.dropout's layer for a hidden block (None: off, or only before the classifier)."""
+    p = float(getattr(model_cfg, "dropout", 0.0))
+    if not p or DropoutPosition(model_cfg.dropout_position) == DropoutPosition.head:
+        return None
+    return nn.Dropout(p)
+
+
+def with_head_dropout(head: nn.Module, model_cfg: ModelConfig) -> nn.Module:
+    """The family's head (pooling and flattening, or nothing), with model.dropout's layer
+    last, right before the classifier, for ``dropout_position=head``."""
+    p = float(getattr(model_cfg, "dropout", 0.0))
+    if not p or DropoutPosition(model_cfg.dropout_position) != DropoutPosition.head:
+        return head
+    parts = list(head.named_children()) if isinstance(head, nn.Sequential) else []
+    return nn.Sequential(OrderedDict([*parts, ("dropout", nn.Dropout(p))]))
 
 
 def block_noise(norm_cfg: NormConfig, index: int, n_hidden: int) -> nn.Module | None:
@@ -99,6 +130,10 @@ class Net(nn.Module):
         """Hidden block name -> its nonlinearity, whose input the BN paper's Fig. 1 tracks."""
         return {f"hidden{i}": block.act for i, block in enumerate(self._blocks)}
 
+    def representations(self) -> dict[str, nn.Module]:
+        """Hidden block name -> the block, whose output is that layer's representation (``signal/*``)."""
+        return {f"hidden{i}": block for i, block in enumerate(self._blocks)}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
         for block in self._blocks:
@@ -129,6 +164,16 @@ class StagedNet(nn.Module):
         """Module path -> nonlinearity, whose input ``act/*`` tracks."""
         return {name: m for name, m in self.named_modules() if name.rsplit(".", 1)[-1].rstrip("0123456789") == "act"}
 
+    def representations(self) -> dict[str, nn.Module]:
+        """Module path -> the module whose output is a layer's representation (``signal/*``): the stem,
+        every block of every stage (``stage1.block0``: a residual block's output, Brock et al. 2021a's
+        signal propagation plots), the final norm -> act."""
+        out = {"stem": self.stem} if hasattr(self, "stem") else {}
+        for name, stage in self.named_children():
+            if name.startswith("stage"):
+                out.update({f"{name}.{b}": m for b, m in stage.named_children() if b.startswith("block")})
+        return {**out, **({"final": self.final} if hasattr(self, "final") else {})}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for part in self._body:
             x = part(x)
@@ -137,7 +182,7 @@ class StagedNet(nn.Module):
 
 def init_weights(net: nn.Module, cfg: ModelConfig) -> None:
     init = Init(cfg.init)
-    if init == Init.default:
+    if init in (Init.default, Init.fixup):  # fixup: PyTorch's, then bnexp.models.resnet rescales the branches
         return
     for module in net.modules():
         if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
@@ -205,13 +250,18 @@ def check_norm_widths(norm_cfg: NormConfig, normalized_widths: dict[str, int]) -
 
 
 def check_plain_norm(cfg: DictConfig) -> None:
-    """A family without residual blocks has no pre-activation order and no residual branch to zero."""
+    """A family without residual blocks has no pre-activation order and no residual branch to zero or scale."""
     kind = cfg.model.kind
     if Placement(cfg.norm.placement) == Placement.preact:
         raise ConfigError("norm.placement", f"preact (norm -> act -> layer) orders residual blocks, and model={kind} has none; "
                                             "allowed: pre, post, none (or model=resnet)")
     if cfg.norm.zero_init_residual:
         raise ConfigError("norm.zero_init_residual", f"model={kind} has no residual blocks; allowed: false (or model=resnet)")
+    if Init(cfg.model.init) == Init.fixup:
+        raise ConfigError("model.init", f"fixup rescales residual branches, and model={kind} has none; "
+                                        "allowed: default, normal, kaiming, xavier (or model=resnet)")
+    if cfg.model.skipinit:
+        raise ConfigError("model.skipinit", f"model={kind} has no residual branches to scale; allowed: false (or model=resnet)")
 
 
 def check_images(cfg: DictConfig) -> None:

@@ -13,7 +13,8 @@ from torch import nn
 
 from bnexp.config import ConfigError, ModelConfig, NormConfig, Placement
 from bnexp.models.blocks import (
-    Net, activation, block_noise, check_norm_widths, check_plain_norm, check_widths, hidden_block, init_weights, needs_bias, normed_indices,
+    Net, activation, block_dropout, block_noise, check_norm_widths, check_plain_norm, check_widths, hidden_block, init_weights, needs_bias,
+    normed_indices, with_head_dropout,
 )
 from bnexp.models.layers import conv
 from bnexp.models.registry import register
@@ -42,8 +43,9 @@ def build(cfg: CNNConfig, norm_cfg: NormConfig, input_shape: tuple[int, ...], nu
     blocks = []
     for i, out in enumerate(cfg.hidden):
         norm = make_norm(norm_cfg, out, spatial_dims=spatial) if i in normed else None
-        layer = conv(channels, out, k, padding=k // 2, bias=needs_bias(norm, placement), dims=spatial, cfg=norm_cfg)
-        block = hidden_block("conv", layer, norm, activation(cfg), placement, block_noise(norm_cfg, i, len(cfg.hidden)))
+        layer = conv(channels, out, k, padding=k // 2, bias=needs_bias(norm, placement), dims=spatial, cfg=norm_cfg, activation=cfg.activation)
+        block = hidden_block("conv", layer, norm, activation(cfg), placement, block_noise(norm_cfg, i, len(cfg.hidden)), block_dropout(cfg),
+                             cfg.dropout_position)
         # Halve the resolution after each block while it stays >= 4 wide.
         if cfg.pool and size >= 8:
             block.add_module("pool", pool_cls(2))
@@ -52,7 +54,7 @@ def build(cfg: CNNConfig, norm_cfg: NormConfig, input_shape: tuple[int, ...], nu
         channels = out
     pool = nn.AdaptiveAvgPool1d(1) if spatial == 1 else nn.AdaptiveAvgPool2d(1)
     head = nn.Sequential(OrderedDict([("pool", pool), ("flatten", nn.Flatten())]))
-    net = Net(stem, blocks, head, nn.Linear(channels, num_classes))
+    net = Net(stem, blocks, with_head_dropout(head, cfg), nn.Linear(channels, num_classes))
     init_weights(net, cfg)
     return net
 

@@ -10,7 +10,8 @@ from torch import nn
 
 from bnexp.config import ModelConfig, NormConfig, Placement
 from bnexp.models.blocks import (
-    Net, activation, block_noise, check_norm_widths, check_plain_norm, check_widths, hidden_block, init_weights, needs_bias, normed_indices,
+    Net, activation, block_dropout, block_noise, check_norm_widths, check_plain_norm, check_widths, hidden_block, init_weights, needs_bias,
+    normed_indices, with_head_dropout,
 )
 from bnexp.models.layers import linear
 from bnexp.models.registry import register
@@ -29,11 +30,12 @@ def build(cfg: MLPConfig, norm_cfg: NormConfig, input_shape: tuple[int, ...], nu
     width, blocks = math.prod(input_shape), []
     for i, out in enumerate(cfg.hidden):
         norm = make_norm(norm_cfg, out, spatial_dims=0) if i in normed else None
-        blocks.append(hidden_block("linear", linear(width, out, bias=needs_bias(norm, placement), cfg=norm_cfg), norm, activation(cfg), placement,
-                                   block_noise(norm_cfg, i, len(cfg.hidden))))
+        layer = linear(width, out, bias=needs_bias(norm, placement), cfg=norm_cfg, activation=cfg.activation)
+        blocks.append(hidden_block("linear", layer, norm, activation(cfg), placement, block_noise(norm_cfg, i, len(cfg.hidden)),
+                                   block_dropout(cfg), cfg.dropout_position))
         width = out
     # Flattening is the MLP's own business: the data keeps its natural shape.
-    net = Net(nn.Flatten(), blocks, nn.Identity(), nn.Linear(width, num_classes))
+    net = Net(nn.Flatten(), blocks, with_head_dropout(nn.Identity(), cfg), nn.Linear(width, num_classes))
     init_weights(net, cfg)
     return net
 

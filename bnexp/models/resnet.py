@@ -22,6 +22,26 @@ last block (He et al. 2016b); a projection shortcut then reads the block's
 pre-activated input, as in their code. The stem of the other placements is
 one plain block (``hidden_block``: conv, norm and act in the placement's order).
 
+A norm that brings its own nonlinearity (FRN's TLU) has it in place of the
+activation that takes its output directly: ``act1`` in ``pre``; ``act1``,
+``act2`` and ``final.act`` in ``preact``; the stem's ``act`` (pre). ``act2``
+after the addition, and every act in ``post``, stay the model's.
+
+Normalizer-free baselines (``norm.placement=none``): ``model.init=fixup``
+(Zhang et al. 2019, Sec. 3; their ``fixup_resnet_cifar.py``): scalar biases
+``bias1a`` (before conv1, and on the input a shape-changing shortcut reads),
+``bias1b`` (before act1), ``bias2a`` (before conv2), a scalar multiplier
+``scale`` and bias ``bias2b`` after conv2; conv1 He-normal (fan-out) times
+L^(-1/(2m-2)) = L^(-1/2) (L residual branches of m = 2 layers), conv2 and the
+classifier zero; the stem's ``bias`` before its act, the head's ``bias`` before
+the classifier:
+
+    none + fixup:  bias1a conv1 bias1b act1 bias2a conv2 scale bias2b (+) act2
+
+``model.skipinit=true`` (De & Smith 2020, Sec. 4): a learnable scalar ``skip``,
+0 at init, multiplies every residual branch (any placement), so each block starts
+as its shortcut followed by what comes after the addition.
+
 ``norm.noise`` (Santurkar et al. 2018's noisy BN) puts a ``noise1``/``noise2``
 right after ``norm1``/``norm2`` (after the stem's, the final and a projection
 shortcut's norm too: ``stem.noise``, ``final.noise``, ``shortcut.noise``), in
@@ -48,9 +68,11 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from bnexp.config import ConfigError, ModelConfig, NormConfig, Placement
+from bnexp.config import ConfigError, DropoutPosition, Init, ModelConfig, NormConfig, Placement
 from bnexp.models import layers
-from bnexp.models.blocks import StagedNet, activation, check_images, check_norm_widths, hidden_block, init_weights, needs_bias, scaled
+from bnexp.models.blocks import (
+    StagedNet, activation, activation_after, check_images, check_norm_widths, hidden_block, init_weights, needs_bias, scaled, with_head_dropout,
+)
 from bnexp.models.registry import register
 from bnexp.norms import make_noise, make_norm
 
@@ -84,6 +106,28 @@ class ZeroPadShortcut(nn.Module):
         return f"stride={self.stride}, extra_channels={self.extra}"
 
 
+class ScalarBias(nn.Module):
+    """x + b, one learned number (0 at init): Fixup's scalar biases."""
+
+    def __init__(self):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.bias
+
+
+class ScalarScale(nn.Module):
+    """x * s, one learned number: Fixup's multiplier (1 at init), SkipInit's gate (0 at init)."""
+
+    def __init__(self, init: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((1,), float(init)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 convs and a shortcut. ``forward`` is ``lead`` -> ``branch`` -> (+ shortcut) -> ``after``:
     which modules sit in each part is the placement (see the module docstring).
@@ -91,17 +135,20 @@ class BasicBlock(nn.Module):
 
     def __init__(self, cin: int, cout: int, stride: int, placement: Placement, norm: Callable[[int], nn.Module | None],
                  act: Callable[[], nn.Module], shortcut: Shortcut, noise: Callable[[], nn.Module | None] = lambda: None,
-                 conv: Callable[..., nn.Module] = layers.conv):
+                 conv: Callable[..., nn.Module] = layers.conv, fixup: bool = False, skipinit: bool = False):
         super().__init__()
-        self.placement = placement
+        self.placement, self.fixup = placement, fixup
         norm1, norm2 = norm(cout if placement != Placement.preact else cin), norm(cout)
         # A bias right before a mean-subtracting norm is redundant (BN paper Sec. 3.2); in preact every conv
         # reaches the next norm through additions only, so the same holds there.
         bias_placement = Placement.pre if placement == Placement.preact else placement
         conv1 = conv(cin, cout, 3, stride, 1, bias=needs_bias(norm1 if placement != Placement.preact else norm2, bias_placement))
         conv2 = conv(cout, cout, 3, 1, 1, bias=needs_bias(norm2, bias_placement))
-        named = {"conv1": conv1, "norm1": norm1, "noise1": noise(), "act1": act(), "conv2": conv2, "norm2": norm2, "noise2": noise(),
-                 "act2": act()}
+        direct = {Placement.pre: (True, False), Placement.preact: (True, True)}.get(placement, (False, False))  # act1, act2 right after a norm
+        named = {"conv1": conv1, "norm1": norm1, "noise1": noise(), "act1": activation_after(norm1, act()) if direct[0] else act(),
+                 "conv2": conv2, "norm2": norm2, "noise2": noise(), "act2": activation_after(norm2, act()) if direct[1] else act(),
+                 "bias1a": ScalarBias(), "bias1b": ScalarBias(), "bias2a": ScalarBias(), "scale": ScalarScale(1.0), "bias2b": ScalarBias(),
+                 "skip": ScalarScale(0.0) if skipinit else None}
         # (applied to x before the branch and read by it, the branch, after the addition); None norms (none) and
         # noises (norm.noise off) drop out. A noise follows its norm; without norms it sits where pre's would be.
         parts = {
@@ -109,7 +156,8 @@ class BasicBlock(nn.Module):
             Placement.post: ("", "conv1 act1 norm1 noise1 conv2", "act2 norm2 noise2"),
             Placement.preact: ("norm1 noise1 act1", "conv1 norm2 noise2 act2 conv2", ""),
             Placement.none: ("", "conv1 noise1 act1 conv2 noise2", "act2"),
-        }[placement]
+        }[placement] if not fixup else ("bias1a", "conv1 noise1 bias1b act1 bias2a conv2 noise2 scale bias2b", "act2")
+        parts = (parts[0], parts[1] + " skip", parts[2])
         lead, branch, after = ([k for k in part.split() if named[k] is not None] for part in parts)
         for k in lead + branch:
             self.add_module(k, named[k])
@@ -119,7 +167,9 @@ class BasicBlock(nn.Module):
         # Plain tuples of the modules registered above: forward iterates them without attribute lookups.
         self._lead, self._branch, self._after = (tuple(named[k] for k in ks) for ks in (lead, branch, after))
         # He et al.'s pre-activation code projects the pre-activated input; an identity keeps the raw one.
-        self._shortcut_reads_lead = placement == Placement.preact and not isinstance(self.shortcut, (nn.Identity, ZeroPadShortcut))
+        # Fixup's code subsamples x + bias1a where the shape changes, and adds x itself elsewhere.
+        self._shortcut_reads_lead = (placement == Placement.preact and not isinstance(self.shortcut, (nn.Identity, ZeroPadShortcut))
+                                     or fixup and not isinstance(self.shortcut, nn.Identity))
 
     @staticmethod
     def _shortcut(cin: int, cout: int, stride: int, kind: Shortcut, norm: Callable[[int], nn.Module | None] | None,
@@ -174,7 +224,8 @@ def build(cfg: ResNetConfig, norm_cfg: NormConfig, input_shape: tuple[int, ...],
     def noise() -> nn.Module | None:  # norm.noise (Santurkar et al. 2018, Algorithm 1): after every norm
         return make_noise(norm_cfg)
 
-    conv = partial(layers.conv, cfg=norm_cfg)
+    conv = partial(layers.conv, cfg=norm_cfg, activation=cfg.activation)
+    fixup = Init(cfg.init) == Init.fixup
 
     n = (cfg.depth - 2) // 6
     widths = [scaled(c, cfg.width) for c in STAGE_CHANNELS]
@@ -183,21 +234,45 @@ def build(cfg: ResNetConfig, norm_cfg: NormConfig, input_shape: tuple[int, ...],
         stem: nn.Module = nn.Sequential(OrderedDict([("conv", conv(input_shape[0], widths[0], 3, 1, 1, bias=needs_bias(stem_norm, Placement.pre)))]))
     else:
         stem = hidden_block("conv", conv(input_shape[0], widths[0], 3, 1, 1, bias=needs_bias(stem_norm, placement)), stem_norm, act(), placement, noise())
+        if fixup:  # Fixup's stem: conv -> bias -> act
+            parts = list(stem.named_children())
+            at = [k for k, _ in parts].index("act")
+            stem = nn.Sequential(OrderedDict([*parts[:at], ("bias", ScalarBias()), *parts[at:]]))
     stages, cin = [], widths[0]
     for s, cout in enumerate(widths):
         blocks = []
         for b in range(n):
             stride = 2 if s > 0 and b == 0 else 1
-            blocks.append((f"block{b}", BasicBlock(cin, cout, stride, placement, norm, act, Shortcut(cfg.shortcut), noise, conv)))
+            blocks.append((f"block{b}", BasicBlock(cin, cout, stride, placement, norm, act, Shortcut(cfg.shortcut), noise, conv, fixup,
+                                                   bool(cfg.skipinit))))
             cin = cout
         stages.append(nn.Sequential(OrderedDict(blocks)))
-    final_parts = [(k, m) for k, m in (("norm", norm(cin)), ("noise", noise()), ("act", act())) if m is not None]
+    final_norm = norm(cin)
+    final_parts = [(k, m) for k, m in (("norm", final_norm), ("noise", noise()), ("act", activation_after(final_norm, act()))) if m is not None]
     final = nn.Sequential(OrderedDict(final_parts)) if placement == Placement.preact else None
     net = ResNet(stem, stages, final, nn.Linear(cin, num_classes))
+    net.head = with_head_dropout(net.head, cfg)
     init_weights(net, cfg)
     if norm_cfg.zero_init_residual:
         zero_init_residual(net)
+    if fixup:
+        fixup_init(net)
     return net
+
+
+def fixup_init(net: ResNet) -> None:
+    """Zhang et al. 2019, Sec. 3 (as their fixup_resnet_cifar.py): each branch's conv1 He-normal
+    (fan-out) scaled by L^(-1/2), its conv2 zero (so every branch starts at zero), the classifier
+    zero, with a scalar bias before it (the head's last module)."""
+    blocks = net.blocks()
+    with torch.no_grad():
+        for block in blocks:
+            w = block.conv1.weight
+            nn.init.normal_(w, 0.0, (2 / (w.shape[0] * w[0, 0].numel())) ** 0.5 * len(blocks) ** -0.5)
+            nn.init.zeros_(block.conv2.weight)
+        nn.init.zeros_(net.output.weight)
+        nn.init.zeros_(net.output.bias)
+    net.head.add_module("bias", ScalarBias())
 
 
 def zero_init_residual(net: ResNet) -> None:
@@ -229,6 +304,12 @@ def check(cfg: DictConfig) -> None:
         raise ConfigError("norm.zero_init_residual", "with norm.placement=pre it zeroes each block's last gamma, which norm.scale=false removes; "
                                                      "allowed: false, or norm.scale=true")
     check_norm_widths(n, {f"stage{i}": scaled(c, m.width) for i, c in enumerate(STAGE_CHANNELS, start=1)})
+    if Init(m.init) == Init.fixup and placement != Placement.none:
+        raise ConfigError("model.init", f"fixup is the init of a network without norms, and norm.placement={placement.value}; "
+                                        "allowed: model.init=fixup with norm.placement=none")
+    if m.dropout and DropoutPosition(m.dropout_position) != DropoutPosition.head:
+        raise ConfigError("model.dropout_position", f"{DropoutPosition(m.dropout_position).value}: model=resnet places dropout before "
+                                                    "the classifier only; allowed: head (before_norm/after_norm with mlp, cnn, vgg)")
 
 
 register("resnet", ResNetConfig, build, check)

@@ -40,13 +40,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnexp import norms
+from bnexp.models import layers
 from bnexp.models.blocks import ACTIVATIONS, Net
+from bnexp.norms.frn import TLU
 
 # Modules that act on each example (or each channel) alone: the same module
 # object serves all replicas of the stacked model.
 _ELEMENTWISE = tuple(set(ACTIVATIONS.values()))
 _PER_CHANNEL = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
 _PER_EXAMPLE = (nn.Identity, nn.Flatten, nn.Unflatten)
+# Weight-standardized layers (norm.weight_std) fold as the torch layers they subclass, the
+# weight standardized per output unit of each replica in the stacked forward; matched by exact type.
+_LINEARS = (nn.Linear, layers.WSLinear)
+_CONVS = (nn.Conv1d, nn.Conv2d, layers.WSConv1d, layers.WSConv2d)
 
 
 class NotStackable(ValueError):
@@ -136,17 +142,19 @@ class StackedNet(nn.Module):
         if isinstance(t, nn.Sequential):
             for child in t._modules:
                 self._plan_module(f"{name}.{child}", [getattr(m, child) for m in mods])
-        elif isinstance(t, nn.Linear):
+        elif type(t) in _LINEARS:
             w = self._param(f"{name}.weight", [m.weight for m in mods], cat=False)
             b = None if t.bias is None else self._param(f"{name}.bias", [m.bias for m in mods], cat=False)
-            self.plan.append(("rcb", ("linear", w, b)))
-        elif isinstance(t, (nn.Conv1d, nn.Conv2d)):
+            self.plan.append(("rcb", ("linear", self._weight(name, mods, w, False), b)))
+        elif type(t) in _CONVS:
             if t.padding_mode != "zeros" or t.groups != 1:
                 raise NotStackable(f"{name}: conv with padding_mode={t.padding_mode}, groups={t.groups}")
             w = self._param(f"{name}.weight", [m.weight for m in mods], cat=True)
             b = None if t.bias is None else self._param(f"{name}.bias", [m.bias for m in mods], cat=True)
             conv = F.conv1d if isinstance(t, nn.Conv1d) else F.conv2d
-            self.plan.append(("folded", ("conv", conv, w, b, t.stride, t.padding, t.dilation)))
+            self.plan.append(("folded", ("conv", conv, self._weight(name, mods, w, True), b, t.stride, t.padding, t.dilation)))
+        elif type(t) is TLU:  # max(x, tau) per channel: R replicas' taus over R*C channels, any channel-major layout
+            self.plan.append(("rcb|folded", ("norm", self._channel_module(name, mods))))
         elif norms.is_norm(t):
             # Per channel over every other dim alike: in [R, C, B] too, as [1, R*C, B]; the others need examples in dim 0.
             fold = norms.entry_of(t).fold
@@ -168,6 +176,21 @@ class StackedNet(nn.Module):
         self.register_parameter(name.replace(".", "__"), leaf)
         self.slots.append(Slot(name, leaf, 0, self.R, tuple(params[0].shape)))
         return leaf
+
+    def _weight(self, name: str, mods: list[nn.Module], w: nn.Parameter, cat: bool) -> "nn.Parameter | _StdWeight":
+        """The stacked weight, or for a weight-standardized layer what standardizes it per unit of each replica."""
+        t = mods[0]
+        if type(t) not in layers.STANDARDIZED:
+            return w
+        gain = self._param(f"{name}.gain", [m.gain for m in mods], cat=cat) if t.scaled else None
+        return _StdWeight(w, 1 if cat else 2, gain, t.gamma)
+
+    def _channel_module(self, name: str, mods: list[nn.Module]) -> list[tuple[int, int, nn.Module]]:
+        """A module with one parameter per channel (FRN's TLU) over the R replicas' channels."""
+        folded = norms.join_channels(mods)
+        for key, t in folded.named_parameters():
+            self.slots.append(Slot(f"{name}.{key}", t, 0, self.R, tuple(getattr(mods[0], key).shape)))
+        return [(0, self.R, folded)]
 
     def _norm_ranges(self, name: str, mods: list[nn.Module]) -> list[tuple[int, int, nn.Module]]:
         ranges, r0 = [], 0
@@ -204,9 +227,11 @@ class StackedNet(nn.Module):
         kind = op[0]
         if kind == "linear":  # [R, out, in] @ [R, in, B]: each replica's W x
             _, w, b = op
+            w = w() if isinstance(w, _StdWeight) else w
             return torch.bmm(w, x) if b is None else torch.baddbmm(b.unsqueeze(-1), w, x)
         if kind == "conv":
             _, conv, w, b, stride, padding, dilation = op
+            w = w() if isinstance(w, _StdWeight) else w
             return conv(x, w, b, stride, padding, dilation, R)
         if kind == "norm":
             shape = x.shape
@@ -253,6 +278,19 @@ class StackedNet(nn.Module):
     @property
     def param_slots(self) -> list[Slot]:
         return [s for s in self.slots if isinstance(s.tensor, nn.Parameter) and s.tensor.requires_grad]
+
+
+@dataclass
+class _StdWeight:
+    """A weight-standardized layer's stacked weight: each replica's units standardized (bnexp.models.layers.standardized)."""
+
+    weight: nn.Parameter
+    unit_dims: int  # 1: a conv's [R*out, ...]; 2: a Linear's [R, out, in]
+    gain: nn.Parameter | None
+    gamma: float
+
+    def __call__(self) -> torch.Tensor:
+        return layers.standardized(self.weight, self.unit_dims, self.gain, self.gamma)
 
 
 # Layouts of the activations between ops (R replicas, batch B):

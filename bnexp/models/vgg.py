@@ -30,7 +30,8 @@ from torch import nn
 
 from bnexp.config import ConfigError, ModelConfig, NormConfig, Placement
 from bnexp.models.blocks import (
-    StagedNet, activation, block_noise, check_norm_widths, check_images, check_plain_norm, hidden_block, init_weights, needs_bias, normed_indices, scaled,
+    StagedNet, activation, block_dropout, block_noise, check_norm_widths, check_images, check_plain_norm, hidden_block, init_weights, needs_bias,
+    normed_indices, scaled, with_head_dropout,
 )
 from bnexp.models.layers import conv
 from bnexp.models.registry import register
@@ -65,8 +66,9 @@ def build(cfg: VGGConfig, norm_cfg: NormConfig, input_shape: tuple[int, ...], nu
         parts: list[tuple[str, nn.Module]] = []
         for b, out in enumerate(stage_widths):
             norm = make_norm(norm_cfg, out, spatial_dims=2) if i in normed else None
-            layer = conv(channels, out, 3, padding=1, bias=needs_bias(norm, placement), cfg=norm_cfg)
-            block = hidden_block("conv", layer, norm, activation(cfg), placement, block_noise(norm_cfg, i, n_convs))
+            layer = conv(channels, out, 3, padding=1, bias=needs_bias(norm, placement), cfg=norm_cfg, activation=cfg.activation)
+            block = hidden_block("conv", layer, norm, activation(cfg), placement, block_noise(norm_cfg, i, n_convs), block_dropout(cfg),
+                                 cfg.dropout_position)
             parts.append((f"block{b}", block))
             channels, i = out, i + 1
         if size >= 2:
@@ -74,6 +76,7 @@ def build(cfg: VGGConfig, norm_cfg: NormConfig, input_shape: tuple[int, ...], nu
             size //= 2
         stages.append(nn.Sequential(OrderedDict(parts)))
     net = StagedNet(None, stages, None, nn.Linear(channels, num_classes))
+    net.head = with_head_dropout(net.head, cfg)
     init_weights(net, cfg)
     return net
 

@@ -52,6 +52,15 @@ def per_channel(x: torch.Tensor) -> int:
     return x.numel() // x.shape[1]
 
 
+def affine(x_hat: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+    """gamma * x_hat + beta per channel; a missing gamma or beta (norm.scale/center=false) is left out."""
+    if weight is not None:
+        x_hat = x_hat * broadcast(weight, x_hat)
+    if bias is not None:
+        x_hat = x_hat + broadcast(bias, x_hat)
+    return x_hat
+
+
 def unbiased(var: torch.Tensor, count: int) -> torch.Tensor:
     """The biased variance of ``count`` values made unbiased, as BatchNorm's running_var is."""
     return var * count / max(count - 1, 1)
@@ -82,11 +91,7 @@ class BatchStatsNorm(nn.Module):
             setattr(self, self.spread, None)
 
     def _affine(self, x_hat: torch.Tensor) -> torch.Tensor:
-        if self.weight is not None:
-            x_hat = x_hat * broadcast(self.weight, x_hat)
-        if self.bias is not None:
-            x_hat = x_hat + broadcast(self.bias, x_hat)
-        return x_hat
+        return affine(x_hat, self.weight, self.bias)
 
     def _moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Per-channel mean and biased variance of the batch, and how many values each is over."""
@@ -202,6 +207,9 @@ class Norm:
     sync: Callable[[nn.Module, int, int, bool], nn.Module | None] | None = None
     # The classes ``sync`` makes: they are this norm too, and already synchronized.
     twins: tuple[type, ...] = ()
+    # (layer) -> the nonlinearity that replaces the activation taking this norm's output directly
+    # (FRN's TLU: bnexp.models.blocks.activation_after); None: the model's own activation stays.
+    activation: Callable[[nn.Module], nn.Module] | None = None
 
 
 NORMS: dict[str, Norm] = {}

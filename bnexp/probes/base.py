@@ -29,6 +29,7 @@ class ProbeContext:
 class Probe(Protocol):
     every: int  # steps between calls; 0: off
     read_only: bool  # False: run inside preserved()
+    # Optional ``at_start = True``: also called once before the first update, logged at step 0.
 
     def __call__(self, ctx: ProbeContext) -> dict[str, torch.Tensor]: ...
 
@@ -105,11 +106,17 @@ class ProbeSet:
     def due(self, step: int, total: int, ctx: Callable[[], ProbeContext]) -> dict[str, torch.Tensor]:
         """The values of every probe due at ``step`` (every ``every`` steps and at the
         last step); ``ctx`` makes the context only when one is due."""
+        return self._values([p for p in self.probes.values() if not step % p.every or step == total], ctx)
+
+    def initial(self, ctx: Callable[[], ProbeContext]) -> dict[str, torch.Tensor]:
+        """The values, at step 0 (before the first update), of the probes that declare ``at_start = True``."""
+        return self._values([p for p in self.probes.values() if getattr(p, "at_start", False)], ctx)
+
+    @staticmethod
+    def _values(probes: list[Probe], ctx: Callable[[], ProbeContext]) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         context = None
-        for probe in self.probes.values():
-            if step % probe.every and step != total:
-                continue
+        for probe in probes:
             context = context or ctx()
             if probe.read_only:
                 out.update(probe(context))
