@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from bnexp.runs import load_scalars
+from bnexp.sweep import band_tags
 from tests.conftest import REPO, TINY as SUITE_TINY, run_inprocess, start_cli
 
 PLACEMENTS = ("pre", "post", "none")
@@ -101,8 +102,9 @@ def test_aggregate_runs_hold_the_seed_mean_and_mean_plus_minus_std_per_step(swee
     assert sorted(p.name for p in (sweep_dir / "aggregate").iterdir()) == [f"norm.placement={p}" for p in sorted(PLACEMENTS)]
     band = load_scalars(sweep_dir / "aggregate" / "norm.placement=pre")
     seeds = [dict(load_scalars(d)["val/acc"]) for d in job_dirs(sweep_dir) if "placement=pre," in d.name]
-    assert [s for s, _ in band["val/acc"]] == [10, 20]
-    for (step, mean), (_, lo), (_, hi) in zip(band["val/acc"], band["val/acc/mean-std"], band["val/acc/mean+std"]):
+    means, lower, upper = (band[t] for t in band_tags("val/acc"))
+    assert [s for s, _ in means] == [10, 20]
+    for (step, mean), (_, lo), (_, hi) in zip(means, lower, upper):
         values = [s[step] for s in seeds]
         assert mean == pytest.approx(statistics.mean(values), abs=1e-6)
         assert hi - mean == pytest.approx(statistics.stdev(values), abs=1e-6)
@@ -164,7 +166,8 @@ def test_tensorboard_started_by_bnexp_tb_lists_every_run_in_its_hparams_plugin(s
     # No stray run: the jobs and the seed bands, nothing else (no sub-run per job, no "." for the sweep's records).
     assert set(runs) == set(jobs) | {f"aggregate/norm.placement={p}" for p in PLACEMENTS}
     charts = {c["title"]: c for cat in layout["category"] for c in cat["chart"] if "margin" in c}
-    assert charts["val/acc"]["margin"]["series"] == [{"value": "val/acc/mean", "lower": "val/acc/mean-std", "upper": "val/acc/mean+std"}]
+    assert charts["val/acc"]["margin"]["series"] == [
+        {"value": "Mean over seeds/val/acc", "lower": "seed_band/val/acc/mean-std", "upper": "seed_band/val/acc/mean+std"}]
 
 
 @pytest.mark.slow
