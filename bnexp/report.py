@@ -690,7 +690,8 @@ def factorial_grids(report: Report) -> list[Grid]:
         title = (f"main effects on {m}: marginal means (the mean of the group means at each value), 95% intervals from "
                  f"the pooled within-group spread (df = {f.df_error})")
         out.append(Grid(["key", "value", "n", "mean", "95% CI"], rows, keys=2, title=title, sections=sections))
-        tests = [[" × ".join(t.keys), f"{t.f:.3g}", f"{t.df1}, {t.df2}", p_text(t.p)] for t in (*f.main, *f.interactions)]
+        tests = [[" × ".join(t.keys), f"{t.f:.3g}" if t.f < 1000 else f"{t.f:.0f}", f"{t.df1}, {t.df2}", p_text(t.p)]
+                 for t in (*f.main, *f.interactions)]
         out.append(Grid(["effect", "F", "df", "p"], tests, keys=1,
                         title=f"{m}: F tests (nested least-squares fits; error: the within-group spread)"))
     return out
@@ -779,7 +780,7 @@ def seeds_grid(report: Report, column: str, effect: float | None, rows: list[dic
                       "-" if row["effect"] is None else number_text(row["effect"], digits, sign=True),
                       "-" if row["power_now"] is None else f"{row['power_now']:.0%}",
                       row["note"] or str(row["seeds_needed"] if row["seeds_needed"] is not None else "-")])
-    against = f"against the baseline, {report.baseline.text(report.groups)}" if report.baseline else "two groups that spread like each"
+    against = f"against the {report.baseline.text(report.groups)}" if report.baseline else "two groups that spread like each"
     what = f"a difference of {number_text(effect, digits, sign=True)}" if effect is not None else "the observed difference (Δ)"
     title = (f"seeds per group to detect {what} in {report.column_title(column)}, {against}: two-sided two-sample t-test "
              f"at alpha {o.alpha:g} with {o.power:.0%} power (noncentral t, from the pooled std of the two groups)")

@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 from bnexp.schema import typed
 from bnexp.runs import load_scalars
 from bnexp.train import train
-from tests.conftest import run_inprocess
+from tests.conftest import rich_tables as tables, run_inprocess
 
 TINY = {"steps": 30, "eval_every": 10, "log_every": 10, "progress": False, "device": "cpu", "target_acc": 0.5}
 
@@ -52,23 +52,6 @@ def sweep(tmp_path_factory) -> Path:
 
 def report(*args: str | Path):
     return run_inprocess(["report", *map(str, args)], Path.cwd())
-
-
-def tables(stdout: str) -> list[list[list[str]]]:
-    """Every Rich table printed, as rows of cells (the header row first, its wrapped lines joined)."""
-    out, header = [], None
-    for line in stdout.splitlines():
-        if line.startswith("┏"):
-            out.append([])
-            header = None
-        elif line.startswith("┃"):
-            cells = [c.strip() for c in line.split("┃")[1:-1]]
-            header = cells if header is None else [f"{a} {b}".strip() for a, b in zip(header, cells)]
-        elif line.startswith("┡"):
-            out[-1].append(header)
-        elif line.startswith("│"):
-            out[-1].append([c.strip() for c in line.split("│")[1:-1]])
-    return out
 
 
 def table_rows(stdout: str) -> dict[str, list[str]]:
