@@ -411,3 +411,25 @@ def test_bnexp_seeds_counts_seeds_for_a_chosen_difference(placements):
 def test_bnexp_seeds_refuses_bad_input_in_one_line(placements, args, says):
     r = run_inprocess(["seeds", str(placements), *args], Path.cwd())
     assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1 and says in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("columns", [80, 100])
+def test_a_sweeps_closing_output_ends_with_the_verdicts_and_seed_counts_and_fits_the_terminal(placements, columns, capsys,
+                                                                                             monkeypatch):
+    from bnexp.sweep import SweepStart, print_summary, read_sweep
+
+    monkeypatch.setenv("COLUMNS", str(columns))
+    print_summary(SweepStart(placements, started=0.0), read_sweep(placements))
+    out = capsys.readouterr().out
+    # Every table line fits (a line naming a path is printed whole, for copying, and wraps as the terminal wraps it).
+    assert max(len(line) for line in out.splitlines() if line[:1] in "┏┃┡│├└") <= columns
+    assert all(len(line) <= columns for line in out.splitlines() if str(placements) not in line)
+    assert "12 jobs: 12 completed" in out and "comparison (mean ± std over seeds)" in out
+    verdict = out[out.index("verdict: each group against the baseline norm.placement=none"):]
+    rows = [row for table in rich_tables(verdict) for row in table[1:]]
+    cells = {(row[1], cell) for row in rows for cell in row}
+    assert {("pre", "better"), ("post", "worse"), ("preact", "not distinguishable at n = 3")} <= cells
+    # The seed count of the open comparison, as the JSON report computes it.
+    seeds = vs(as_json(placements), "preact", "val/acc")["seeds_needed"]
+    assert ("preact", str(seeds)) in cells
+    assert "×3" in out  # pre's seeds trained as one stack

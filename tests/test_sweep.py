@@ -21,7 +21,7 @@ import yaml
 
 from bnexp.runs import load_scalars
 from bnexp.sweep import band_tags
-from tests.conftest import REPO, TINY as SUITE_TINY, run_inprocess, start_cli
+from tests.conftest import REPO, TINY as SUITE_TINY, rich_tables, run_inprocess, start_cli
 
 PLACEMENTS = ("pre", "post", "none")
 # The suite's tiny config, 20 steps with an eval every 10: enough for curves, seed bands and a test metric.
@@ -69,6 +69,22 @@ def test_sweep_makes_one_run_dir_per_job_named_by_its_swept_values_with_seed_las
     assert "9 jobs: 9 completed" in r.stdout
     assert "norm.placement=pre seed=2" in r.stdout  # the job column: what varies, seed last
     assert "comparison (mean ± std over seeds)" in r.stdout
+
+
+@pytest.mark.slow
+def test_a_sweep_ends_with_each_placements_verdict_against_no_normalization(sweep):
+    sweep_dir, r = sweep
+    tail = r.stdout[r.stdout.index("verdict: each group against the baseline norm.placement=none"):]
+    header, *rows = rich_tables(tail)[0]
+    assert header[:5] == ["metric", "placement", "Δ vs baseline", "95% CI of Δ", "verdict"] and "seeds needed" in header
+    # Every metric, one line per placement against none: a word, and the seeds where the word is open.
+    assert [row[1] for row in rows] == ["pre", "post"] * (len(rows) // 2) and len(rows) >= 6
+    for row in rows:
+        verdict, seeds = row[4], row[5]
+        assert verdict in ("better", "worse") or verdict.startswith(("not distinguishable at n = 3", "equal in every seed")) \
+            or verdict.endswith("(no spread)"), verdict
+        assert (seeds != "-") == verdict.startswith("not distinguishable") or seeds == "-"
+    assert f"compare: bnexp report {sweep_dir}" in tail
 
 
 @pytest.mark.slow
