@@ -1006,11 +1006,16 @@ def check_plot_file(path: Path, overwrite: bool) -> Path:
     formats = FigureCanvasBase.get_supported_filetypes()
     if path.suffix[1:].lower() not in formats:
         raise PlotError(f"{path}: '{path.suffix}' is no image format matplotlib writes; allowed: {', '.join(sorted(formats))}")
+    refuse_taken(path, overwrite, "an image file name")
+    return path
+
+
+def refuse_taken(path: Path, overwrite: bool, allowed: str) -> None:
+    """PlotError where ``path`` is a directory, or a file and ``overwrite`` is off."""
     if path.is_dir():
-        raise PlotError(f"{path} is a directory; allowed: an image file name")
+        raise PlotError(f"{path} is a directory; allowed: {allowed}")
     if path.exists() and not overwrite:
         raise PlotError(f"{path} exists; choose another name, or --overwrite to replace it")
-    return path
 
 
 def write_new(path: Path, write, overwrite: bool, mode: str = "wb") -> None:

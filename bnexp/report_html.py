@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Iterable
 
 import bnexp
-from bnexp.report import (PlotError, Report, Group, factorial_grids, figure, group_curves, groups_grid, intervals_grid,
-                          short_keys, verdict_grid, write_new)
+from bnexp.report import (Group, PlotError, Report, factorial_grids, figure, group_curves, groups_grid, intervals_grid,
+                          refuse_taken, short_keys, verdict_grid, write_new)
 from bnexp.runs import format_value
 from bnexp.tables import Grid
 
@@ -52,10 +52,7 @@ def check_page_file(path: Path, overwrite: bool) -> Path:
     path = page_file(path)
     if path.suffix.lower() not in (".html", ".htm"):
         raise PlotError(f"{path}: '{path.suffix}' is no web page; allowed: a name ending in .html or .htm")
-    if path.is_dir():
-        raise PlotError(f"{path} is a directory; allowed: a file name ending in .html")
-    if path.exists() and not overwrite:
-        raise PlotError(f"{path} exists; choose another name, or --overwrite to replace it")
+    refuse_taken(path, overwrite, "a file name ending in .html")
     return path
 
 

@@ -47,12 +47,15 @@ BAND_TAGS = ("val/acc", "test/acc", "train/loss", "val/loss", "train/acc", "test
 # any lower-case one: ahead of act/*) and opens the first two: the means first,
 # one line per group in its own colour; the band's edges in a group of their own,
 # out of the per-run cards (train/, val/, ...). Custom Scalars draws the bands from both.
+# test/* is one point, at the end: Time Series draws no line through a lone point (its
+# card would look empty), so its mean goes with the edges; Custom Scalars marks it.
 MEAN_GROUP, EDGE_GROUP = "Mean over seeds", "seed_band"
 
 
 def band_tags(tag: str) -> tuple[str, str, str]:
     """A seed-band run's tags for ``tag``: the mean over seeds, and mean - std, mean + std."""
-    return f"{MEAN_GROUP}/{tag}", f"{EDGE_GROUP}/{tag}/mean-std", f"{EDGE_GROUP}/{tag}/mean+std"
+    mean = f"{EDGE_GROUP}/{tag}/mean" if tag.startswith("test/") else f"{MEAN_GROUP}/{tag}"
+    return mean, f"{EDGE_GROUP}/{tag}/mean-std", f"{EDGE_GROUP}/{tag}/mean+std"
 
 
 @dataclass
