@@ -605,8 +605,9 @@ def seeds_text(n: float | None) -> str:
 
 
 def metric_cell(report: Report, column: str) -> str:
-    arrow = {1: " ↑", -1: " ↓"}.get(direction(column), "")
-    return report.column_title(column) + arrow
+    # The arrow first: a name that wraps at its spaces never leaves the arrow alone on a line.
+    arrow = {1: "↑ ", -1: "↓ "}.get(direction(column), "")
+    return arrow + report.column_title(column)
 
 
 def _sections(report: Report, columns: list[str], cells) -> tuple[list[list[str]], set[int]]:
@@ -638,7 +639,7 @@ def intervals_grid(report: Report) -> Grid:
     title = f"95% intervals of the {report.options.centre} over seeds" + (
         f" ({report.options.describe().split('; ')[0].split(': ', 1)[1]})")
     return Grid(["metric", *_key_header(report), "n", report.options.centre, "95% CI"], rows,
-                keys=1 + max(1, len(report.keys)), title=title, sections=sections)
+                keys=1 + max(1, len(report.keys)), title=title, sections=sections, wrap={0})
 
 
 def verdict_grid(report: Report, compact: bool = False) -> Grid:
@@ -653,7 +654,8 @@ def verdict_grid(report: Report, compact: bool = False) -> Grid:
               *([corrected] if corrected else []), "g"]
 
     def cells(c: str, g: Group) -> list[str] | None:
-        return None if g.is_baseline or g.reference is None else _difference_cells(g, c, _digits(c), bool(corrected))
+        d = g.differences.get(c)
+        return None if d is None or d.diff is None else _difference_cells(d, _digits(c), bool(corrected))
 
     rows, sections = _sections(report, report.columns(best=not compact), cells)
     title = f"verdict: each group against the {report.baseline.text(report.groups)}" if report.baseline else "verdict"
@@ -664,13 +666,11 @@ def verdict_grid(report: Report, compact: bool = False) -> Grid:
         "g: Hedges' g", "↑ higher is better, ↓ lower is better",
         f"seeds needed: per group, to detect the observed Δ with {o.power:.0%} power at alpha {o.alpha:g} "
         "(two-sample t-test, pooled std; bnexp seeds PATH --effect D for a difference of your choosing)"])
-    return Grid(header, rows, keys=1 + max(1, len(report.keys)), title=title, caption=caption, sections=sections)
+    # The metric's name may wrap at its spaces ("steps to val/acc ≥ 0.6"): the numbers stay whole.
+    return Grid(header, rows, keys=1 + max(1, len(report.keys)), title=title, caption=caption, sections=sections, wrap={0})
 
 
-def _difference_cells(g: Group, c: str, digits: int, corrected: bool) -> list[str]:
-    d = g.differences.get(c)
-    if d is None or d.diff is None:
-        return ["-", "", "", "", "", *([""] if corrected else []), ""]
+def _difference_cells(d: Difference, digits: int, corrected: bool) -> list[str]:
     p = d.note if d.note and d.p is None else p_text(d.p)
     return [number_text(d.diff, digits, sign=True), _interval_text(d.ci95, digits, sign=True), d.verdict or "-",
             seeds_text(d.seeds_needed), p, *([p_text(d.p_adjusted)] if corrected else []), g_text(d.hedges_g)]
@@ -732,8 +732,9 @@ def print_report(out, report: Report, compact: bool = False, groups_title: str |
     print_grid(out, groups_grid(report, compact, groups_title))
     if not compact:
         print_grid(out, intervals_grid(report))
-    if report.compared:
-        print_grid(out, verdict_grid(report, compact))
+    verdicts = verdict_grid(report, compact)
+    if verdicts.rows:  # none where no group and its baseline both have a completed run
+        print_grid(out, verdicts)
     if not compact:
         for grid in factorial_grids(report):
             print_grid(out, grid)
@@ -792,7 +793,7 @@ def to_markdown(report: Report) -> str:
     groups = groups_grid(report)
     lines = markdown(groups)
     lines += ["", *(f"{line}." for line in groups.caption.splitlines())]
-    for grid in (intervals_grid(report), *([verdict_grid(report)] if report.compared else [])):
+    for grid in (intervals_grid(report), *(g for g in [verdict_grid(report)] if g.rows)):
         lines += ["", f"{grid.title}:", "", *markdown(grid)]
         if grid.caption:
             lines += ["", f"{grid.caption}."]

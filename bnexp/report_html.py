@@ -71,8 +71,8 @@ def page(report: Report, title: str = "") -> str:
     esc = html.escape
     parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>bnexp report: {esc(title)}</title>",
              f"<style>{STYLE}</style></head><body>", f"<h1>bnexp report: {esc(title)}</h1>", _meta(report)]
-    if report.compared:
-        parts += ["<h2 id=\"verdict\">Verdict</h2>", _grid(verdict_grid(report))]
+    if (verdicts := verdict_grid(report)).rows:
+        parts += ["<h2 id=\"verdict\">Verdict</h2>", _grid(verdicts)]
     parts += ["<h2 id=\"groups\">Groups</h2>", _grid(groups_grid(report)), _grid(intervals_grid(report))]
     parts += ["<h2 id=\"curves\">Curves</h2>", _curves(report)]
     if report.factorials:

@@ -330,9 +330,9 @@ def test_report_gives_95_percent_intervals_and_welch_differences_from_the_baseli
         pytest.approx([*ci_pre, diff, *diff_ci, p], rel=1e-5)
     assert row["baseline"] == "norm.placement=none"
 
-    interval = ["train/loss ↓", "pre", "2", f"{statistics.mean(pre):.4f}", f"[{ci_pre[0]:.4f}, {ci_pre[1]:.4f}]"]
+    interval = ["↓ train/loss", "pre", "2", f"{statistics.mean(pre):.4f}", f"[{ci_pre[0]:.4f}, {ci_pre[1]:.4f}]"]
     # One comparison of train/loss: the Holm-adjusted p is p itself.
-    verdict = ["train/loss ↓", "pre", f"{diff:+.4f}", f"[{diff_ci[0]:+.4f}, {diff_ci[1]:+.4f}]"]
+    verdict = ["↓ train/loss", "pre", f"{diff:+.4f}", f"[{diff_ci[0]:+.4f}, {diff_ci[1]:+.4f}]"]
     tail = [f"{p:.2g}", f"{p:.2g}"]
     markdown = report(sweep, "--format", "markdown").stdout.splitlines()
     rows = all_rows(report(sweep).stdout)
@@ -356,9 +356,9 @@ def test_a_group_of_one_seed_says_it_needs_two_seeds_instead_of_an_interval(swee
     markdown = [[c.strip() for c in line.split("|")[1:-1]] for line in report(root, "--format", "markdown").stdout.splitlines()]
     for table in (rows, markdown):
         # The intervals (val/acc's section: pre first, none under it) and the verdicts.
-        at = table.index(next(r for r in table if r[:2] == ["val/acc ↑", "pre"] and len(r) == 5))
+        at = table.index(next(r for r in table if r[:2] == ["↑ val/acc", "pre"] and len(r) == 5))
         assert table[at + 1][:2] == ["", "none"] and table[at + 1][4] == "needs >= 2 seeds"
-        (verdict,) = [r for r in table if r[:2] == ["val/acc ↑", "pre"] and len(r) > 5]
+        (verdict,) = [r for r in table if r[:2] == ["↑ val/acc", "pre"] and len(r) > 5]
         assert verdict[3:5] == ["needs >= 2 seeds", "needs >= 2 seeds"] and verdict[6] == "needs >= 2 seeds"
 
 

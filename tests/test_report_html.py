@@ -93,7 +93,7 @@ def test_html_page_is_one_self_contained_file_with_every_section(sweep, tmp_path
     assert len(svgs) == 3 and all(img["src"].startswith("data:image/svg+xml;base64,") for img in page.images)
     assert all("<svg" in svg and "<path" in svg for svg in svgs)
     words = page.words
-    for expected in ("val/acc ↑", "train/loss ↓", "steps to val/acc ≥ 0.3", "seeds needed", "p (Holm)",
+    for expected in ("↑ val/acc", "↓ train/loss", "steps to val/acc ≥ 0.3", "seeds needed", "p (Holm)",
                      "norm.placement=pre", "norm.placement=none", str(sweep / "norm.placement=pre,seed=1")):
         assert expected in words, expected
     assert "not distinguishable at n = 2" in words or "better" in words or "worse" in words
