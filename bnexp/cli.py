@@ -433,7 +433,7 @@ def report(
     if format == Format.table:
         counted = sum(len(g.runs) for g in groups)
         console.print(", ".join(map(str, paths)), soft_wrap=True, highlight=False, style="bold")
-        rep.print_report(console, result, groups_title=f"{counted} runs in {len(groups)} groups{rep._by_text(result)} "
+        rep.print_report(console, result, groups_title=f"{counted} runs in {len(groups)} groups{rep.by_text(result)} "
                                                        f"({options.centre} ± std over seeds)")
         for line in notes:
             console.print(line, style="yellow", highlight=False, soft_wrap=True)

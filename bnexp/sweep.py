@@ -35,7 +35,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from bnexp.io import atomic_write
-from bnexp.report import CURVE_TAGS, differing_keys, group_curves, group_runs, seed_band, status_text
+from bnexp.report import differing_keys, group_curves, group_runs, seed_band, status_text
 from bnexp.runs import AGGREGATE, METRICS, OVERRIDES, STATUS_STYLE, Run, find_run_dirs, headline, headline_cells, read_run, shown_overrides
 
 

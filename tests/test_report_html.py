@@ -86,7 +86,7 @@ def test_html_page_is_one_self_contained_file_with_every_section(sweep, tmp_path
     assert f"html: {tmp_path / 'report.html'}" in r.stdout
     page = Page((tmp_path / "report.html").read_text())
     assert page.urls == [] and page.scripts == 0  # nothing fetched, nothing run
-    assert page.headings[:4] == [f"bnexp report: {sweep}", "Verdict", f"verdict: each group against the baseline "
+    assert page.headings[:4] == [f"bnexp report: {sweep}", "Verdict", "verdict: each group against the baseline "
                                  "norm.placement=none (no normalization; --baseline KEY=VALUE chooses another)", "Groups"]
     assert {"Curves", "Loss", "Accuracy", "Gradient norm", "Each group's config"} <= set(page.headings)
     svgs = [base64.b64decode(img["src"].removeprefix("data:image/svg+xml;base64,")).decode() for img in page.images]
