@@ -31,7 +31,7 @@ Normalizer-free baselines (``norm.placement=none``): ``model.init=fixup``
 (Zhang et al. 2019, Sec. 3; their ``fixup_resnet_cifar.py``): scalar biases
 ``bias1a`` (before conv1, and on the input a shape-changing shortcut reads),
 ``bias1b`` (before act1), ``bias2a`` (before conv2), a scalar multiplier
-``scale`` and bias ``bias2b`` after conv2; conv1 He-normal (fan-out) times
+``scale`` and bias ``bias2b`` after conv2, in place of the convs' own biases (they have none); conv1 He-normal (fan-out) times
 L^(-1/(2m-2)) = L^(-1/2) (L residual branches of m = 2 layers), conv2 and the
 classifier zero; the stem's ``bias`` before its act, the head's ``bias`` before
 the classifier:
@@ -142,8 +142,9 @@ class BasicBlock(nn.Module):
         # A bias right before a mean-subtracting norm is redundant (BN paper Sec. 3.2); in preact every conv
         # reaches the next norm through additions only, so the same holds there.
         bias_placement = Placement.pre if placement == Placement.preact else placement
-        conv1 = conv(cin, cout, 3, stride, 1, bias=needs_bias(norm1 if placement != Placement.preact else norm2, bias_placement))
-        conv2 = conv(cout, cout, 3, 1, 1, bias=needs_bias(norm2, bias_placement))
+        # Fixup's convs have no biases of their own: its scalar biases stand in for them.
+        conv1 = conv(cin, cout, 3, stride, 1, bias=not fixup and needs_bias(norm1 if placement != Placement.preact else norm2, bias_placement))
+        conv2 = conv(cout, cout, 3, 1, 1, bias=not fixup and needs_bias(norm2, bias_placement))
         direct = {Placement.pre: (True, False), Placement.preact: (True, True)}.get(placement, (False, False))  # act1, act2 right after a norm
         named = {"conv1": conv1, "norm1": norm1, "noise1": noise(), "act1": activation_after(norm1, act()) if direct[0] else act(),
                  "conv2": conv2, "norm2": norm2, "noise2": noise(), "act2": activation_after(norm2, act()) if direct[1] else act(),
@@ -233,7 +234,8 @@ def build(cfg: ResNetConfig, norm_cfg: NormConfig, input_shape: tuple[int, ...],
     if placement == Placement.preact:  # the first block's norm1 follows, through no addition
         stem: nn.Module = nn.Sequential(OrderedDict([("conv", conv(input_shape[0], widths[0], 3, 1, 1, bias=needs_bias(stem_norm, Placement.pre)))]))
     else:
-        stem = hidden_block("conv", conv(input_shape[0], widths[0], 3, 1, 1, bias=needs_bias(stem_norm, placement)), stem_norm, act(), placement, noise())
+        stem_conv = conv(input_shape[0], widths[0], 3, 1, 1, bias=not fixup and needs_bias(stem_norm, placement))
+        stem = hidden_block("conv", stem_conv, stem_norm, act(), placement, noise())
         if fixup:  # Fixup's stem: conv -> bias -> act
             parts = list(stem.named_children())
             at = [k for k, _ in parts].index("act")
