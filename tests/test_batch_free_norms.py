@@ -7,15 +7,10 @@ replicas that equal their standalone runs."""
 
 from __future__ import annotations
 
-import os
-import socket
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from bnexp.models import build_model
@@ -24,6 +19,7 @@ from bnexp.norms.evonorm_b0 import EvoNormB0
 from bnexp.norms.frn import TLU, FilterResponseNorm
 from bnexp.norms.sync import synchronized
 from bnexp.schema import compose
+from tests.test_norm_registry import assert_synchronized_over_ranks_as_one_process
 from tests.test_replicas import CNN, assert_trains_like_standalone, configs, train_both
 
 # ----------------------------------------------------------------- the papers' equations in NumPy
@@ -200,36 +196,9 @@ def test_evonorm_b0_gets_precise_bn_and_is_synchronized_by_its_twin():
     assert type(_twin(model.hidden0.norm, 4, 2, cuda=False)) is synchronized(EvoNormB0)
 
 
-WORLD, SHARE = 2, 4
-
-
-def rank_main(rank: int, port: int, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    from bnexp.sync_norms import synchronize
-
-    holder = nn.Sequential(layer("evonorm_b0", 4, 2).train())
-    synchronize(holder, SHARE, WORLD, cuda=False)
-    x = inputs(2).repeat(2, 1, 1, 1)[rank * SHARE : (rank + 1) * SHARE].clone().requires_grad_()
-    y = holder[0](x)
-    y.square().sum().backward()
-    torch.save({"y": y.detach(), "x_grad": x.grad, "running_var": holder[0].running_var}, os.path.join(out, f"rank{rank}.pt"))
-    dist.destroy_process_group()
-
-
 @pytest.mark.slow  # two gloo processes: ~4 s on the loaded box
 def test_evonorm_b0_synchronized_over_two_ranks_is_one_process_on_the_whole_batch(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(rank_main, args=(port, str(tmp_path)), nprocs=WORLD, start_method="fork")
-    got = [torch.load(Path(tmp_path) / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
-    reference, x = layer("evonorm_b0", 4, 2).train(), inputs(2).repeat(2, 1, 1, 1)[: WORLD * SHARE].clone().requires_grad_()
-    y = reference(x)
-    y.square().sum().backward()
-    torch.testing.assert_close(torch.cat([g["y"] for g in got]), y.detach(), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(torch.cat([g["x_grad"] for g in got]), x.grad, rtol=1e-10, atol=1e-12)
-    for g in got:
-        torch.testing.assert_close(g["running_var"], reference.running_var, rtol=1e-12, atol=1e-12)
+    assert_synchronized_over_ranks_as_one_process(tmp_path, lambda: layer("evonorm_b0", 4, 2).train(), inputs(2).repeat(2, 1, 1, 1))
 
 
 # ----------------------------------------------------------------- stacked replicas

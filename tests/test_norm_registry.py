@@ -157,18 +157,36 @@ def test_a_batch_statistics_norm_from_one_file_gets_precise_bn_and_the_bn_gap_pr
 WORLD, SHARE = 2, 4
 
 
-def rank_main(rank: int, port: int, out: str) -> None:
+def rank_main(rank: int, port: int, out: str, make_layer, batch: torch.Tensor) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    from bnexp.norms import entry_of
     from bnexp.sync_norms import synchronize
 
-    holder = nn.Sequential(toy_layer())
+    holder = nn.Sequential(make_layer())
     synchronize(holder, SHARE, WORLD, cuda=False)
-    assert type(holder[0]) is synchronized(ToyNorm)
-    x = toy_batch()[rank * SHARE : (rank + 1) * SHARE].clone().requires_grad_()
+    assert type(holder[0]) in entry_of(holder[0]).twins
+    x = batch[rank * SHARE : (rank + 1) * SHARE].clone().requires_grad_()
     y = holder[0](x)
     y.square().sum().backward()
     torch.save({"y": y.detach(), "x_grad": x.grad, "running_var": holder[0].running_var}, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
+
+
+def assert_synchronized_over_ranks_as_one_process(tmp_path: Path, make_layer, batch: torch.Tensor) -> None:
+    """``make_layer()`` synchronized over WORLD gloo ranks of SHARE examples of ``batch`` each gives the outputs,
+    input gradients and running variance of one layer on the whole batch (forked ranks: ``make_layer`` may be a lambda)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(rank_main, args=(port, str(tmp_path), make_layer, batch), nprocs=WORLD, start_method="fork")
+    got = [torch.load(Path(tmp_path) / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    reference, x = make_layer(), batch[: WORLD * SHARE].clone().requires_grad_()
+    y = reference(x)
+    y.square().sum().backward()
+    torch.testing.assert_close(torch.cat([g["y"] for g in got]), y.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.cat([g["x_grad"] for g in got]), x.grad, rtol=1e-10, atol=1e-12)
+    for g in got:
+        torch.testing.assert_close(g["running_var"], reference.running_var, rtol=1e-12, atol=1e-12)
 
 
 def toy_layer() -> nn.Module:
@@ -180,15 +198,4 @@ def toy_batch() -> torch.Tensor:
 
 
 def test_a_batch_statistics_norm_from_one_file_synchronizes_over_ranks_as_one_process_on_the_whole_batch(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(rank_main, args=(port, str(tmp_path)), nprocs=WORLD, start_method="fork")
-    got = [torch.load(Path(tmp_path) / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
-    reference, x = toy_layer(), toy_batch().requires_grad_()
-    y = reference(x)
-    y.square().sum().backward()
-    torch.testing.assert_close(torch.cat([g["y"] for g in got]), y.detach(), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(torch.cat([g["x_grad"] for g in got]), x.grad, rtol=1e-10, atol=1e-12)
-    for g in got:
-        torch.testing.assert_close(g["running_var"], reference.running_var, rtol=1e-12, atol=1e-12)
+    assert_synchronized_over_ranks_as_one_process(tmp_path, toy_layer, toy_batch())

@@ -33,18 +33,11 @@ def resnet(*overrides: str) -> nn.Module:
 
 
 def branch_outputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
-    """What each block's branch adds to its shortcut: the block's output minus (shortcut + nothing), read at the addition."""
+    """What each block's branch adds to its shortcut, for the input the block gets in the network."""
     outs = []
 
     def hook(block, inputs, _):
-        x_in = inputs[0]
-        h = x_in
-        for m in block._lead:
-            h = m(h)
-        out = h
-        for m in block._branch:
-            out = m(out)
-        outs.append(out)
+        outs.append(block.residual(inputs[0])[1])
 
     handles = [b.register_forward_hook(hook) for b in model.blocks()]
     model(x)

@@ -90,7 +90,7 @@ class WSLinear(_Standardized, nn.Linear):
         return F.linear(x, self.std_weight(), self.bias)
 
 
-class WSConv1d(_Standardized, nn.Conv1d):
+class _StandardizedConv(_Standardized):
     def __init__(self, *args, scaled: bool, gamma: float, **kwargs):
         super().__init__(*args, **kwargs)
         self._init_ws(scaled, gamma)
@@ -99,13 +99,12 @@ class WSConv1d(_Standardized, nn.Conv1d):
         return self._conv_forward(x, self.std_weight(), self.bias)
 
 
-class WSConv2d(_Standardized, nn.Conv2d):
-    def __init__(self, *args, scaled: bool, gamma: float, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._init_ws(scaled, gamma)
+class WSConv1d(_StandardizedConv, nn.Conv1d):
+    pass
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.std_weight(), self.bias)
+
+class WSConv2d(_StandardizedConv, nn.Conv2d):
+    pass
 
 
 STANDARDIZED = (WSLinear, WSConv1d, WSConv2d)

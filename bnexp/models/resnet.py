@@ -186,13 +186,18 @@ class BasicBlock(nn.Module):
             parts += [(k, m) for k, m in (("norm", shortcut_norm), ("noise", noise())) if m is not None]
         return nn.Sequential(OrderedDict(parts))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def residual(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the lead's output, which a shortcut may read; the branch's output, which is added to the shortcut)."""
         h = x
         for m in self._lead:
             h = m(h)
         out = h
         for m in self._branch:
             out = m(out)
+        return h, out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, out = self.residual(x)
         out = out + self.shortcut(h if self._shortcut_reads_lead else x)
         for m in self._after:
             out = m(out)

@@ -10,7 +10,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from bnexp.probes.base import ProbeContext, ProbeSetup, register
+from bnexp.probes.base import ProbeContext, ProbeSetup, forward_capture, register
 
 PERCENTILES = (15, 50, 85)  # Ioffe & Szegedy 2015, Fig. 1(b, c)
 # Percentiles are exact over up to this many values, else taken on a fixed
@@ -55,19 +55,7 @@ class ActivationPercentiles:
     def __call__(self, ctx: ProbeContext) -> dict[str, torch.Tensor]:
         if self._q is None:
             self._q = torch.tensor([p / 100 for p in PERCENTILES], device=ctx.x.device)
-        captured: dict[str, torch.Tensor] = {}
-        hooks = [
-            module.register_forward_pre_hook(lambda _m, inp, name=name: captured.__setitem__(name, inp[0].detach()))
-            for name, module in self.acts.items()
-        ]
-        was_training = ctx.model.training
-        try:
-            ctx.model.eval()
-            ctx.model(ctx.x)
-        finally:
-            ctx.model.train(was_training)
-            for h in hooks:
-                h.remove()
+        captured = forward_capture(ctx.model, self.acts, ctx.x, eval_mode=True)
         out: dict[str, torch.Tensor] = {}
         for name, a in captured.items():
             a = a.float()

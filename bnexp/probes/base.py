@@ -94,6 +94,29 @@ def preserved(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) 
                 optimizer.load_state_dict(opt_state)
 
 
+def forward_capture(model: nn.Module, modules: dict[str, nn.Module], x: torch.Tensor, outputs: bool = False,
+                    eval_mode: bool = False) -> dict[str, torch.Tensor]:
+    """name -> the input (``outputs``: the output) of each of ``modules`` in one forward pass of ``x``
+    through ``model``; with ``eval_mode``, the model runs in eval mode and gets its modes back."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def keep(name: str) -> Callable[..., None]:
+        return lambda _m, inp, out=None: captured.__setitem__(name, out if outputs else inp[0])
+
+    hooks = [m.register_forward_hook(keep(n)) if outputs else m.register_forward_pre_hook(keep(n)) for n, m in modules.items()]
+    was_training = model.training
+    try:
+        if eval_mode:
+            model.eval()
+        model(x)
+    finally:
+        if eval_mode:
+            model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return captured
+
+
 class ProbeSet:
     """The probes of one run; :meth:`due` is the loop's one call site."""
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from bnexp.norms import use_batch_statistics
-from bnexp.probes.base import ProbeContext, ProbeSetup, register
+from bnexp.probes.base import ProbeContext, ProbeSetup, forward_capture, register
 
 
 @dataclass
@@ -67,15 +67,8 @@ class Signal:
 
     @torch.no_grad()
     def __call__(self, ctx: ProbeContext) -> dict[str, torch.Tensor]:
-        captured: dict[str, torch.Tensor] = {}
-        hooks = [m.register_forward_hook(lambda _m, _i, out, name=name: captured.__setitem__(name, out))
-                 for name, m in self.layers.items()]
-        try:
-            use_batch_statistics(ctx.model)
-            ctx.model(ctx.x)
-        finally:
-            for h in hooks:
-                h.remove()
+        use_batch_statistics(ctx.model)  # modes (and running statistics) come back through preserved()
+        captured = forward_capture(ctx.model, self.layers, ctx.x, outputs=True)
         return {f"signal/{name}/{k}": v for name, a in captured.items() for k, v in signal_stats(a).items()}
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from bnexp.norms import entry_of, running_stat_norms, running_stats
-from bnexp.probes.base import ProbeContext, ProbeSetup, register
+from bnexp.probes.base import ProbeContext, ProbeSetup, forward_capture, register
 
 
 @dataclass
@@ -36,17 +36,7 @@ class VarShift:
 
     @torch.inference_mode()
     def __call__(self, ctx: ProbeContext) -> dict[str, torch.Tensor]:
-        captured: dict[str, torch.Tensor] = {}
-        hooks = [m.register_forward_pre_hook(lambda _m, inp, name=name: captured.__setitem__(name, inp[0]))
-                 for name, m in self.norms.items()]
-        was_training = ctx.model.training
-        try:
-            ctx.model.eval()
-            ctx.model(ctx.x)
-        finally:
-            ctx.model.train(was_training)
-            for h in hooks:
-                h.remove()
+        captured = forward_capture(ctx.model, self.norms, ctx.x, eval_mode=True)
         out = {}
         for name, a in captured.items():
             m = self.norms[name]
