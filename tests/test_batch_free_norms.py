@@ -8,6 +8,8 @@ replicas that equal their standalone runs."""
 from __future__ import annotations
 
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -226,3 +228,15 @@ def test_frn_with_its_tlu_and_a_learned_eps_trains_stacked_replicas_like_their_s
 def test_each_batch_free_norm_trains_each_replica_like_its_standalone_run(tmp_path, case):
     train_both(tmp_path, configs(case))
     assert_trains_like_standalone(tmp_path)
+
+
+@pytest.mark.slow  # one in-process sweep of 6 jobs: ~8 s on the loaded box
+def test_the_vectorized_launcher_stacks_each_batch_free_norms_seeds(tmp_path):
+    from tests.conftest import TINY, run_inprocess
+
+    out = run_inprocess(["sweep", *TINY, "model.activation=tanh", "norm=frn,evonorm_s0,evonorm_b0", "norm.groups=4", "seed=0,1",
+                         "hydra/launcher=vectorized", "hydra.sweep.dir=sw"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "Launching 6 jobs: 3 stacks of replicas (2, 2, 2), 0 alone" in out.stdout
+    records = [json.loads(p.read_text()) for p in sorted((tmp_path / "sw").glob("*/metrics.json"))]
+    assert len(records) == 6 and all(r["status"] == "completed" and r["replica"]["of"] == 2 for r in records)
