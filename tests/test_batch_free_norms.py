@@ -7,7 +7,6 @@ replicas that equal their standalone runs."""
 
 from __future__ import annotations
 
-
 import json
 
 import numpy as np
