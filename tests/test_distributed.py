@@ -180,7 +180,7 @@ def test_norm_sync_for_a_norm_without_batch_statistics_exits_2_with_one_line_and
     out = run_inprocess(["train", "data=synthetic", "norm=layer", "norm.sync=true", "train.device=cpu"], tmp_path)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == ["error: norm.sync: true, but norm=layer normalizes each example by itself: there "
-                                               "are no batch statistics to synchronize; allowed: false (true for batch, ghost_batch, batch_renorm)"]
+                                               "are no batch statistics to synchronize; allowed: false (true for batch, ghost_batch, batch_renorm, evonorm_b0)"]
     assert list(tmp_path.iterdir()) == []
 
 
