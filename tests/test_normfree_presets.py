@@ -48,11 +48,12 @@ def test_dropout_bn_and_rank_collapse_measure_what_their_papers_measure():
     assert grid("rank_collapse") == [["norm.placement=pre"], ["norm.placement=none"]]
 
 
-@pytest.mark.slow  # composing 40 + 5 + 6 + 2 points: ~10 s
+@pytest.mark.slow  # composing 8 + 5 + 6 + 2 points: ~4 s idle
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_point_of_the_comparison_presets_grids_is_a_valid_config(preset):
     extra = data_overrides(preset)
-    for point in grid(preset):
+    # norm_zoo's batch sizes change no norm's validity (none needs a divisor of the batch): its smallest stands for all.
+    for point in (p for p in grid(preset) if not any(o.startswith("train.batch_size=") and o != "train.batch_size=2" for o in p)):
         cfg = compose([f"experiment={preset}", *point, *extra])
         validate(cfg)
         build_model(cfg.model, cfg.norm, (1, 28, 28), 10)
@@ -80,8 +81,9 @@ def test_comparison_preset_trains_at_smoke_size(preset, tmp_path):
 
 @pytest.mark.slow
 def test_normfree_resnet_sweeps_its_five_arms_into_one_job_each(tmp_path):
-    args = ["sweep", "experiment=normfree_resnet", "seed=0", *SMOKE, "model.width=0.25", *data_overrides("normfree_resnet"),
-            "hydra.sweep.dir=sw"]
+    # Synthetic 8x8 images instead of the real test set's 10,000: the arms are what is tested here.
+    args = ["sweep", "experiment=normfree_resnet", "seed=0", *SMOKE, "model.width=0.25", "data=synthetic", "data.shape=[1,8,8]",
+            "data.n_train=300", "data.n_test=50", "hydra.sweep.dir=sw"]
     assert run_inprocess(args, tmp_path).returncode == 0
     jobs = sorted((tmp_path / "sw").rglob("metrics.json"))
     assert sorted(j.parent.name for j in jobs) == [f"+experiment_normfree_resnet={arm},seed=0" for arm in sorted(ARMS)]
