@@ -3,12 +3,16 @@ Disharmony between Dropout and Batch Normalization by Variance Shift", Sec. 3),
 every ``probes.var_shift.every`` steps: for each norm with running statistics,
 the variance of its input over the fixed probe batch in eval mode (the network
 as it is evaluated: dropout off), per channel and by the norm's own running
-rule (unbiased for torch's BN), divided by the channel's running variance, which
-training accumulated with dropout on; averaged over channels. 1: the statistics
-the norm evaluates with fit what it sees in eval mode. Inverted dropout of rate
-p right before a norm, on an input of mean 0, gives 1 - p: the training-mode
-variance is 1 / (1 - p) times the eval-mode one (Li et al.'s Delta(p), p their
-keep rate). Read only.
+rule (unbiased for torch's BN), summed over channels, divided by the sum of
+the channels' running variances, which training accumulated with dropout on.
+1: the statistics the norm evaluates with fit what it sees in eval mode.
+Inverted dropout of rate p right before a norm, on an input of mean 0, gives
+1 - p: the training-mode variance is 1 / (1 - p) times the eval-mode one (Li
+et al.'s Delta(p), p their keep rate); on an input of mean mu and second moment
+m2 it gives (m2 - mu^2) / (m2 / (1 - p) - mu^2) (0.405 for ReLU outputs of a
+standard normal at p = 0.5). A ratio of sums rather than a mean of per-channel
+ratios: a channel that is dead in training (a ReLU that never fires: running
+variance ~1e-13) would otherwise divide by nothing. Read only.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ class VarShift:
             seen, running = entry_of(m).spread_of(m, var, a.numel() // a.shape[1]), running_stats(m)[1].double()
             if entry_of(m).running[1].endswith("std"):  # batch renorm keeps sigma: the ratio of variances is its square
                 seen, running = seen.square(), running.square()
-            out[f"var_shift/{name}"] = (seen / running).mean()
+            out[f"var_shift/{name}"] = seen.sum() / running.sum()
         return out
 
 
