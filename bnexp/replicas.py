@@ -96,6 +96,8 @@ def _alone_reason(flat: dict[str, Any]) -> str | None:
         return "norm.noise=true: the stacked model folds no noisy norms"
     if flat.get("train.loss", "cross_entropy") != "cross_entropy":
         return f"train.loss={flat['train.loss']}: the stacked step computes each replica's cross-entropy"
+    if flat.get("model.dropout"):  # the stacked model has no fold rule for nn.Dropout
+        return f"model.dropout={flat['model.dropout']}: each replica draws its own dropout masks"
     if flat.get("optim.train_only", "all") != "all":
         return f"optim.train_only={flat['optim.train_only']}: the stacked optimizer steps every parameter"
     return None

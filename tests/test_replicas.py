@@ -189,7 +189,7 @@ def test_stacks_group_jobs_that_differ_only_in_seed_and_shape_free_scalars(monke
     (["probes.ics.every=5"], "probes.ics.every"), (["probes.landscape.every=5"], "probes.landscape.every"),
     (["probes.hessian.every=5"], "probes.hessian.every"), (["probes.bn_gap.every=5"], "probes.bn_gap.every"),
     (["train.precise_bn=2"], "train.precise_bn"), (["norm.noise=true"], "norm.noise"),
-    (["optim.train_only=norm"], "optim.train_only"),
+    (["optim.train_only=norm"], "optim.train_only"), (["model.dropout=0.1"], "model.dropout"),
     (["data=linear_regression", "train.loss=mse", "model.activation=identity"], "train.loss"),
 ])
 def test_seeds_with_an_instrument_of_one_runs_model_are_not_stacked_and_say_why(overrides, key):
