@@ -38,6 +38,9 @@ for _name in sorted(NORMS, key=lambda n: _BUILT_IN.index(n) if n in _BUILT_IN el
 
 from bnexp.norms.batch import BatchNorm1d, BatchNorm2d, BiasedBatchNorm1d, BiasedBatchNorm2d  # noqa: E402
 from bnexp.norms.batch_renorm import BatchRenorm  # noqa: E402
+from bnexp.norms.evonorm_b0 import EvoNormB0  # noqa: E402
+from bnexp.norms.evonorm_s0 import EvoNormS0  # noqa: E402
+from bnexp.norms.frn import TLU, FilterResponseNorm  # noqa: E402
 from bnexp.norms.ghost_batch import GhostBatchNorm  # noqa: E402
 from bnexp.norms.group import GroupNorm  # noqa: E402
 from bnexp.norms.layer import LayerNorm  # noqa: E402
@@ -48,8 +51,9 @@ _RunningStatsNorm = BatchStatsNorm
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, BatchStatsNorm)
 
 __all__ = [
-    "GROUPS", "NORMS", "NORM_TYPES", "PER_CHANNEL", "BatchNoise", "BatchNorm1d", "BatchNorm2d", "BatchRenorm", "BatchStatsNorm",
-    "BiasedBatchNorm1d", "BiasedBatchNorm2d", "FP32Norm", "Fold", "GhostBatchNorm", "GroupNorm", "LayerNorm", "Norm", "NotFoldable",
+    "GROUPS", "NORMS", "NORM_TYPES", "PER_CHANNEL", "TLU", "BatchNoise", "BatchNorm1d", "BatchNorm2d", "BatchRenorm", "BatchStatsNorm",
+    "BiasedBatchNorm1d", "BiasedBatchNorm2d", "EvoNormB0", "EvoNormS0", "FP32Norm", "FilterResponseNorm", "Fold", "GhostBatchNorm",
+    "GroupNorm", "LayerNorm", "Norm", "NotFoldable",
     "entry_of", "is_centered", "is_norm", "join_channels", "join_groups", "join_tensors", "make_noise", "make_norm", "norm", "register",
     "running_stat_norms", "running_stats", "unregister", "use_batch_statistics",
 ]
