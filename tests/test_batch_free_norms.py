@@ -159,7 +159,7 @@ def modules(overrides: list[str]) -> dict[str, type]:
     return {name: type(m) for name, m in build_model(cfg.model, cfg.norm, shape, 10).named_modules()}
 
 
-def test_the_tlu_replaces_the_activation_that_takes_frns_output_directly_and_only_that_one():
+def test_frns_tlu_and_the_evonorms_replace_the_activation_that_takes_their_output_directly_and_only_that_one():
     pre = modules(["norm=frn", "model.hidden=[8,8]"])
     assert pre["hidden0.norm"] is FilterResponseNorm and pre["hidden0.act"] is TLU and pre["hidden1.act"] is TLU
     assert list(pre)[list(pre).index("hidden0.norm") + 1] == "hidden0.act"
@@ -171,6 +171,9 @@ def test_the_tlu_replaces_the_activation_that_takes_frns_output_directly_and_onl
     assert preact["stage2.block0.act1"] is TLU and preact["stage2.block0.act2"] is TLU and preact["final.act"] is TLU
     assert modules(["model=resnet", "model.depth=8", "norm=frn", "norm.placement=post"])["stage1.block0.act1"] is nn.ReLU
     assert modules(["norm=batch", "model.hidden=[8]"])["hidden0.act"] is nn.ReLU
+    for evonorm in ("evonorm_s0", "evonorm_b0"):  # a normalization-activation layer: nothing after it but where post puts the act
+        assert modules([f"norm={evonorm}", "norm.groups=4", "model.hidden=[8]"])["hidden0.act"] is nn.Identity
+        assert modules([f"norm={evonorm}", "norm.groups=4", "model.hidden=[8]", "norm.placement=post"])["hidden0.act"] is nn.ReLU
 
 
 def test_batch_free_norms_keep_the_bias_of_the_layer_before_them():

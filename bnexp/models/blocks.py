@@ -57,7 +57,7 @@ def hidden_block(layer_name: str, layer: nn.Module, norm: nn.Module | None, act:
     norm; ``dropout`` (model.dropout) right before the norm (``before_norm``) or
     right after it and its noise (``after_norm``). A block without a norm gets
     them where a pre norm would be, on the pre-activation. With ``pre``, a norm
-    whose entry brings its own nonlinearity (FRN's TLU) has it in place of ``act``.
+    whose entry brings its own nonlinearity (FRN's TLU; an EvoNorm's is the identity) has it in place of ``act``.
     (preact is a residual block's order: bnexp/models/resnet.py places norm and
     noise the same way there; plain families refuse it, see check_plain_norm.)
     """

@@ -22,7 +22,7 @@ last block (He et al. 2016b); a projection shortcut then reads the block's
 pre-activated input, as in their code. The stem of the other placements is
 one plain block (``hidden_block``: conv, norm and act in the placement's order).
 
-A norm that brings its own nonlinearity (FRN's TLU) has it in place of the
+A norm that brings its own nonlinearity (FRN's TLU; an EvoNorm is its own) has it in place of the
 activation that takes its output directly: ``act1`` in ``pre``; ``act1``,
 ``act2`` and ``final.act`` in ``preact``; the stem's ``act`` (pre). ``act2``
 after the addition, and every act in ``post``, stay the model's.

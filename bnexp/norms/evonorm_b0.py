@@ -11,8 +11,8 @@ torch's running statistics, ``running_var`` moving towards the unbiased batch
 variance with ``norm.momentum`` as BatchNorm's does (``running_mean`` too, which
 its forward never reads: it is there so that norm.sync, PreciseBN and the BN-gap
 probe treat it as every batch-statistics norm). No mean is subtracted, so the
-layer before it keeps its bias. Placed as every norm is (``pre``: layer ->
-EvoNorm -> act); ``model.activation=identity`` gives the paper's layer alone.
+layer before it keeps its bias. Like EvoNorm-S0 it is its own activation:
+with ``pre`` the block's ``act`` is an identity; with ``post`` the model's stays.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from bnexp.norms.base import FP32Norm, BatchStatsNorm, Fold, broadcast, join_channels, register, unbiased
+from bnexp.norms.evonorm_s0 import no_activation
 from bnexp.norms.sync import moments_twin, synchronized
 
 
@@ -60,4 +61,4 @@ def build(cfg, num_features: int, spatial_dims: int) -> nn.Module:
 
 # Per channel, but its instance std is per example: the stack hands it [B, R*C, ...].
 register("evonorm_b0", build, layers=(EvoNormB0,), batch_stats=True, fold=Fold(join_channels), sync=moments_twin,
-         twins=(synchronized(EvoNormB0),))
+         twins=(synchronized(EvoNormB0),), activation=no_activation)

@@ -7,9 +7,11 @@ s(x) the standard deviation per example over a group of channels and the
 spatial positions, sqrt(var + eps) with the biased variance (as group norm,
 ``norm.groups`` groups); v, gamma, beta learned per channel (v and gamma
 start at 1, beta at 0). No mean is subtracted, so the layer before it keeps
-its bias. It is the whole nonlinearity in the paper; here it is placed as every
-norm is (``pre``: layer -> EvoNorm -> act), so ``model.activation=identity``
-gives the paper's layer alone.
+its bias. It is a normalization and an activation in one (it replaces BN + ReLU
+in the paper): like FRN's TLU, it takes the place of the model's activation
+wherever that activation takes its output directly (``pre``: layer -> EvoNorm,
+the block's ``act`` an identity); with ``post`` (layer -> act -> EvoNorm) the
+model's activation stays.
 """
 
 from __future__ import annotations
@@ -51,5 +53,10 @@ def build(cfg, num_features: int, spatial_dims: int) -> nn.Module:
     return EvoNormS0(num_features, cfg.groups, cfg.eps)
 
 
+def no_activation(norm: nn.Module) -> nn.Module:
+    """An EvoNorm is its own activation: nothing more after it."""
+    return nn.Identity()
+
+
 # Per example over channel groups: R replicas of G groups are one layer of R*G groups, examples first.
-register("evonorm_s0", build, layers=(EvoNormS0,), check=check, widths=groups_divide, fold=GROUPS)
+register("evonorm_s0", build, layers=(EvoNormS0,), check=check, widths=groups_divide, fold=GROUPS, activation=no_activation)
