@@ -36,6 +36,20 @@ def test_stable_rank_is_1_for_a_rank_one_batch_and_d_for_orthonormal_rows():
     assert ortho["stable_rank"].item() == pytest.approx(12, rel=1e-12) and ortho["cos"].item() == pytest.approx(0, abs=1e-12)
 
 
+def test_dead_examples_are_left_out_of_the_cosine_and_a_dead_huge_or_diverged_layer_does_not_break_the_probe():
+    rows = torch.randn(6, 20, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    rows[[1, 4]] = 0  # two examples a dead ReLU layer maps to zero
+    live = rows[[0, 2, 3, 5]]
+    got, want = signal_stats(rows), signal_stats(live)
+    assert got["cos"].item() == pytest.approx(want["cos"].item(), rel=1e-12) and got["stable_rank"].item() == pytest.approx(want["stable_rank"].item())
+    assert got["var"].item() == pytest.approx(rows.var(0, unbiased=False).mean().item())
+    huge = signal_stats(rows * 1e160)  # its Gram matrix would overflow
+    assert huge["stable_rank"].item() == pytest.approx(want["stable_rank"].item(), rel=1e-12)
+    dead = signal_stats(torch.zeros(8, 3, 2, 2))
+    assert dead["mean_sq"].item() == 0 and np.isnan(dead["stable_rank"].item()) and np.isnan(dead["cos"].item())
+    assert np.isnan(signal_stats(torch.full((4, 3), float("inf")))["stable_rank"].item())
+
+
 def test_signal_statistics_are_numpys_for_an_image_batch():
     a = torch.randn(6, 3, 4, 5, generator=torch.Generator().manual_seed(1)) * torch.tensor([1.0, 2.0, 3.0]).view(1, 3, 1, 1) + 0.5
     got = {k: v.item() for k, v in signal_stats(a).items()}

@@ -43,18 +43,31 @@ class SignalConfig:
 
 
 def signal_stats(a: torch.Tensor) -> dict[str, torch.Tensor]:
-    """mean_sq, var, stable_rank and cos of one layer's output ``a`` [N, C, ...] (see the module)."""
+    """mean_sq, var, stable_rank and cos of one layer's output ``a`` [N, C, ...] (see the module).
+    A layer whose outputs are all zero or not finite has no direction: its stable rank and cosine are NaN;
+    an example whose output is all zero (a dead ReLU layer for it) has no cosine with the others and is left out."""
     a = a.detach().double()
     dims = [0, *range(2, a.dim())]
     var, mean = torch.var_mean(a, dims, unbiased=False)
     rows = a.flatten(1)
+    peak = rows.abs().max()
+    nan = torch.full((), float("nan"), dtype=torch.float64, device=a.device)
+    out = {"mean_sq": mean.square().mean(), "var": var.mean(), "stable_rank": nan, "cos": nan}
+    if not torch.isfinite(peak) or peak == 0:
+        return out
+    # LAPACK's eigensolver fails on a NaN (a diverging run: seen on a Fixup ResNet at lr 0.1), hence the
+    # check above; both measures are scale-free, and scaled to a peak of 1 a Gram matrix of huge
+    # (finite) outputs does not overflow to inf.
+    rows = rows / peak
     gram = rows @ rows.T  # N x N: its trace is ||A||_F^2, its top eigenvalue ||A||_2^2
-    top = torch.linalg.eigvalsh(gram)[-1]
-    norms = gram.diagonal().sqrt().clamp(min=1e-300)
-    cos = gram / (norms[:, None] * norms[None, :])
-    n = len(rows)
-    return {"mean_sq": mean.square().mean(), "var": var.mean(), "stable_rank": gram.trace() / top.clamp(min=1e-300),
-            "cos": (cos.sum() - cos.diagonal().sum()) / max(n * (n - 1), 1)}
+    out["stable_rank"] = gram.trace() / torch.linalg.eigvalsh(gram)[-1]
+    norms = gram.diagonal().sqrt()
+    live = norms > 0
+    n = int(live.sum())
+    if n >= 2:
+        cos = gram[live][:, live] / (norms[live][:, None] * norms[live][None, :])
+        out["cos"] = (cos.sum() - cos.diagonal().sum()) / (n * (n - 1))
+    return out
 
 
 class Signal:
