@@ -181,10 +181,13 @@ class StackedOptimizer:
     hyperparameters agree: a stack of seeds is one group, an lr sweep stacked
     one group per lr. Its settings are theirs, foreach included, so torch runs
     each standalone run's very code path (foreach on CUDA, its per-tensor loop
-    on the CPU; the two differ: foreach nesterov SGD updates the gradients in place). A group steps a view of a tensor's rows where it
-    covers only some of its replicas; the views' gradients are pointed at the
-    tensor's before each step. Each replica's own optimizer (never stepped) gives
-    the hyperparameters, and its state goes in (when resuming) and out
+    on the CPU; the two differ: foreach nesterov SGD updates the gradients in
+    place). A group steps a view of a tensor's rows where it covers only some of
+    its replicas; the views' gradients are pointed at the tensor's before each
+    step. ``schedule`` is the replicas' lr schedule over the groups.
+
+    Each replica's own optimizer and schedule (never stepped) give the
+    hyperparameters, and their state goes in (when resuming) and out
     (:meth:`lend`) in torch's format, for ``bnexp resume`` to load."""
 
     def __init__(self, net: StackedNet, runs: list[Run]):
@@ -219,6 +222,13 @@ class StackedOptimizer:
             names = {p: n for n, p in run.model.named_parameters()}
             self.params.append([(p, self._piece(names[p], r)) for p in run.optimizer.param_groups[0]["params"]])
         self._import(shells)
+        # The replicas' schedule over the groups, at each group's first replica's step and lr.
+        self.schedule = LrSchedule(runs[0].cfg.optim, self.torch, runs[0].total)
+        heads = [runs[g0] for g0, _ in ranges]
+        states = [run.schedule.state_dict() for run in heads]
+        self.schedule.load_state_dict({k: [s[k][0] for s in states] if isinstance(v, list) else v for k, v in states[0].items()})
+        for group, run in zip(self.torch.param_groups, heads):
+            group["lr"] = run.optimizer.param_groups[0]["lr"]
 
     def _piece(self, name: str, r: int) -> _Piece:
         return next(p for p in self.pieces[self.group_of[r]] if p.slot.name == name and p.r0 <= r < p.r1)
@@ -255,15 +265,20 @@ class StackedOptimizer:
     def _param(self, r: int, piece: _Piece) -> torch.Tensor:
         return next(p for p, q in self.params[r] if q is piece)
 
-    def lend(self, r: int, shell: torch.optim.Optimizer) -> None:
-        """Replica ``r``'s state and lr, as torch's optimizer of its standalone run holds them, into ``shell`` (copies)."""
+    def lend(self, r: int, run: Run) -> None:
+        """Replica ``r``'s state and lr, and its schedule's, into ``run``'s own optimizer
+        and schedule, as its standalone run would hold them (copies)."""
+        g, shell = self.group_of[r], run.optimizer
+        # LambdaLR's state keeps a list per param group (base_lrs, _last_lr, lr_lambdas): the replica's group's.
+        run.schedule.load_state_dict({k: [v[g]] if isinstance(v, list) and len(v) == len(self.ranges) else v
+                                      for k, v in self.schedule.state_dict().items()})
         state = {}
         for i, (_, piece) in enumerate(self.params[r]):
             st = self.torch.state.get(piece.leaf)
             if st:
                 state[i] = {k: (v if v.dim() == 0 else piece.rows(v)[r - piece.r0]).clone() for k, v in st.items()}
         group = {k: v for k, v in shell.param_groups[0].items() if k != "params"}
-        group.update(lr=self.torch.param_groups[self.group_of[r]]["lr"], params=list(range(len(self.params[r]))))
+        group.update(lr=self.torch.param_groups[g]["lr"], params=list(range(len(self.params[r]))))
         shell.load_state_dict({"state": state, "param_groups": [group]})
 
     def freeze(self, r: int) -> None:
@@ -275,12 +290,6 @@ class StackedOptimizer:
                     for v in self.torch.state.get(p.leaf, {}).values():
                         if v.dim():
                             p.rows(v)[r - p.r0].zero_()
-
-
-def schedule_state(schedule: LrSchedule, group: int, groups: int) -> dict[str, Any]:
-    """The state of one param group's schedule, from one over ``groups`` groups
-    (LambdaLR keeps a list per group: base_lrs, _last_lr, lr_lambdas)."""
-    return {k: [v[group]] if isinstance(v, list) and len(v) == groups else v for k, v in schedule.state_dict().items()}
 
 
 # --------------------------------------------------------------------------- the stepper
@@ -309,13 +318,6 @@ class StackedStepper:
         self.net = StackedNet(models)
         self.net.alias(models)
         self.optimizer = StackedOptimizer(self.net, runs)
-        # The stack's schedule, and its lrs, where the replicas' own (restored when resuming) are.
-        self.schedule = LrSchedule(cfg.optim, self.optimizer.torch, first.total)
-        heads = [runs[g0] for g0, _ in self.optimizer.ranges]  # each param group's first replica
-        states = [run.schedule.state_dict() for run in heads]
-        self.schedule.load_state_dict({k: [s[k][0] for s in states] if isinstance(v, list) else v for k, v in states[0].items()})
-        for group, run in zip(self.optimizer.torch.param_groups, heads):
-            group["lr"] = run.optimizer.param_groups[0]["lr"]
         self.train_step = TrainStep(self.net, self.optimizer.torch, Amp(cfg.train.amp), first.device, bool(cfg.train.compile),
                                     per_replica(first.loss_fn))
         w = first.window
@@ -342,7 +344,7 @@ class StackedStepper:
         self.optimizer.clear_split_grads()
         losses, logits = self.train_step.step(x, y)
         self.window.add(step, losses, logits, y)
-        self.schedule.step()
+        self.optimizer.schedule.step()
         self.last = step
         return zip(x, y)  # each replica's batch, made only when a report reads it
 
@@ -352,8 +354,7 @@ class StackedStepper:
         with current(run.run_dir):
             self.window.fold(self.last)
             self.net.grad_views(r, run.model)
-            self.optimizer.lend(r, run.optimizer)
-            run.schedule.load_state_dict(schedule_state(self.schedule, self.optimizer.group_of[r], len(self.optimizer.ranges)))
+            self.optimizer.lend(r, run)
             process = rng_state()
             set_rng_state(self.rngs[r])
             try:

@@ -70,8 +70,10 @@ def loop(stepper: "Stepper") -> RunInterrupted | None:
     (or this rank's share of a data-parallel run), or the replicas of a stack
     (bnexp.replicas). Each run reports, checkpoints, diverges and ends as itself,
     inside ``stepper.own(run)``; a diverged run leaves at its own step and the
-    others go on. Returns the interruption for the caller to raise once it is
-    done (None: every run completed or diverged)."""
+    others go on. In a data-parallel run the ranks agree on divergence
+    (``ranks.any``) and on stopping (``stop_vote``), so all leave at one step.
+    Returns the interruption for the caller to raise once it is done (None:
+    every run completed or diverged)."""
     runs, first = stepper.runs, stepper.runs[0]
     live, status = list(runs), "running"  # the runs still training, and how they end
     try:
@@ -128,7 +130,7 @@ def loop(stepper: "Stepper") -> RunInterrupted | None:
         return None
     if len(runs) == 1:
         return RunInterrupted(first.run_dir, first.state.step, stop.signum)
-    return ReplicasInterrupted([run.run_dir for run in live], first.state.step)
+    return ReplicasInterrupted([run.run_dir for run in live], live[0].state.step)
 
 
 class Stepper:
