@@ -156,6 +156,14 @@ def test_per_replica_optimizer_and_norm_scalars_train_each_replica_like_its_stan
     assert_trains_like_standalone(tmp_path)
 
 
+def test_a_stack_of_one_replica_trains_like_its_standalone_run(tmp_path):
+    cfg = configs(["norm.placement=pre"])[0]
+    quietly(train, cfg, tmp_path / "alone0")
+    [record] = quietly(train_replicas, [ReplicaJob(cfg, tmp_path / "replica0")])
+    assert record["replica"] == {"index": 0, "of": 1}
+    assert_trains_like_standalone(tmp_path, replicas=[0])
+
+
 def test_a_diverging_replica_is_marked_diverged_at_its_own_step_and_the_others_train_on_untouched(tmp_path):
     # No norm and a huge lr for replica 1: its weights overflow at once.
     records = train_both(tmp_path, configs(["norm.placement=none", "model.activation=identity"], [[], ["optim.lr=1e30"], [], []]))
