@@ -37,6 +37,9 @@ class Placement(str, Enum):
 
 
 class NormKind(str, Enum):
+    """The built-in norms (bnexp/norms/<name>.py), in the order bnexp lists them. The
+    composed ``norm.kind`` takes any registered norm's name (bnexp.schema.NormName)."""
+
     batch = "batch"
     ghost_batch = "ghost_batch"
     batch_renorm = "batch_renorm"
@@ -148,6 +151,10 @@ class ModelConfig:
 
 @dataclass
 class NormConfig:
+    """The keys every norm reads, and those of the built-in norms (here, so that
+    Python callers of NormConfig(...) and recorded config hashes stay as they
+    were); a norm added later declares its own keys in its registry entry."""
+
     kind: NormKind = NormKind.batch
     placement: Placement = Placement.pre
     layers: Any = "all"  # "all" or a list of 0-based hidden-layer indices

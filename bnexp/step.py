@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from bnexp.config import Amp, ConfigError, Loss, OptimName, Schedule, TrainOnly, steps_per_epoch
-from bnexp.norms import NORM_TYPES, use_batch_statistics
+from bnexp.norms import is_norm, use_batch_statistics
 
 # train.loss -> the loss function of a step, an evaluation and every probe (mean over the batch).
 LOSSES: dict[Loss, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {Loss.cross_entropy: F.cross_entropy, Loss.mse: F.mse_loss}
@@ -39,7 +39,7 @@ def trainable(cfg: DictConfig, model: nn.Module) -> list[nn.Parameter]:
     stops requiring a gradient (so backward computes none for it, and probes and
     gradient norms see only what trains): BN-only training (Frankle et al. 2021)."""
     if TrainOnly(cfg.get("train_only", TrainOnly.all)) == TrainOnly.norm:
-        norm_params = {id(p) for m in model.modules() if isinstance(m, NORM_TYPES) for p in m.parameters()}
+        norm_params = {id(p) for m in model.modules() if is_norm(m) for p in m.parameters()}
         if not norm_params:
             raise ConfigError("optim.train_only", "norm, but the model has no norm parameters to train; allowed: all, or norm layers with gamma/beta")
         for p in model.parameters():

@@ -112,3 +112,21 @@ def run_inprocess(args: list[str], cwd: Path, env: dict | None = None) -> InProc
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
     return InProcessResult(result.exit_code, result.stdout, result.stderr)
+
+
+def rich_tables(stdout: str) -> list[list[list[str]]]:
+    """Every Rich table in ``stdout``, as rows of cells: its header first (a header's
+    wrapped lines joined), then one row per line."""
+    out, header = [], None
+    for line in stdout.splitlines():
+        if line.startswith("┏"):
+            out.append([])
+            header = None
+        elif line.startswith("┃"):
+            cells = [c.strip() for c in line.split("┃")[1:-1]]
+            header = cells if header is None else [f"{a} {b}".strip() for a, b in zip(header, cells)]
+        elif line.startswith("┡"):
+            out[-1].append(header)
+        elif line.startswith("│"):
+            out[-1].append([c.strip() for c in line.split("│")[1:-1]])
+    return out

@@ -17,8 +17,9 @@ import torch
 from omegaconf import DictConfig, ListConfig
 from torch import nn
 
-from bnexp.config import Activation, ConfigError, DataName, Init, ModelConfig, NormConfig, NormKind, Placement, example_shape
+from bnexp.config import Activation, ConfigError, DataName, Init, ModelConfig, NormConfig, Placement, example_shape
 from bnexp.norms import is_centered, make_noise
+from bnexp.norms import norm as norm_entry
 
 ACTIVATIONS = {
     Activation.relu: nn.ReLU,
@@ -193,13 +194,14 @@ def check_widths(key: str, widths: Any) -> None:
         raise ConfigError(key, f"got {list(widths)}; allowed: positive whole widths")
 
 
-def check_groups_divide(norm_cfg: NormConfig, normalized_widths: dict[str, int]) -> None:
-    """norm=group needs norm.groups to divide the width of every normalized layer (name -> width)."""
-    if NormKind(norm_cfg.kind) != NormKind.group or Placement(norm_cfg.placement) == Placement.none:
+def check_norm_widths(norm_cfg: NormConfig, normalized_widths: dict[str, int]) -> None:
+    """What the norm needs of the width of every normalized layer (name -> width), e.g.
+    norm=group's norm.groups dividing it: its registry entry's ``widths`` check."""
+    if Placement(norm_cfg.placement) == Placement.none:
         return
-    for name, width in normalized_widths.items():
-        if width % norm_cfg.groups:
-            raise ConfigError("norm.groups", f"{norm_cfg.groups} does not divide {name}'s width {width}; allowed: a divisor of every normalized width")
+    entry = norm_entry(norm_cfg.kind)
+    if entry.widths is not None:
+        entry.widths(norm_cfg, normalized_widths)
 
 
 def check_plain_norm(cfg: DictConfig) -> None:

@@ -10,8 +10,9 @@ from torch import nn
 
 from bnexp.config import ModelConfig, NormConfig, Placement
 from bnexp.models.blocks import (
-    Net, activation, block_noise, check_groups_divide, check_plain_norm, check_widths, hidden_block, init_weights, needs_bias, normed_indices,
+    Net, activation, block_noise, check_norm_widths, check_plain_norm, check_widths, hidden_block, init_weights, needs_bias, normed_indices,
 )
+from bnexp.models.layers import linear
 from bnexp.models.registry import register
 from bnexp.norms import make_norm
 
@@ -28,7 +29,7 @@ def build(cfg: MLPConfig, norm_cfg: NormConfig, input_shape: tuple[int, ...], nu
     width, blocks = math.prod(input_shape), []
     for i, out in enumerate(cfg.hidden):
         norm = make_norm(norm_cfg, out, spatial_dims=0) if i in normed else None
-        blocks.append(hidden_block("linear", nn.Linear(width, out, bias=needs_bias(norm, placement)), norm, activation(cfg), placement,
+        blocks.append(hidden_block("linear", linear(width, out, bias=needs_bias(norm, placement), cfg=norm_cfg), norm, activation(cfg), placement,
                                    block_noise(norm_cfg, i, len(cfg.hidden))))
         width = out
     # Flattening is the MLP's own business: the data keeps its natural shape.
@@ -41,7 +42,7 @@ def check(cfg: DictConfig) -> None:
     check_plain_norm(cfg)
     check_widths("model.hidden", cfg.model.hidden)
     normed = normed_indices(cfg.norm, len(cfg.model.hidden))
-    check_groups_divide(cfg.norm, {f"hidden layer {i}": cfg.model.hidden[i] for i in normed})
+    check_norm_widths(cfg.norm, {f"hidden layer {i}": cfg.model.hidden[i] for i in normed})
 
 
 register("mlp", MLPConfig, build, check)

@@ -30,8 +30,9 @@ from torch import nn
 
 from bnexp.config import ConfigError, ModelConfig, NormConfig, Placement
 from bnexp.models.blocks import (
-    StagedNet, activation, block_noise, check_groups_divide, check_images, check_plain_norm, hidden_block, init_weights, needs_bias, normed_indices, scaled,
+    StagedNet, activation, block_noise, check_norm_widths, check_images, check_plain_norm, hidden_block, init_weights, needs_bias, normed_indices, scaled,
 )
+from bnexp.models.layers import conv
 from bnexp.models.registry import register
 from bnexp.norms import make_norm
 
@@ -64,8 +65,8 @@ def build(cfg: VGGConfig, norm_cfg: NormConfig, input_shape: tuple[int, ...], nu
         parts: list[tuple[str, nn.Module]] = []
         for b, out in enumerate(stage_widths):
             norm = make_norm(norm_cfg, out, spatial_dims=2) if i in normed else None
-            conv = nn.Conv2d(channels, out, 3, padding=1, bias=needs_bias(norm, placement))
-            block = hidden_block("conv", conv, norm, activation(cfg), placement, block_noise(norm_cfg, i, n_convs))
+            layer = conv(channels, out, 3, padding=1, bias=needs_bias(norm, placement), cfg=norm_cfg)
+            block = hidden_block("conv", layer, norm, activation(cfg), placement, block_noise(norm_cfg, i, n_convs))
             parts.append((f"block{b}", block))
             channels, i = out, i + 1
         if size >= 2:
@@ -87,7 +88,7 @@ def check(cfg: DictConfig) -> None:
         raise ConfigError("model.width", f"got {m.width}; allowed: a multiplier > 0 of the 64..512 channels")
     flat = [w for stage in conv_widths(m.variant, m.width) for w in stage]
     normed = normed_indices(cfg.norm, len(flat))
-    check_groups_divide(cfg.norm, {f"conv block {i}": flat[i] for i in normed})
+    check_norm_widths(cfg.norm, {f"conv block {i}": flat[i] for i in normed})
 
 
 register("vgg", VGGConfig, build, check)

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from bnexp.config import ConfigError
-from bnexp.norms import _BatchRenorm, running_stat_norms, tracks_unbiased_var, use_batch_statistics
+from bnexp.norms import entry_of, running_stat_norms, running_stats, use_batch_statistics
 from bnexp.probes.base import ProbeContext, ProbeSetup, register
 from bnexp.step import evaluate
 
@@ -50,10 +50,11 @@ def recompute_bn_stats(model: nn.Module, x: torch.Tensor, batches: int, batch_si
     """Set each running mean / variance to the pooled statistics of its layer's
     inputs over ``batches`` batches of ``x`` (as fvcore's _PopulationVarianceEstimator:
     the mean and the variance over every value a channel saw, H and W counting as
-    batch). The variance follows the norm's own running rule (norm.running_var):
-    unbiased, n/(n-1) over the n values pooled (torch's convention, which fvcore's
-    estimator keeps), or biased; batch renorm gets its running sigma,
-    sqrt(variance + eps). Returns the number of norms recomputed.
+    batch). The spread buffer gets what the norm's registry entry makes of the
+    pooled variance (``Norm.spread_of``): a variance by the norm's own running rule
+    (norm.running_var): unbiased, n/(n-1) over the n values pooled (torch's
+    convention, which fvcore's estimator keeps), or biased; batch renorm's
+    running sigma, sqrt(variance + eps). Returns the number of norms recomputed.
 
     Written here rather than taken from fvcore: fvcore is not a dependency, its
     BN_MODULE_TYPES miss bnexp's ghost BN and batch renorm, and it rebinds the
@@ -70,8 +71,7 @@ def recompute_bn_stats(model: nn.Module, x: torch.Tensor, batches: int, batch_si
     kept = [(m, m.momentum, getattr(m, "num_batches_tracked", None)) for m in norms]
     kept = [(m, momentum, None if tracked is None else tracked.clone()) for m, momentum, tracked in kept]
     # Per channel, in float64: the count, the sum, the sum of squares (from each batch's stable var_mean).
-    sums = {m: [0, torch.zeros(m.num_features, dtype=torch.float64, device=x.device),
-                torch.zeros(m.num_features, dtype=torch.float64, device=x.device)] for m in norms}
+    sums = {m: [0, *(torch.zeros_like(running_stats(m)[0], dtype=torch.float64) for _ in range(2))] for m in norms}
 
     def collect(m: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
         a = inputs[0].float()
@@ -102,11 +102,9 @@ def recompute_bn_stats(model: nn.Module, x: torch.Tensor, batches: int, batch_si
         count, s1, s2 = sums[m]
         mean = s1 / count
         var = s2 / count - mean**2  # biased, over every value pooled
-        m.running_mean.copy_(mean)
-        if isinstance(m, _BatchRenorm):
-            m.running_std.copy_(torch.sqrt(var + m.eps))  # its sigma (Ioffe 2017, Algorithm 1): eps inside
-        else:
-            m.running_var.copy_(var * count / max(count - 1, 1) if tracks_unbiased_var(m) else var)
+        running_mean, spread = running_stats(m)
+        running_mean.copy_(mean)
+        spread.copy_(entry_of(m).spread_of(m, var, count))  # a variance by its running rule, batch renorm's sigma
     return len(norms)
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from bnexp.models.blocks import parameterized_layers
-from bnexp.norms import NORM_TYPES
+from bnexp.norms import is_norm
 from bnexp.probes import grads
 from bnexp.probes.base import ProbeContext, ProbeSetup, register
 
@@ -39,7 +39,7 @@ class InternalCovariateShift:
         # and beta count among "the layers before" a later one. BN-only training
         # (optim.train_only=norm) leaves only norms trainable: then they are the layers.
         kinds = {name: module for name, module in model.named_modules() if name in named}
-        weight_layers = [n for n in named if not isinstance(kinds[n], NORM_TYPES)] or list(named)
+        weight_layers = [n for n in named if not is_norm(kinds[n])] or list(named)
         # Per measured layer: its slice of self.params, and where the parameters before it end.
         self.layers: list[tuple[str, slice]] = []
         start = 0
