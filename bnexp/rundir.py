@@ -145,6 +145,19 @@ class RunInterrupted(KeyboardInterrupt):
         return (self.run_dir / CHECKPOINT).is_file() and read_record(self.run_dir) is not None
 
 
+class ReplicasInterrupted(RunInterrupted):
+    """SIGINT/SIGTERM stopped a stack of replicas after a whole step; every replica's checkpoint is saved."""
+
+    def __init__(self, run_dirs: list[Path], step: int):
+        super().__init__(run_dirs[0], step)
+        self.run_dirs = run_dirs
+        self.args = (f"{len(run_dirs)} replicas ({run_dirs[0]} ...) interrupted after step {step}; checkpoints saved",)
+
+    @property
+    def resumable(self) -> bool:
+        return all(RunInterrupted(d, self.step).resumable for d in self.run_dirs)
+
+
 # --------------------------------------------------------------------------- the run dir's lock
 
 

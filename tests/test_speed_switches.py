@@ -138,13 +138,14 @@ def test_window_finds_the_first_non_finite_loss_and_averages_loss_and_accuracy()
     assert window_after(4)[1] == 3  # the first non-finite loss is step 3's
 
 
-def test_a_window_folded_in_parts_holds_the_same_bits():
+def test_a_window_folded_in_parts_holds_the_same_bits(monkeypatch):
     # A checkpoint or a full buffer folds a window part-way; the values logged must not depend on it.
     gen = torch.Generator().manual_seed(0)
     logits, labels = torch.randn(10, 32, 10, generator=gen), torch.randint(0, 10, (10, 32), generator=gen)
     buffers = []
     for parts, limit in (([10], 1 << 22), ([4, 6], 1 << 22), ([1, 2, 3, 4], 1 << 22), ([10], 3 * 32 * 10)):
-        window, step = LogWindow(10, 10, 32, 10, torch.device("cpu"), limit_logits=limit), 0
+        monkeypatch.setattr("bnexp.step.WINDOW_LOGITS", limit)  # the last: a full buffer folds every 3 steps
+        window, step = LogWindow(10, 10, 32, 10, torch.device("cpu")), 0
         for size in parts:
             for _ in range(size):
                 step += 1

@@ -49,14 +49,18 @@ from bnexp.norms.frn import TLU
 _ELEMENTWISE = tuple(set(ACTIVATIONS.values()))
 _PER_CHANNEL = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
 _PER_EXAMPLE = (nn.Identity, nn.Flatten, nn.Unflatten)
-# Weight-standardized layers (norm.weight_std) fold as the torch layers they subclass, the
-# weight standardized per output unit of each replica in the stacked forward; matched by exact type.
+# Modules other than norms fold by their exact type: a subclass (a Conv2d with
+# its own forward) has no fold rule of its own. Weight-standardized layers (norm.weight_std)
+# have theirs: they fold as the torch layers they subclass, the weight standardized per
+# output unit of each replica in the stacked forward; FRN's TLU folds over R*C channels.
 _LINEARS = (nn.Linear, layers.WSLinear)
 _CONVS = (nn.Conv1d, nn.Conv2d, layers.WSConv1d, layers.WSConv2d)
+_FOLDS = frozenset((nn.Sequential, *_LINEARS, *_CONVS, TLU, *_ELEMENTWISE, *_PER_CHANNEL, *_PER_EXAMPLE))
 
 
 class NotStackable(ValueError):
-    """The network has a part the stacked model does not fold (the launcher runs such jobs one by one)."""
+    """The network has a part the stacked model does not fold; its words name the part
+    (the vectorized launcher then trains such jobs one by one: bnexp.replicas.stacks_of)."""
 
 
 @dataclass
@@ -119,8 +123,8 @@ class StackedNet(nn.Module):
 
     def __init__(self, models: list[Net]):
         super().__init__()
-        if not models or not all(isinstance(m, Net) for m in models):
-            raise NotStackable("only bnexp.models Net families stack")
+        if not models or not all(type(m) is Net for m in models):
+            raise NotStackable(f"{type(models[0]).__name__ if models else 'no network'} (only bnexp.models.blocks.Net networks fold)")
         self.R = len(models)
         self.slots: list[Slot] = []
         self.plan: list[tuple[str, object]] = []  # (layout an op needs, the op) in forward order
@@ -139,6 +143,8 @@ class StackedNet(nn.Module):
         t = mods[0]
         if any(type(m) is not type(t) for m in mods):
             raise NotStackable(f"{name}: the replicas differ in structure")
+        if type(t) not in _FOLDS and not norms.is_norm(t):  # a norm folds by its registry entry's rule
+            raise NotStackable(f"{name} ({type(t).__name__})")
         if isinstance(t, nn.Sequential):
             for child in t._modules:
                 self._plan_module(f"{name}.{child}", [getattr(m, child) for m in mods])
@@ -172,7 +178,7 @@ class StackedNet(nn.Module):
             raise NotStackable(f"{name}: {type(t).__name__}")
 
     def _param(self, name: str, params: list[torch.Tensor], cat: bool) -> nn.Parameter:
-        leaf = nn.Parameter(_leaf(params, params[0].requires_grad, cat))
+        leaf = nn.Parameter(_leaf(params, params[0].requires_grad, cat), requires_grad=params[0].requires_grad)  # optim.train_only
         self.register_parameter(name.replace(".", "__"), leaf)
         self.slots.append(Slot(name, leaf, 0, self.R, tuple(params[0].shape)))
         return leaf
