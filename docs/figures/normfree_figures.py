@@ -48,6 +48,15 @@ def band(ax, g: Group, tag: str, label: str, color=None) -> None:
     ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color=line.get_color(), alpha=0.2, lw=0)
 
 
+def finish(fig, axes, title: str, out: Path) -> None:
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
 def zoo(root: Path, out: Path) -> None:
     groups = group_runs(find_runs([root]), by=["norm.kind", "norm.weight_std", "norm.placement", "train.batch_size"])
     by_norm: dict[str, list[tuple[int, Stat]]] = {}
@@ -91,12 +100,7 @@ def resnet(root: Path, out: Path) -> None:
         band(axes[1], g, "train/loss", label)
     axes[0].set(title="validation accuracy", xlabel="step")
     axes[1].set(title="training loss (window mean)", xlabel="step", yscale="log")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
-    fig.suptitle("normfree_resnet: ResNet-8 (half width), Fashion-MNIST, mean ± std over seeds")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    finish(fig, axes, "normfree_resnet: ResNet-8 (half width), Fashion-MNIST, mean ± std over seeds", out)
 
 
 def dropout(root: Path, out: Path) -> None:
@@ -150,12 +154,7 @@ def rank(root: Path, out: Path) -> None:
     axes[1].set(title="mean cosine of two examples' outputs", xlabel="hidden layer")
     axes[2].set(title="last hidden layer's stable rank", xlabel="step", yscale="log")
     axes[3].set(title="validation accuracy", xlabel="step")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
-    fig.suptitle("rank_collapse: 30-layer ReLU MLP (128 wide, Kaiming init), Fashion-MNIST, probe batch of 256 (mean over seeds)")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    finish(fig, axes, "rank_collapse: 30-layer ReLU MLP (128 wide, Kaiming init), Fashion-MNIST, probe batch of 256 (mean over seeds)", out)
 
 
 if __name__ == "__main__":
