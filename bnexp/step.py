@@ -47,9 +47,18 @@ def trainable(cfg: DictConfig, model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def param_groups(params: list[nn.Parameter], lr: float) -> list[dict[str, Any]]:
+    """One param group at ``lr``, and one more per ``lr_scale`` attribute a model gave some of its
+    parameters (Fixup's scalars train at lr / 10: bnexp.models.resnet.fixup_init); the main group
+    stays first, whose lr ``optim/lr`` logs."""
+    scales = sorted({getattr(p, "lr_scale", 1.0) for p in params} - {1.0})
+    groups = [{"params": [p for p in params if getattr(p, "lr_scale", 1.0) == 1.0]}]
+    return groups + [{"params": [p for p in params if getattr(p, "lr_scale", 1.0) == s], "lr": lr * s} for s in scales]
+
+
 def make_optimizer(cfg: DictConfig, model: nn.Module, batch_size: int | None = None) -> torch.optim.Optimizer:
-    params = trainable(cfg, model)
     name, lr = OptimName(cfg.name), base_lr(cfg, batch_size)
+    params = param_groups(trainable(cfg, model), lr)
     if name == OptimName.sgd:
         return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov and cfg.momentum > 0)
     cls = torch.optim.Adam if name == OptimName.adam else torch.optim.AdamW

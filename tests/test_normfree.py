@@ -58,6 +58,19 @@ def test_fixup_starts_with_every_branch_and_the_classifier_at_exactly_zero_and_s
     assert [n for n, _ in block.named_children()][:8] == ["bias1a", "conv1", "bias1b", "act1", "bias2a", "conv2", "scale", "bias2b"]
 
 
+def test_fixups_scalar_biases_and_multipliers_train_at_a_tenth_of_the_learning_rate_as_in_its_reference_code():
+    from bnexp.step import make_optimizer
+
+    cfg = compose([*IMAGES, "norm.placement=none", "model.init=fixup", "model.skipinit=true", "optim.lr=0.2"])
+    model = build_model(cfg.model, cfg.norm, (1, 8, 8), 10)
+    main, scalars = make_optimizer(cfg.optim, model).param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert main["lr"] == 0.2 and scalars["lr"] == pytest.approx(0.02)
+    assert sorted(names[id(p)].rsplit(".", 1)[0].rsplit(".", 1)[-1] for p in scalars["params"]) == sorted(
+        ["bias1a", "bias1b", "bias2a", "scale", "bias2b"] * 6 + ["bias", "bias"])  # each block's, the stem's and the head's
+    assert any(names[id(p)].endswith("skip.weight") for p in main["params"])  # SkipInit's gates train at optim.lr
+
+
 def test_skipinit_at_init_is_the_network_with_its_residual_branches_removed():
     for placement in ("none", "pre"):
         model = resnet(f"norm.placement={placement}", "model.skipinit=true").eval()
