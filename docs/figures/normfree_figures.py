@@ -20,6 +20,7 @@ so groups and seeds mean exactly what `bnexp report` means.
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -117,9 +118,11 @@ def dropout(root: Path, out: Path) -> None:
                     yerr=[s.std or 0 for s in shifts], capsize=2, label=label)
         axes[1].errorbar([i], [100 * acc.mean], yerr=[100 * (acc.std or 0)], marker="o", capsize=4)
     axes[0].axhline(1.0, color="k", lw=0.8)
-    axes[0].axhline(0.5, color="k", lw=0.8, ls=":")
+    # (m2 - mu^2) / (m2 / (1 - p) - mu^2) for relu(z), z ~ N(0, 1): mu = 1/sqrt(2 pi), m2 = 1/2, p = 0.5
+    relu_shift = (0.5 - 1 / (2 * math.pi)) / (0.5 / 0.5 - 1 / (2 * math.pi))
+    axes[0].axhline(relu_shift, color="k", lw=0.8, ls=":")
     axes[0].set(xticks=range(3), xticklabels=[f"hidden{layer}.norm" for layer in range(3)], ylabel="eval-mode var / running var",
-                title="var_shift at the end (1: no shift; 1 - p = 0.5 dotted)")
+                title=f"var_shift at the end (1: no shift; dotted: {relu_shift:.3f}, ReLU outputs at p = 0.5)")
     axes[0].legend(fontsize="x-small")
     axes[1].set(xticks=range(len(labels)), ylabel="test accuracy (%)", title="test accuracy (mean ± std)")
     axes[1].set_xticklabels(labels, rotation=25, ha="right", fontsize="small")
