@@ -78,6 +78,7 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, extra_record: di
                         break
                 else:
                     status = "completed"
+            run.stop_vote.settle()  # every rank left after the same step; nothing may stay in flight at exit
             finish(run, status)
         except BaseException as e:
             status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
@@ -178,6 +179,7 @@ class Run:
         t = cfg.train
         self.cfg, self.run_dir, self.device, self.data, self.total = cfg, run_dir, device, data, total
         self.ranks = distributed.current()  # one process, or this rank's share of a data-parallel run
+        self.ranks.set_timeout(t.dist_timeout)  # a stuck peer fails the run after this long
         self.stop_vote = self.ranks.stop_vote()  # signals reach ranks at different steps: they agree on one
         # The step trains through the DDP wrapper (step_model); all else sees the raw model.
         self.model, step_model = self.ranks.models(build_run_model(cfg, data, device), cfg.norm, t.batch_size, device)
