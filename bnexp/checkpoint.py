@@ -10,7 +10,9 @@ checkpoint holds tensors and plain containers, never code.
 from __future__ import annotations
 
 import copy
+import json
 import random
+import zipfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,6 +22,7 @@ import torch
 
 from bnexp.config import ConfigError
 from bnexp.io import atomic_write
+from bnexp.rundir import OWNER_ENTRY
 
 FORMAT = 1
 # The stateful parts a run checkpoints, by key (format 1's keys; see Run.parts in bnexp.train).
@@ -88,10 +91,29 @@ def _compact(obj: Any) -> Any:
     return obj
 
 
-def save(path: Path, parts: dict[str, Stateful], state: LoopState, final: dict[str, float], best: dict[str, float]) -> None:
+def owner(record: dict[str, Any], seed: int) -> dict[str, Any]:
+    """The run a checkpoint belongs to, from its metrics.json record: config hash,
+    seed, and replica index in a stack (None alone). See bnexp.rundir.foreign_checkpoint."""
+    replica = record.get("replica")
+    return {"config_hash": record.get("config_hash"), "seed": int(seed),
+            "replica": replica.get("index") if isinstance(replica, dict) else None}
+
+
+def save(path: Path, parts: dict[str, Stateful], state: LoopState, final: dict[str, float], best: dict[str, float],
+         run: dict[str, Any] | None = None) -> None:
+    """``run``: :func:`owner`, written beside the pickle as a small JSON entry of
+    the checkpoint's zip archive, so that deciding whether to resume reads it
+    without loading the checkpoint (or torch)."""
     ckpt = {"format": FORMAT, **{k: _compact(parts[k].state_dict()) for k in (*PARTS, *LATER_PARTS)}, "rng": rng_state(),
             "state": asdict(state), "final": dict(final), "best": dict(best)}
-    atomic_write(path, lambda f: torch.save(ckpt, f), mode="wb")
+
+    def write(f: Any) -> None:
+        torch.save(ckpt, f)
+        if run is not None:
+            with zipfile.ZipFile(f, "a") as z:  # torch.load reads records by name and ignores this one
+                z.writestr(f"{z.namelist()[0].split('/')[0]}/{OWNER_ENTRY}", json.dumps(run))
+
+    atomic_write(path, write, mode="w+b")
 
 
 def load(path: Path) -> dict[str, Any]:

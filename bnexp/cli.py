@@ -178,6 +178,7 @@ def sweep(ctx: typer.Context) -> None:
         _run_hydra(args)  # Hydra's inspection flags exclude --multirun
         return
     before = len(sweep_mod.STARTED)
+    refused_before = len(_refused())
     _sigterm_interrupts()
     try:
         with _signals_received() as received:
@@ -204,8 +205,17 @@ def sweep(ctx: typer.Context) -> None:
     except KeyboardInterrupt as e:  # Ctrl-C during the summary of a finished sweep
         raise _interrupted(e, f"every job ended; `bnexp report {sweep_mod.STARTED[-1].dir} --tensorboard` "
                               "prints the summary and writes the sweep's dashboards") from None
-    if any(j.status in ("failed", "unreadable", "dead") for j in jobs):
+    refused = _refused()[refused_before:]
+    for run_dir, reason in refused:  # untouched, so the table shows what they held before
+        typer.echo(f"not run: {run_dir.name}: {reason}", err=True)
+    if refused or any(j.status in ("failed", "unreadable", "dead") for j in jobs):
         raise typer.Exit(EXIT_FAILED)
+
+
+def _refused() -> list:
+    from bnexp import hydra_app
+
+    return hydra_app.REFUSED
 
 
 @contextmanager

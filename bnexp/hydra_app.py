@@ -45,6 +45,10 @@ log = logging.getLogger("bnexp")
 # `bnexp train` run dirs whose callback has checked them and taken their lock
 # and guard, waiting for the task (Hydra gives callbacks no channel to the task).
 _PENDING: dict[Path, RunDirGuard] = {}
+# Sweep jobs this process refused to touch (another config's run, another run's
+# checkpoint): their run dirs keep what they held, so only this says they did not
+# run; `bnexp sweep` names them after its summary and exits 1.
+REFUSED: list[tuple[Path, str]] = []
 
 
 class RejectedConfig(BaseException):
@@ -226,6 +230,7 @@ def _not_trained(decision: Decision, run_dir: Path, overrides: list[str]) -> dic
     if decision.live:  # live elsewhere: leave it to that process, touch nothing
         return _skipped(run_dir, decision.record or {}, decision.reason)
     log.error("not run: %s", decision.reason)  # someone else's run lives here: report, touch nothing
+    REFUSED.append((run_dir, decision.reason))
     return {"status": "failed", "error": decision.reason, "steps": 0, "final": {}, "best": {}, "overrides": overrides, "run_dir": str(run_dir)}
 
 

@@ -17,6 +17,7 @@ import os
 import re
 import socket
 import time
+import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
@@ -36,6 +37,7 @@ METRICS = "metrics.json"
 CHECKPOINT = "checkpoint.pt"  # written by bnexp.checkpoint; named here so that torch-free code can look for it
 LOCK_FILE = ".bnexp.lock"  # inside the run dir; never deleted while in use (see run_lock)
 WRITER = "bnexp"  # every metrics.json bnexp writes says so under "writer"
+OWNER_ENTRY = "bnexp_run.json"  # the run a checkpoint belongs to: an entry of its zip archive (bnexp.checkpoint.save)
 
 log = logging.getLogger("bnexp")
 
@@ -425,6 +427,39 @@ def world_mismatch(record: dict[str, Any], run_dir: Path) -> str | None:
             f"continue it as it began (`{again} {run_dir}`) or choose another directory")
 
 
+def checkpoint_owner(path: Path) -> dict[str, Any] | None:
+    """The run a checkpoint names (bnexp.checkpoint.owner), read from its zip
+    archive's directory and one small entry, without torch; None where it names
+    none (written before checkpoints did, or not a zip: loading it says why)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            entry = next((i for i in z.infolist() if i.filename.rsplit("/", 1)[-1] == OWNER_ENTRY), None)
+            if entry is None or entry.file_size > 4096:
+                return None
+            owner = json.loads(z.read(entry))
+    except (OSError, ValueError, zipfile.BadZipFile, RuntimeError):
+        return None
+    return owner if isinstance(owner, dict) else None
+
+
+def foreign_checkpoint(run_dir: Path, record: dict[str, Any], cfg: Any) -> str | None:
+    """Why ``run_dir``'s checkpoint belongs to another run than its record and
+    config (another config hash or seed: copied from another run dir); None if
+    it is this run's, or names no run. The replica index is named, not compared:
+    a rerun may stack the same run at another index."""
+    ckpt = checkpoint_owner(run_dir / CHECKPOINT)
+    if ckpt is None:
+        return None
+    seed = cfg.get("seed") if hasattr(cfg, "get") else None
+    mine = {"config_hash": record.get("config_hash"), "seed": seed}
+    if all(ckpt.get(k) == v for k, v in mine.items() if v is not None):
+        return None
+    name = lambda o: f"seed {o.get('seed')}, config hash {o.get('config_hash')}" + (  # noqa: E731
+        f", replica {o['replica']}" if o.get("replica") is not None else "")
+    return (f"{run_dir / CHECKPOINT} belongs to another run ({name(ckpt)}; this run: {name(mine)}); resuming from it would "
+            f"continue that run here. Put this run's checkpoint back, or delete it to train from scratch")
+
+
 def is_finished(record: dict[str, Any] | None, cfg: Any) -> bool:
     """Whether ``record`` (a metrics.json) is a finished run of ``cfg``: a rerun skips it."""
     if record is None or record.get("status") not in ("completed", "diverged"):
@@ -462,5 +497,8 @@ def policy(cfg: Any, run_dir: str | os.PathLike) -> Decision:
     if is_finished(record, cfg):
         return Decision(Action.skip, f"{run_dir}: {record['status']} earlier with the same config", record)
     if record.get("config_hash") is not None and ckpt.is_file() and record.get("status") in ("running", "interrupted", "failed"):
+        foreign = foreign_checkpoint(run_dir, record, cfg)
+        if foreign:
+            return Decision(Action.refuse, foreign, record)
         return Decision(Action.resume, f"{run_dir}: {record.get('status')} at step {record.get('steps')}; resuming from its checkpoint", record)
     return Decision(Action.train, "", record)

@@ -269,7 +269,8 @@ def save(run: Run) -> None:
     tracker.writer.flush()
     tracker.record.write(steps=run.state.step, final=tracker.final, best=tracker.best, steps_to_target=run.state.steps_to_target)
     if run.ranks.is_master:
-        ckpt_mod.save(run.run_dir / CHECKPOINT, run.parts, run.state, tracker.final, tracker.best)
+        ckpt_mod.save(run.run_dir / CHECKPOINT, run.parts, run.state, tracker.final, tracker.best,
+                      run=ckpt_mod.owner(tracker.record.data, run.cfg.seed))
 
 
 def end(run: Run, status: str) -> None:

@@ -1,0 +1,107 @@
+"""Files that do not belong where bnexp finds them: a checkpoint copied from
+another run, damaged or hostile saved configs, checkpoints and run trees.
+Each is refused in one line with exit 2 (or listed as unreadable), and what is
+on disk stays as it was."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY, run_inprocess, snapshot
+
+TRAIN = [*TINY, "train.steps=20", "train.eval_every=10"]
+
+
+def bnexp(*args: str, cwd: Path):
+    return run_inprocess(list(args), cwd)
+
+
+def metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def mark(run_dir: Path, status: str) -> None:
+    """As if the run had stopped there (the checkpoint at its last step is resumable)."""
+    (run_dir / "metrics.json").write_text(json.dumps({**metrics(run_dir), "status": status}))
+
+
+def one_line_exit_2(out, *words: str) -> str:
+    err = out.stderr.strip()
+    assert out.returncode == 2, (out.returncode, out.stdout[-2000:], out.stderr[-2000:])
+    assert len(err.splitlines()) == 1 and "Traceback" not in out.stdout + out.stderr, err
+    for w in words:
+        assert w in err, (w, err)
+    return err
+
+
+# ---------------------------------------------------------------- a checkpoint of another run
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("trained")
+    for seed in (0, 7):
+        assert bnexp("train", *TRAIN, f"seed={seed}", f"hydra.run.dir=seed{seed}", cwd=root).returncode == 0
+        mark(root / f"seed{seed}", "interrupted")
+    return root
+
+
+@pytest.fixture
+def two_runs(trained, tmp_path) -> tuple[Path, Path]:
+    """Two interrupted runs that differ only in seed (copies: a test may change them)."""
+    for seed in (0, 7):
+        shutil.copytree(trained / f"seed{seed}", tmp_path / f"seed{seed}", symlinks=True)
+    return tmp_path / "seed0", tmp_path / "seed7"
+
+
+def test_resume_refuses_a_checkpoint_copied_from_another_run_naming_both(two_runs):
+    mine, other = two_runs
+    shutil.copy2(other / "checkpoint.pt", mine / "checkpoint.pt")
+    before = snapshot(mine.parent)
+    err = one_line_exit_2(bnexp("resume", str(mine), cwd=mine.parent), "checkpoint.pt belongs to another run", "seed 7", "this run: seed 0")
+    assert "delete it" in err
+    assert snapshot(mine.parent) == before
+    # and train into that dir is refused the same way, before Hydra writes anything
+    out = bnexp("train", *TRAIN, "seed=0", f"hydra.run.dir={mine}", cwd=mine.parent)
+    one_line_exit_2(out, "belongs to another run")
+    assert snapshot(mine.parent) == before
+
+
+def test_resume_takes_the_runs_own_checkpoint(two_runs):
+    mine, _ = two_runs
+    out = bnexp("resume", str(mine), cwd=mine.parent)
+    assert out.returncode == 0, out.stderr
+    assert metrics(mine)["status"] == "completed"
+
+
+def test_a_checkpoint_names_its_run_without_being_loaded(two_runs):
+    from bnexp.rundir import checkpoint_owner
+
+    mine, other = two_runs
+    assert checkpoint_owner(mine / "checkpoint.pt") == {"config_hash": metrics(mine)["config_hash"], "seed": 0, "replica": None}
+    assert checkpoint_owner(other / "checkpoint.pt")["seed"] == 7
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["basic", "vectorized"])
+def test_a_sweep_rerun_does_not_resume_a_job_from_another_jobs_checkpoint(tmp_path, launcher):
+    args = ["sweep", *TRAIN, "seed=0,1", "hydra.sweep.dir=sw", f"hydra/launcher={launcher}"]
+    out = bnexp(*args, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    jobs = {p.name: p for p in (tmp_path / "sw").iterdir() if p.is_dir() and p.name.startswith("seed")}
+    assert sorted(jobs) == ["seed=0", "seed=1"]
+    for job in jobs.values():
+        mark(job, "interrupted")
+    shutil.copy2(jobs["seed=0"] / "checkpoint.pt", jobs["seed=1"] / "checkpoint.pt")  # seed 1 would become seed 0
+    victim = snapshot(jobs["seed=1"])
+    out = bnexp(*args, cwd=tmp_path)
+    assert out.returncode == 1
+    assert "belongs to another run" in (jobs["seed=1"] / "bnexp.log").read_text()
+    assert {k: v for k, v in snapshot(jobs["seed=1"]).items() if not k.startswith((".hydra", "bnexp.log", ".bnexp.lock"))} == \
+           {k: v for k, v in victim.items() if not k.startswith((".hydra", "bnexp.log", ".bnexp.lock"))}
+    assert metrics(jobs["seed=1"])["status"] == "interrupted"
+    assert metrics(jobs["seed=0"])["status"] == "completed"  # the other job resumed from its own
