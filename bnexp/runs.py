@@ -12,6 +12,7 @@ import json
 import math
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -140,16 +141,31 @@ def find_run_dirs(paths: Iterable[str | os.PathLike]) -> list[Path]:
     return sorted(found)
 
 
+# ${name:...}: a call of a resolver (oc.env, hydra, now, ...); ${a.b} refers to another key.
+_RESOLVER_CALL = re.compile(r"\$\{\s*[A-Za-z_][\w.\-]*\s*:")
+
+
+def resolver_calls(container: Any) -> list[str]:
+    """The dotted keys of a saved config (as a container, unresolved) whose values
+    call a resolver: what they give depends on the environment or Hydra's runtime
+    of the process reading them, not on the run (and ${oc.env:...} may be a secret)."""
+    return [k for k, v in flatten(container).items() if _RESOLVER_CALL.search(str(v))] if isinstance(container, dict) else []
+
+
 def _read_config(path: Path, problems: list[str]) -> dict[str, Any] | None:
-    """.hydra/config.yaml flattened, or None with the reason added to ``problems``."""
+    """.hydra/config.yaml flattened, or None with the reason added to ``problems``.
+    References between keys are resolved; resolver calls are shown as written,
+    never resolved in this process (an ${oc.env:...} would print its value)."""
     try:
         from omegaconf import OmegaConf
 
         saved = OmegaConf.load(path / CONFIG)
-        try:
-            container = OmegaConf.to_container(saved, resolve=True)
-        except Exception:  # noqa: BLE001  an interpolation that no longer resolves
-            container = OmegaConf.to_container(saved, resolve=False)
+        container = OmegaConf.to_container(saved, resolve=False)
+        if not resolver_calls(container):
+            try:
+                container = OmegaConf.to_container(saved, resolve=True)
+            except Exception:  # noqa: BLE001  an interpolation that no longer resolves
+                pass
     except FileNotFoundError:
         problems.append("no .hydra/config.yaml")
         return None

@@ -105,3 +105,74 @@ def test_a_sweep_rerun_does_not_resume_a_job_from_another_jobs_checkpoint(tmp_pa
            {k: v for k, v in victim.items() if not k.startswith((".hydra", "bnexp.log", ".bnexp.lock"))}
     assert metrics(jobs["seed=1"])["status"] == "interrupted"
     assert metrics(jobs["seed=0"])["status"] == "completed"  # the other job resumed from its own
+
+
+# ---------------------------------------------------------------- damaged or hostile saved configs
+
+
+def damage(run_dir: Path, case: str) -> None:
+    config = run_dir / ".hydra" / "config.yaml"
+    text = config.read_text()
+    edits = {
+        "recursive": lambda t: t.replace("seed: 0", "seed: ${notes}").replace("notes: null", "notes: ${seed}"),
+        "oc.env": lambda t: t.replace("notes: null", "notes: ${oc.env:BNEXP_TEST_SECRET}"),
+        "hydra": lambda t: t.replace("notes: null", "notes: ${hydra:runtime.cwd}"),
+        "dangling": lambda t: t.replace("notes: null", "notes: ${no.such.key}"),
+        "cut short": lambda t: t[: len(t) // 2].rsplit("\n", 1)[0] + "\n",
+        "empty": lambda t: "",
+        "edited": lambda t: t.replace("steps: 20", "steps: 21"),
+    }
+    if case in edits:
+        config.write_text(edits[case](text))
+    elif case == "yaml tag in overrides.yaml":
+        (run_dir / ".hydra" / "overrides.yaml").write_text("- !!python/object/apply:os.system ['touch PWNED']\n")
+
+
+SAVED_CONFIG_CASES = {
+    "recursive": ["seed", "Recursive interpolation"],
+    "oc.env": ["notes", "${oc.env:BNEXP_TEST_SECRET}", "never resolves"],
+    "hydra": ["notes", "${hydra:runtime.cwd}", "never resolves"],
+    "dangling": ["notes", "no.such.key"],
+    "cut short": ["config.yaml", "misses", "cut short"],
+    "empty": ["config.yaml", "misses seed"],
+    "edited": ["no longer matches the run in metrics.json"],
+    "yaml tag in overrides.yaml": ["overrides.yaml", "python/object/apply:os.system"],
+}
+
+
+@pytest.mark.parametrize("cmd", ["resume", "reproduce"])
+@pytest.mark.parametrize("case", SAVED_CONFIG_CASES)
+def test_a_damaged_or_hostile_saved_config_is_refused_in_one_line_with_nothing_written(two_runs, monkeypatch, cmd, case):
+    if cmd == "resume" and case == "yaml tag in overrides.yaml":
+        pytest.skip("resume reads the overrides from metrics.json")
+    monkeypatch.setenv("BNEXP_TEST_SECRET", "hunter2")
+    run, _ = two_runs
+    damage(run, case)
+    before = snapshot(run.parent)
+    args = ["resume", str(run)] if cmd == "resume" else ["reproduce", str(run), "--out", str(run.parent / "again")]
+    out = bnexp(*args, cwd=run.parent)
+    one_line_exit_2(out, *SAVED_CONFIG_CASES[case])
+    assert "hunter2" not in out.stdout + out.stderr
+    assert snapshot(run.parent) == before and not (run.parent / "PWNED").exists()
+
+
+def test_reproduce_takes_a_value_in_place_of_a_resolver_and_never_reads_the_environment(two_runs, monkeypatch):
+    monkeypatch.setenv("BNEXP_TEST_SECRET", "hunter2")
+    run, _ = two_runs
+    damage(run, "oc.env")
+    out = bnexp("reproduce", str(run), "--out", "again", "notes=plain", cwd=run.parent)
+    assert out.returncode == 0, out.stderr
+    written = b"".join(p.read_bytes() for p in (run.parent / "again").rglob("*") if p.is_file())
+    assert b"plain" in written and b"hunter2" not in written
+
+
+def test_runs_and_report_show_a_resolver_as_written_never_its_value(two_runs, monkeypatch):
+    monkeypatch.setenv("BNEXP_TEST_SECRET", "hunter2")
+    run, other = two_runs
+    for r in (run, other):
+        damage(r, "oc.env")
+    (run / ".hydra" / "config.yaml").write_text((run / ".hydra" / "config.yaml").read_text().replace(
+        "root: data", "root: ${oc.env:BNEXP_TEST_SECRET}", 1))
+    out = bnexp("report", str(run.parent), "--format", "json", cwd=run.parent)
+    assert out.returncode == 0, out.stderr
+    assert "hunter2" not in out.stdout + out.stderr and "${oc.env:BNEXP_TEST_SECRET}" in out.stdout
