@@ -116,8 +116,28 @@ def save(path: Path, parts: dict[str, Stateful], state: LoopState, final: dict[s
     atomic_write(path, write, mode="w+b")
 
 
+def _check_archive(path: Path) -> None:
+    """What the checkpoint's zip archive claims to hold, from its directory, before
+    torch inflates anything: torch.save stores its entries uncompressed, so a
+    checkpoint holds no more than its size on disk. An archive that claims more
+    is compressed (a zip bomb inflates kilobytes to gigabytes): refused unread."""
+    try:
+        size = path.stat().st_size
+        with zipfile.ZipFile(path) as z:
+            claimed = sum(i.file_size for i in z.infolist())
+    except (OSError, zipfile.BadZipFile, ValueError) as e:
+        raise ConfigError("checkpoint", f"{path} is not a readable bnexp checkpoint ({type(e).__name__}); delete it to start over") from None
+    if claimed > size + _ARCHIVE_SLACK:
+        raise ConfigError("checkpoint", f"{path} claims {claimed / 2**20:.1f} MiB in a file of {size / 2**20:.2f} MiB (compressed: "
+                                        "bnexp writes checkpoints uncompressed), refused before loading; delete it to start over")
+
+
+_ARCHIVE_SLACK = 1 << 20  # bytes: more than the zip directory's own size, far less than any bomb
+
+
 def load(path: Path) -> dict[str, Any]:
     """weights_only=True: a pickle that would import or call anything is refused, not run."""
+    _check_archive(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  torch raises many types for a bad file

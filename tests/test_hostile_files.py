@@ -176,3 +176,26 @@ def test_runs_and_report_show_a_resolver_as_written_never_its_value(two_runs, mo
     out = bnexp("report", str(run.parent), "--format", "json", cwd=run.parent)
     assert out.returncode == 0, out.stderr
     assert "hunter2" not in out.stdout + out.stderr and "${oc.env:BNEXP_TEST_SECRET}" in out.stdout
+
+
+# ---------------------------------------------------------------- a checkpoint that claims more than it holds
+
+
+def test_a_zip_bomb_checkpoint_is_refused_from_what_it_claims_before_anything_is_inflated(two_runs):
+    import zipfile
+
+    import torch
+
+    run, _ = two_runs
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    ckpt["model"]["padding"] = torch.zeros(2**24)  # 64 MiB of zeros: 64 KiB deflated
+    plain = run / "plain.pt"
+    torch.save(ckpt, plain)
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(run / "checkpoint.pt", "w", zipfile.ZIP_DEFLATED) as bomb:
+        for info in src.infolist():
+            bomb.writestr(info.filename, src.read(info))
+    plain.unlink()
+    assert (run / "checkpoint.pt").stat().st_size < 2**20
+    before = snapshot(run.parent)
+    one_line_exit_2(bnexp("resume", str(run), cwd=run.parent), "checkpoint.pt claims 64.", "refused before loading")
+    assert snapshot(run.parent) == before
