@@ -397,6 +397,7 @@ def report(
     except rep.BaselineError as e:
         raise fail(str(e)) from None
     groups = rep.aggregate(groups, metrics, base)
+    written = _write_plot(groups, plot, overwrite, metric or []) if plot is not None else None  # fails before printing
     console = rep.console()
     notes = [f"unreadable: {r.path}: {r.problem}" for r in unreadable] + [line for line in [rep.duplicates_text(groups)] if line]
     if format == Format.table:
@@ -413,13 +414,7 @@ def report(
         if format != Format.json:
             for line in notes:
                 typer.echo(line, err=True)
-    if plot is not None:
-        try:
-            written = rep.plot(groups, plot, overwrite, metric or [])
-        except rep.PlotError as e:
-            raise fail(f"--plot {e}") from None
-        except ValueError as e:
-            raise fail(f"--plot: {e}") from None
+    if written is not None:
         said = f" (PNG: {plot} has no extension)" if written != plot else ""
         typer.echo(f"plot: {written}{said}", err=format != Format.table)
     if tensorboard:
@@ -427,6 +422,21 @@ def report(
 
         written = write_tensorboard_extras(paths[0], runs)  # the runs this report read already
         typer.echo(f"tensorboard: HParams over {', '.join(written.get('hparams', []))}; aggregate/ runs for {len(written.get('groups', []))} groups", err=format != Format.table)
+
+
+def _write_plot(groups, plot: Path, overwrite: bool, metrics: list[str]) -> Path:
+    """``report --plot``: drawn and written before the report is printed, so a
+    file that cannot be written is one line and exit 2, not a traceback after the tables."""
+    from bnexp import report as rep
+
+    try:
+        return rep.plot(groups, plot, overwrite, metrics)
+    except rep.PlotError as e:
+        raise fail(f"--plot {e}") from None
+    except ValueError as e:
+        raise fail(f"--plot: {e}") from None
+    except OSError as e:
+        raise fail(f"--plot {plot}: cannot write there ({e.strerror or e}); allowed: a file in a directory you can write to") from None
 
 
 @app.command(context_settings=PASSTHROUGH)

@@ -607,6 +607,8 @@ def check_plot_file(path: Path, overwrite: bool) -> Path:
     matplotlib does not know, or a file that exists and ``overwrite`` is off."""
     from matplotlib.backend_bases import FigureCanvasBase
 
+    if not path.name or str(path).endswith(os.sep) or (path.exists() and not path.is_file()):
+        raise PlotError(f"{path}: not a file name (a directory, a device, or empty); allowed: an image file name, e.g. curves.png")
     path = plot_file(path)
     formats = FigureCanvasBase.get_supported_filetypes()
     if path.suffix[1:].lower() not in formats:

@@ -32,7 +32,7 @@ from bnexp.rundir import (
     CHECKPOINT, LOCK_FILE, Action, RunDirGuard, RunLocked, acquire_run_lock, before_writing, policy, read_record, release_run_lock,
     run_lock, world_mismatch,
 )
-from bnexp.runs import CONFIG, read_run, resolver_calls
+from bnexp.runs import CONFIG, load_yaml, read_run, resolver_calls
 from bnexp.runtime import recorded_threads
 from bnexp.schema import typed, validate
 from bnexp.train import led, train
@@ -58,7 +58,7 @@ def load_saved_config(run_dir: Path, overrides: list[str] | None = None, record:
     if not path.is_file():
         raise ConfigError("RUN_DIR", f"{run_dir} is not a run directory (no {CONFIG}); `bnexp runs` lists run directories")
     try:
-        saved = OmegaConf.load(path)
+        saved = load_yaml(path)
         cfg = typed(saved)
     except Exception as e:  # noqa: BLE001  OmegaConf's validation and YAML errors
         raise ConfigError(getattr(e, "full_key", None) or str(path), f"saved config does not fit the schema: {_one_line(e)}") from None
@@ -248,7 +248,7 @@ def _saved_overrides(run_dir: Path) -> list[str]:
     if not path.exists():
         return []
     try:
-        saved = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        saved = OmegaConf.to_container(load_yaml(path), resolve=False)
     except Exception as e:  # noqa: BLE001  YAML errors, tags PyYAML's safe loader refuses
         raise ConfigError(str(path), f"is not readable: {_one_line(e)}; allowed: the list of overrides Hydra saved") from None
     if not isinstance(saved, list) or not all(isinstance(o, str) for o in saved):

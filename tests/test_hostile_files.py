@@ -199,3 +199,71 @@ def test_a_zip_bomb_checkpoint_is_refused_from_what_it_claims_before_anything_is
     before = snapshot(run.parent)
     one_line_exit_2(bnexp("resume", str(run), cwd=run.parent), "checkpoint.pt claims 64.", "refused before loading")
     assert snapshot(run.parent) == before
+
+
+# ---------------------------------------------------------------- special and oversized files in a runs tree
+
+
+def hostile_tree(trained: Path, root: Path) -> Path:
+    """A runs tree: one good run, and beside it runs whose records are FIFOs, a
+    device, a huge file, a nesting bomb, an alias bomb, an event file that is a FIFO."""
+    import os
+
+    tree = root / "runs"
+    shutil.copytree(trained / "seed0", tree / "good")
+    cases = {
+        "fifo_metrics": ("metrics.json", "fifo"), "fifo_config": (".hydra/config.yaml", "fifo"),
+        "fifo_overrides": (".hydra/overrides.yaml", "fifo"), "fifo_hydra": (".hydra/hydra.yaml", "fifo"),
+        "device_metrics": ("metrics.json", "/dev/zero"), "huge_metrics": ("metrics.json", "huge"),
+        "deep_metrics": ("metrics.json", "deep"), "alias_bomb_config": (".hydra/config.yaml", "aliases"),
+        "fifo_events": ("events.out.tfevents.0.host.1.0", "fifo"),
+    }
+    for name, (rel, kind) in cases.items():
+        run = tree / name
+        shutil.copytree(trained / "seed7", run)
+        target = run / rel
+        target.unlink(missing_ok=True)
+        if kind == "fifo":
+            os.mkfifo(target)
+        elif kind.startswith("/dev/"):
+            target.symlink_to(kind)
+        elif kind == "huge":
+            with open(target, "wb") as f:
+                f.truncate(2**30)  # 1 GiB, sparse
+        elif kind == "deep":
+            target.write_text("[" * 200_000 + "]" * 200_000)
+        elif kind == "aliases":
+            lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+            lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+            target.write_text("\n".join(lines) + "\n")
+    return tree
+
+
+@pytest.mark.parametrize("cmd", [["runs"], pytest.param(["report"], marks=pytest.mark.slow), ["report", "--format", "json"]])
+def test_special_and_oversized_files_in_a_runs_tree_never_block_a_listing(trained, tmp_path, cmd):
+    from tests.conftest import run_cli
+
+    tree = hostile_tree(trained, tmp_path)
+    before = snapshot(tree)
+    out = run_cli([*cmd, str(tree)], cwd=tmp_path, timeout=60)  # before: blocked forever on the first FIFO
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Traceback" not in out.stdout + out.stderr
+    assert "good" in out.stdout or "runs in" in out.stdout
+    if cmd == ["report", "--format", "json"]:
+        doc = json.loads(out.stdout)
+        problems = {Path(u["path"]).name: u["problem"] for u in doc["unreadable"]}
+        assert {"fifo_metrics", "device_metrics", "huge_metrics", "deep_metrics"} <= set(problems)
+        assert "not a regular file" in problems["fifo_metrics"] and "bytes" in problems["huge_metrics"]
+    assert snapshot(tree) == before
+
+
+@pytest.mark.parametrize("where", ["", "a_folder", "a_folder/", "/dev/null", "/proc/curves.png", "missing_parent_file/x.png"])
+def test_report_plot_to_a_place_it_cannot_write_is_one_line_exit_2_before_anything_is_printed(two_runs, where):
+    run, _ = two_runs
+    (run.parent / "a_folder").mkdir()
+    (run.parent / "missing_parent_file").write_text("a file where a folder should be")
+    before = snapshot(run.parent)
+    out = bnexp("report", str(run), "--plot", where, cwd=run.parent)
+    one_line_exit_2(out, "--plot")
+    assert out.stdout == ""  # said before the report, not after it
+    assert snapshot(run.parent) == before and not Path("/dev/null.png").exists()
