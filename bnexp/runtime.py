@@ -128,6 +128,15 @@ def _cpus() -> set[int]:
         return set(range(os.cpu_count() or 1))
 
 
+def machine_cpus() -> int:
+    """The machine's CPUs, which an explicit train.threads is capped at."""
+    return os.cpu_count() or 1
+
+
+# A recorded count above this is no count a run trained with (OpenMP crashes near 100000).
+MAX_RECORDED_THREADS = 1024
+
+
 def thread_budget() -> int:
     """The most intra-op threads a run may use: the process's default count,
     capped by the CPUs it may run on (taskset, cgroup cpusets)."""
@@ -196,6 +205,9 @@ def set_threads(setting: Any, model: torch.nn.Module, example: torch.Tensor, bat
     """
     if setting != "auto":
         n, why = int(setting), "train.threads"
+        if n > machine_cpus():  # 100000 threads crash OpenMP (SIGSEGV); more than the CPUs gains nothing
+            log.warning("train.threads=%d is more than this machine's %d CPUs: capped at %d", n, machine_cpus(), machine_cpus())
+            n, why = machine_cpus(), f"train.threads={n}, capped at the machine's CPUs"
     elif _recorded_count is not None:
         n, why = _recorded_count, "as recorded in the run's metrics.json"
     elif device.type != "cpu":
@@ -223,7 +235,7 @@ def recorded_threads(cfg: Any, record: dict[str, Any] | None) -> Iterator[None]:
     """
     global _recorded_count
     n = ((record or {}).get("env") or {}).get("threads")
-    if cfg.train.threads != "auto" or not isinstance(n, int) or isinstance(n, bool) or n < 1:
+    if cfg.train.threads != "auto" or not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_RECORDED_THREADS:
         yield
         return
     before = torch.get_num_threads()

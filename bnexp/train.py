@@ -26,6 +26,7 @@ from bnexp import data as data_mod
 from bnexp import distributed
 from bnexp.augment import make_augment
 from bnexp.config import Amp, ConfigError, Loss, config_hash, flatten, plain, steps_per_epoch
+from bnexp.memory import check_batch_fits, check_params_fit
 from bnexp.models import build_model
 from bnexp.probes import ProbeContext, ProbeSetup, build_probes
 from bnexp.probes.bn_gap import recompute_bn_stats
@@ -233,7 +234,9 @@ def setup(cfg: DictConfig, run_dir: Path, resume: bool, checkpoint: dict[str, An
     device = distributed.current().device(t.device)
     seed_everything(cfg.seed, t.deterministic)
     data = data_mod.load(cfg.data, device)
+    check_params_fit(cfg, data.input_shape, data.num_classes, device)  # before the model is allocated
     run = Run(cfg, run_dir, device, data, total_steps(cfg, len(data.x_train)))
+    check_batch_fits(run.model, data.x_train[:2], int(t.batch_size), device)  # before a batch's activations are
     set_threads(t.threads, run.model, data.x_train[:1], t.batch_size, device)  # train.threads; before env_info records them
     record = {
         "status": "running", "steps": 0, "total_steps": run.total, "final": {}, "best": {}, "steps_to_target": None,

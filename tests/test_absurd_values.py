@@ -1,0 +1,59 @@
+"""Absurd values: sizes that cannot fit, thread counts and paths no machine has,
+ports TensorBoard cannot take. Each is one line and exit 2, with nothing
+allocated in earnest and nothing left on disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY, run_inprocess, snapshot
+
+
+def one_line_exit_2(out, *words: str) -> str:
+    err = out.stderr.strip()
+    assert out.returncode == 2, (out.returncode, out.stdout[-2000:], out.stderr[-2000:])
+    assert len(err.splitlines()) == 1 and "Traceback" not in out.stdout + out.stderr, err
+    for w in words:
+        assert w in err, (w, err)
+    return err
+
+
+def test_a_model_too_large_for_the_machine_is_refused_before_it_is_allocated(tmp_path):
+    # 3.2e13 parameters: before, torch tried to allocate them (a traceback and a failed run dir)
+    out = run_inprocess(["train", *TINY, "model.hidden=[1000000000000]", "hydra.run.dir=big"], tmp_path)
+    one_line_exit_2(out, "model.hidden", "parameters", "free", "allowed: a smaller model")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def small_device(monkeypatch):
+    """The CPU as a device with 20 MB free (as a small GPU would be)."""
+    from bnexp import memory
+
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 20_000_000)
+
+
+def test_a_batch_whose_activations_cannot_fit_is_refused_before_the_first_step(tmp_path, small_device):
+    # 2x1024 MLP: 1.1 M parameters, ~17 MB with gradients and Adam's state, fit;
+    # ~58 KB of activations per example: 288 examples fit (17 MB), 576 do not (33 MB)
+    ok = run_inprocess(["train", *TINY, "model.hidden=[1024,1024]", "train.batch_size=288", "train.steps=2", "hydra.run.dir=fits"], tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    before = snapshot(tmp_path)
+    out = run_inprocess(["train", *TINY, "model.hidden=[1024,1024]", "train.batch_size=576", "hydra.run.dir=big"], tmp_path)
+    one_line_exit_2(out, "train.batch_size: 576 examples' activations need about", "20 MB free")
+    assert snapshot(tmp_path) == before
+
+
+def test_parameters_are_counted_without_memory_and_without_running_initializers():
+    from bnexp.memory import param_bytes
+    from bnexp.models import build_model
+    from bnexp.schema import compose
+
+    for overrides in (["model.hidden=[64,32]"], ["model=cnn", "data.shape=[3,32,32]"], ["model=resnet", "data.shape=[3,32,32]"],
+                      ["model=vgg", "data.shape=[3,32,32]", "model.width=0.25"]):
+        cfg = compose(["data=synthetic", *overrides])
+        real = build_model(cfg.model, cfg.norm, tuple(cfg.data.shape), 10)
+        count, size = param_bytes(cfg, tuple(cfg.data.shape), 10)
+        assert count == sum(p.numel() for p in real.parameters()) and size == 4 * count, overrides
