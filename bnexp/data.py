@@ -178,6 +178,12 @@ def load(cfg: DictConfig, device: torch.device) -> Splits:
         splits = _load(cfg, device)
     except MemoryError as e:  # numpy refuses an array larger than the machine before touching it
         raise ConfigError("data", f"the data does not fit in memory ({e}); allowed: fewer or smaller examples") from None
+    except Exception as e:  # a failed download, a file replaced since the check: bad input, not a failed run
+        from bnexp.datasets import DataError
+
+        if isinstance(e, DataError):
+            raise ConfigError("data.root", str(e)) from None
+        raise
     _last = (key, splits)
     return splits
 

@@ -57,3 +57,15 @@ def test_parameters_are_counted_without_memory_and_without_running_initializers(
         real = build_model(cfg.model, cfg.norm, tuple(cfg.data.shape), 10)
         count, size = param_bytes(cfg, tuple(cfg.data.shape), 10)
         assert count == sum(p.numel() for p in real.parameters()) and size == 4 * count, overrides
+
+
+@pytest.mark.parametrize("root", ["/dev/null", "a_file/sub", "/proc/no_such_folder", "new_folder/deeper"])
+def test_a_data_root_that_cannot_hold_a_download_or_a_failed_download_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, root):
+    from bnexp import datasets
+
+    monkeypatch.setattr(datasets, "MIRRORS", {"fashion_mnist": ["http://127.0.0.1:9"]})  # nothing listens there: a failed download
+    (tmp_path / "a_file").write_text("not a folder")
+    before = snapshot(tmp_path)
+    out = run_inprocess(["train", *TINY, "data=fashion_mnist", f"data.root={root}", "data.download=true", "hydra.run.dir=run"], tmp_path)
+    one_line_exit_2(out, "data.root", root.split("/")[-1] if root != "/dev/null" else "/dev/null")
+    assert snapshot(tmp_path) == before  # no run dir, no data folder made for the download
