@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from bnexp.config import ConfigError, hash_matches, launch_world_size
-from bnexp.io import TEMP_SUFFIX, read_json, write_json
+from bnexp.io import TEMP_SUFFIX, read_bounded, read_json, write_json
 
 try:
     import fcntl
@@ -320,6 +320,7 @@ class Before:
 
     missing: list[Path]
     dir_times: dict[Path, tuple[set[str], tuple[int, int]]]
+    kept: dict[Path, tuple[bytes, tuple[int, int]]] | None = None  # ``names`` that existed: bytes and times, to give back
 
 
 def before_writing(run_dir: Path, names: tuple[str, ...] = ()) -> Before:
@@ -332,7 +333,15 @@ def before_writing(run_dir: Path, names: tuple[str, ...] = ()) -> Before:
         if nearest is not None and nearest.is_dir() and nearest not in times:
             st = nearest.stat()
             times[nearest] = (set(os.listdir(nearest)), (st.st_atime_ns, st.st_mtime_ns))
-    return Before(missing, times)
+    kept = {}
+    for p in (run_dir / n for n in names):
+        try:
+            if p.is_file() and not p.is_symlink():
+                st = p.stat()
+                kept[p] = (read_bounded(p, 1 << 16), (st.st_atime_ns, st.st_mtime_ns))
+        except OSError:  # not a lock file bnexp wrote: locking it says why
+            pass
+    return Before(missing, times, kept)
 
 
 class RunDirGuard:
@@ -355,7 +364,7 @@ class RunDirGuard:
         self.created_files = [p for p in before.missing if p.parent == self.run_dir and p.name == LOCK_FILE]
         dirs = {p for p in before.missing if p not in self.created_files} | {d for d in subdirs if not d.exists()}
         self.created_dirs = sorted(dirs, key=lambda p: len(p.parts), reverse=True)  # deepest first
-        self.files: dict[Path, tuple[bytes, tuple[int, int]] | None] = {}
+        self.files: dict[Path, tuple[bytes, tuple[int, int]] | None] = dict(before.kept or {})  # a lock file that was there
         for name in files:
             p = self.run_dir / name
             if p.is_file() and not p.is_symlink():

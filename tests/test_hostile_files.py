@@ -267,3 +267,33 @@ def test_report_plot_to_a_place_it_cannot_write_is_one_line_exit_2_before_anythi
     one_line_exit_2(out, "--plot")
     assert out.stdout == ""  # said before the report, not after it
     assert snapshot(run.parent) == before and not Path("/dev/null.png").exists()
+
+
+# ---------------------------------------------------------------- a folder bnexp did not make
+
+
+def another_hydra_apps_output(root: Path) -> Path:
+    out = root / "outputs" / "2024-01-01" / "12-00-00"
+    (out / ".hydra").mkdir(parents=True)
+    for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
+        (out / ".hydra" / name).write_text("theirs: 1\n")
+    (out / "my_app.log").write_text("their log\n")
+    return out
+
+
+@pytest.mark.parametrize("case", ["another Hydra app's run", "a project folder", "an empty folder"])
+def test_train_refuses_a_non_empty_folder_bnexp_did_not_make(tmp_path, case):
+    if case == "another Hydra app's run":
+        target = another_hydra_apps_output(tmp_path)
+    else:
+        target = tmp_path / "folder"
+        target.mkdir()
+        if case == "a project folder":
+            (target / "train.py").write_text("print('mine')\n")
+    before = snapshot(tmp_path)
+    out = bnexp("train", *TRAIN, f"hydra.run.dir={target}", cwd=tmp_path)
+    if case == "an empty folder":
+        assert out.returncode == 0, out.stderr
+        return
+    one_line_exit_2(out, "hydra.run.dir", "not empty", "not made by bnexp")
+    assert snapshot(tmp_path) == before
