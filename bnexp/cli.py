@@ -506,6 +506,7 @@ def tb(
     if not _has_event_files(logdir):
         raise fail(f"{logdir} holds no TensorBoard event files (events.out.tfevents.*); allowed: a run or sweep "
                    "directory, or a folder of them (default: runs/)")
+    _check_bind(host, port)
     from tensorboard import program
 
     board = program.TensorBoard()
@@ -518,6 +519,34 @@ def tb(
         lines = [line for line in said.getvalue().splitlines() if line.strip()]
         raise fail(lines[-1] if lines else f"tensorboard: {e}") from None
     raise typer.Exit(board.main() or 0)
+
+
+def _check_bind(host: str, port: int) -> None:
+    """``bnexp tb``'s address, tried before TensorBoard starts (which says a bad one
+    with a traceback or its own exit 255): a port outside 0..65535, a host that is
+    no address of this machine, a port in use are each one line and exit 2."""
+    import errno
+    import socket
+
+    if not 0 <= port <= 65535:
+        raise fail(f"--port {port}: allowed: 1 to 65535, or 0 for a free one")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise fail(f"--host {host}: not an address or a name this machine resolves ({e.strerror if hasattr(e, 'strerror') else e}); "
+                   "allowed: 127.0.0.1 (this machine only, the default), 0.0.0.0 (every interface), or this machine's name") from None
+    if port == 0:
+        return
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as TensorBoard's server binds
+        try:
+            probe.bind(address)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise fail(f"--port {port} is in use on {host} (another TensorBoard?); allowed: a free port, or --port 0 to "
+                           "pick one") from None
+            raise fail(f"--host {host} --port {port}: cannot listen there ({e.strerror or e}); allowed: an address of this "
+                       "machine and a port you may bind, or --port 0") from None
 
 
 def _has_event_files(logdir: Path) -> bool:

@@ -69,3 +69,29 @@ def test_a_data_root_that_cannot_hold_a_download_or_a_failed_download_is_one_lin
     out = run_inprocess(["train", *TINY, "data=fashion_mnist", f"data.root={root}", "data.download=true", "hydra.run.dir=run"], tmp_path)
     one_line_exit_2(out, "data.root", root.split("/")[-1] if root != "/dev/null" else "/dev/null")
     assert snapshot(tmp_path) == before  # no run dir, no data folder made for the download
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--port", "-1"], ["--port -1", "0 for a free one"]),
+    (["--port", "99999"], ["--port 99999", "1 to 65535"]),
+    (["--port", "IN_USE"], ["is in use", "--port 0"]),
+    (["--host", "999.1.1.1"], ["--host 999.1.1.1", "allowed"]),
+    (["--host", "no-such-host.invalid"], ["--host no-such-host.invalid", "allowed"]),
+], ids=["negative port", "port above 65535", "port in use", "bad address", "unknown host"])
+def test_bnexp_tb_at_an_address_it_cannot_listen_on_is_one_line_exit_2(event_folder, args, words):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        args = [str(taken.getsockname()[1]) if a == "IN_USE" else a for a in args]
+        out = run_inprocess(["tb", str(event_folder), *args], event_folder)
+    one_line_exit_2(out, *words)
+
+
+@pytest.fixture
+def event_folder(tmp_path) -> Path:
+    """A folder `bnexp tb` accepts (it holds an event file)."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "events.out.tfevents.1.host.1.0").write_bytes(b"")
+    return tmp_path
