@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -273,7 +274,8 @@ def test_a_stopped_rank_fails_the_run_after_train_dist_timeout_and_the_run_resum
     victim.communicate(timeout=120)
     assert victim.returncode == 1
     m = metrics(run_dir)
-    assert "Timed out" in m["error"] and 25 <= m["steps"] < 200
+    # gloo words it "Timed out waiting 3000ms for recv ..." or "Application timeout caused pair closure"
+    assert re.search("timed out|timeout", m["error"], re.IGNORECASE) and 25 <= m["steps"] < 200, m["error"]
     resumed = run2("resume", str(run_dir), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert metrics(run_dir)["status"] == "completed" and metrics(run_dir)["steps"] == 200
