@@ -215,8 +215,12 @@ def duplicates_text(groups: list[Group]) -> str | None:
     pairs = [pair for g in groups for pair in g.duplicates]
     if not pairs:
         return None
-    return (f"left out {len(pairs)} run{'s' * (len(pairs) > 1)} of a config and seed already counted: "
-            + "; ".join(f"{r.path} (same as {kept.path})" for r, kept in pairs))
+    shown = "; ".join(f"{r.path} (same as {kept.path})" for r, kept in pairs[:SHOWN_DUPLICATES])
+    more = f"; and {len(pairs) - SHOWN_DUPLICATES} more (--format json lists every one)" if len(pairs) > SHOWN_DUPLICATES else ""
+    return f"left out {len(pairs)} run{'s' * (len(pairs) > 1)} of a config and seed already counted: {shown}{more}"
+
+
+SHOWN_DUPLICATES = 3  # a tree holding a sweep twice would otherwise print one line of thousands of characters
 
 
 def has_best(metric: str) -> bool:

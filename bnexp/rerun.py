@@ -20,6 +20,7 @@ import logging
 import math
 import shutil
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -291,15 +292,17 @@ def differences_table(rows: list[tuple[str, Any, Any, float | None]], title: str
     for name, justify in (("metric", "left"), ("original", "right"), ("reproduced", "right"), ("difference", "right")):
         table.add_column(name, justify=justify)
     fmt = lambda v: f"{v:.6g}" if isinstance(v, float) else ("-" if v is None else str(v))  # noqa: E731
-    hidden = 0
+    hidden: list[str] = []
     for tag, x, y, diff in rows:
         headline = "/" not in tag or tag.split("/")[0] in ("train", "val", "test")
         if not headline and x == y:
-            hidden += 1  # probes and norms: listed only when they differ
+            hidden.append(tag)  # probes and norms: listed only when they differ
             continue
         mark = "" if x == y else "[yellow]"
         same = "0" if isinstance(x, (int, float)) else "same"
         table.add_row(tag, fmt(x), fmt(y), mark + (same if x == y else (f"{diff:+.3g}" if diff is not None else "differs")))
     if hidden:
-        table.caption = f"identical, not listed: {hidden} more (act/*, grad_norm/*, weight_norm/*, optim/*)"
+        families = Counter(t.split("/")[0] for t in hidden)
+        what = ", ".join(hidden) if len(hidden) <= 3 else ", ".join(f"{f}/* {n}" for f, n in families.items())
+        table.caption = f"identical, not listed: {len(hidden)} more ({what})"
     return table

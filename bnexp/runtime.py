@@ -222,8 +222,39 @@ def set_threads(setting: Any, model: torch.nn.Module, example: torch.Tensor, bat
             why = f"auto: {flops / 1e6:.3g} MFLOP a step; {idle:.1f} of {len(_cpus())} CPUs idle, budget {thread_budget()}"
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
-    log.info("torch threads: %d (%s)", torch.get_num_threads(), why)
+    _once_on_console()
+    log.info("torch threads: %d (%s)", torch.get_num_threads(), why, extra={"console_once": True})
     return torch.get_num_threads()
+
+
+class _OnceOnConsole(logging.Filter):
+    """Lets a record marked ``console_once`` through to the console once per
+    process: a sweep's jobs, or the replicas of a stack, each log their thread
+    count into their own log file, and the console would repeat it per job."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(record, "console_once", False):
+            return True
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
+_CONSOLE_ONCE = _OnceOnConsole()
+
+
+def _once_on_console() -> None:
+    """Install :class:`_OnceOnConsole` on the root logger's console handlers
+    (Hydra's, or bnexp resume's), not on its file handlers."""
+    for h in logging.getLogger().handlers:
+        if type(h) is logging.StreamHandler and _CONSOLE_ONCE not in h.filters:
+            h.addFilter(_CONSOLE_ONCE)
 
 
 @contextmanager
