@@ -154,3 +154,26 @@ def panel(fig, title: str):
     """The axes of ``fig`` titled ``title``."""
     (ax,) = [a for a in fig.axes if a.get_title() == title]
     return ax
+
+
+class Forwards:
+    """What modules computed while it was entered: every output dtype, and whether
+    any forward ran inside torch.compile's tracing (torch.compiler.is_compiling)."""
+
+    def __init__(self):
+        self.dtypes: set = set()
+        self.compiled = False
+
+    def __enter__(self):
+        import torch
+
+        def hook(module, inputs, output):
+            if isinstance(output, torch.Tensor):
+                self.dtypes.add(output.dtype)
+            self.compiled = self.compiled or torch.compiler.is_compiling()
+
+        self._handle = torch.nn.modules.module.register_module_forward_hook(hook)
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.remove()
