@@ -89,8 +89,9 @@ def _sigterm_interrupts() -> None:
     def handler(signum, frame):
         raise KeyboardInterrupt
 
-    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, handler)
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):  # SIGHUP: a closed terminal, unless nohup ignores it
+        if sig is not None and signal.getsignal(sig) is signal.SIG_DFL:
+            signal.signal(sig, handler)
 
 
 def _interrupted(e: KeyboardInterrupt, again: str | None = None) -> typer.Exit:

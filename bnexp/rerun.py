@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
 import time
 from collections import Counter
@@ -28,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from bnexp import checkpoint as ckpt_mod
 from bnexp.config import LATER_KEYS, ConfigError, config_hash, flatten, hash_matches, is_non_result_key, plain
-from bnexp.io import atomic_write
+from bnexp.io import atomic_write, read_bounded
 from bnexp.rundir import (
     CHECKPOINT, LOCK_FILE, Action, RunDirGuard, RunLocked, acquire_run_lock, before_writing, policy, read_record, release_run_lock,
     run_lock, world_mismatch,
@@ -208,6 +209,7 @@ def _reproduce(run_dir: Path, out_dir: Path | None, overrides: list[str] | None)
     cfg = load_saved_config(run_dir, overrides, record=read_record(run_dir))
     original = read_run(run_dir, with_config=False)
     saved_overrides = _saved_overrides(run_dir)  # a record only, but a file PyYAML refuses is refused here, not halfway
+    records = _hydra_records(run_dir)
     out = out_dir or default_out_dir(run_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError("--out", f"{out} exists and is not a directory; allowed: a new directory")
@@ -225,9 +227,9 @@ def _reproduce(run_dir: Path, out_dir: Path | None, overrides: list[str] | None)
             if policy(cfg, out).action != Action.train or any(p.name != LOCK_FILE for p in out.iterdir()):
                 raise ConfigError("--out", f"{out} was written to by another process meanwhile; allowed: a new directory")
             (out / ".hydra").mkdir(parents=True, exist_ok=True)
-            for name in HYDRA_FILES:
-                if (run_dir / name).exists():
-                    shutil.copy2(run_dir / name, out / name)
+            for name, content in records.items():
+                (out / name).write_bytes(content)
+                shutil.copystat(run_dir / name, out / name)
             if overrides:  # the config that actually ran, and how it came to differ
                 atomic_write(out / ".hydra" / "config.yaml", lambda f: OmegaConf.save(cfg, f))
                 atomic_write(out / ".hydra" / "overrides.yaml", lambda f: OmegaConf.save(OmegaConf.create([*saved_overrides, *overrides]), f))
@@ -241,6 +243,19 @@ def _reproduce(run_dir: Path, out_dir: Path | None, overrides: list[str] | None)
     finally:
         release_run_lock(out)
     return out, record
+
+
+def _hydra_records(run_dir: Path) -> dict[str, bytes]:
+    """RUN_DIR's .hydra/*.yaml, which the new run dir gets copies of: regular files
+    of at most 1 MiB (a FIFO there would block a copy forever), or a ConfigError."""
+    out = {}
+    for name in HYDRA_FILES:
+        if os.path.lexists(run_dir / name):
+            try:
+                out[name] = read_bounded(run_dir / name, 1 << 20)
+            except OSError as e:
+                raise ConfigError(str(run_dir / name), f"cannot be copied: {e.strerror or e}; allowed: the file Hydra saved") from None
+    return out
 
 
 def _saved_overrides(run_dir: Path) -> list[str]:

@@ -46,8 +46,8 @@ PREEMPT_SIGNAL = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL
 
 @contextmanager
 def stop_on_signal() -> Iterator[threading.Event]:
-    """SIGINT, SIGTERM and PREEMPT_SIGNAL ask the loop to stop after the current
-    step (the event's ``signum`` says which came); a second SIGINT stops at once."""
+    """SIGINT, SIGTERM, SIGHUP and PREEMPT_SIGNAL ask the loop to stop after the
+    current step (the event's ``signum`` says which came); a second SIGINT stops at once."""
     stop = threading.Event()
     stop.signum = None  # type: ignore[attr-defined]
     if threading.current_thread() is not threading.main_thread():
@@ -59,7 +59,11 @@ def stop_on_signal() -> Iterator[threading.Event]:
         stop.set()
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM, PREEMPT_SIGNAL) if s is not None}
+    # SIGHUP (the terminal closed, an ssh session dropped) too, unless the process
+    # was told to ignore it (nohup): it would otherwise kill the run mid-step, unsaved.
+    hangup = getattr(signal, "SIGHUP", None)
+    hangup = hangup if hangup is not None and signal.getsignal(hangup) is signal.SIG_DFL else None
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM, PREEMPT_SIGNAL, hangup) if s is not None}
     try:
         yield stop
     finally:

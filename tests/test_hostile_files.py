@@ -297,3 +297,48 @@ def test_train_refuses_a_non_empty_folder_bnexp_did_not_make(tmp_path, case):
         return
     one_line_exit_2(out, "hydra.run.dir", "not empty", "not made by bnexp")
     assert snapshot(tmp_path) == before
+
+
+# ---------------------------------------------------------------- other signals
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ignored", [False, True], ids=["terminal closed", "under nohup"])
+def test_sighup_saves_and_stops_the_run_as_ctrl_c_does_unless_it_is_ignored(tmp_path, ignored):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+
+    run = tmp_path / "run"
+    # nohup's way: SIGHUP ignored before bnexp starts (exec keeps an ignored disposition)
+    prefix = ["nohup"] if ignored else []
+    proc = subprocess.Popen([*prefix, sys.executable, "-m", "bnexp.cli", "train", *TRAIN, "train.steps=100000",
+                             "train.checkpoint_every=50", f"hydra.run.dir={run}"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+    deadline = time.monotonic() + 120
+    while not (run / "checkpoint.pt").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGHUP)
+    if ignored:
+        time.sleep(1.0)
+        assert proc.poll() is None  # nohup asked for it to go on
+        proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert metrics(run)["status"] == "interrupted" and "bnexp resume" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("name", ["hydra.yaml", "overrides.yaml"])
+def test_reproduce_refuses_a_saved_record_that_is_a_fifo_instead_of_blocking_on_it(two_runs, name):
+    import os
+
+    run, _ = two_runs
+    (run / ".hydra" / name).unlink()
+    os.mkfifo(run / ".hydra" / name)
+    before = snapshot(run.parent)
+    one_line_exit_2(bnexp("reproduce", str(run), "--out", str(run.parent / "again"), cwd=run.parent), name)
+    assert snapshot(run.parent) == before
