@@ -177,3 +177,13 @@ class Forwards:
 
     def __exit__(self, *exc):
         self._handle.remove()
+
+
+def one_line_exit_2(out, *words: str) -> str:
+    """Bad input's promise: exit 2, one line on stderr naming ``words``, no traceback; returns the line."""
+    err = out.stderr.strip()
+    assert out.returncode == 2, (out.returncode, out.stdout[-2000:], out.stderr[-2000:])
+    assert len(err.splitlines()) == 1 and "Traceback" not in out.stdout + out.stderr, err
+    for w in words:
+        assert w in err, (w, err)
+    return err

@@ -8,16 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY, run_inprocess, snapshot
-
-
-def one_line_exit_2(out, *words: str) -> str:
-    err = out.stderr.strip()
-    assert out.returncode == 2, (out.returncode, out.stdout[-2000:], out.stderr[-2000:])
-    assert len(err.splitlines()) == 1 and "Traceback" not in out.stdout + out.stderr, err
-    for w in words:
-        assert w in err, (w, err)
-    return err
+from tests.conftest import TINY, one_line_exit_2, run_inprocess, snapshot
 
 
 def test_a_model_too_large_for_the_machine_is_refused_before_it_is_allocated(tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY, run_inprocess, snapshot
+from tests.conftest import TINY, one_line_exit_2, run_inprocess, snapshot
 
 TRAIN = [*TINY, "train.steps=20", "train.eval_every=10"]
 
@@ -27,15 +27,6 @@ def metrics(run_dir: Path) -> dict:
 def mark(run_dir: Path, status: str) -> None:
     """As if the run had stopped there (the checkpoint at its last step is resumable)."""
     (run_dir / "metrics.json").write_text(json.dumps({**metrics(run_dir), "status": status}))
-
-
-def one_line_exit_2(out, *words: str) -> str:
-    err = out.stderr.strip()
-    assert out.returncode == 2, (out.returncode, out.stdout[-2000:], out.stderr[-2000:])
-    assert len(err.splitlines()) == 1 and "Traceback" not in out.stdout + out.stderr, err
-    for w in words:
-        assert w in err, (w, err)
-    return err
 
 
 # ---------------------------------------------------------------- a checkpoint of another run
