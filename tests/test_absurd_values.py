@@ -26,6 +26,7 @@ def small_device(monkeypatch):
     monkeypatch.setattr(memory, "free_bytes", lambda device: 20_000_000)
 
 
+@pytest.mark.slow
 def test_a_batch_whose_activations_cannot_fit_is_refused_before_the_first_step(tmp_path, small_device):
     # 2x1024 MLP: 1.1 M parameters, ~17 MB with gradients and Adam's state, fit;
     # ~58 KB of activations per example: 288 examples fit (17 MB), 576 do not (33 MB)
@@ -37,6 +38,7 @@ def test_a_batch_whose_activations_cannot_fit_is_refused_before_the_first_step(t
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.slow
 def test_parameters_are_counted_without_memory_and_without_running_initializers():
     from bnexp.memory import param_bytes
     from bnexp.models import build_model

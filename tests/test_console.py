@@ -28,12 +28,12 @@ def test_a_stacked_sweep_tags_each_log_line_with_its_job_and_says_the_thread_cou
 
 def test_report_of_a_tree_holding_the_same_runs_many_times_says_so_in_one_short_line(tmp_path):
     assert run_inprocess(["train", *TINY, "train.steps=4", "hydra.run.dir=runs/a/run"], tmp_path).returncode == 0
-    for i in range(40):
+    for i in range(10):
         shutil.copytree(tmp_path / "runs" / "a", tmp_path / "runs" / f"copy{i:02d}")
     out = run_inprocess(["report", "runs", "--format", "csv"], tmp_path)
     assert out.returncode == 0, out.stderr
     (note,) = [line for line in out.stderr.splitlines() if "already counted" in line]
-    assert note.startswith("left out 40 runs of a config and seed already counted: ") and "and 37 more" in note
+    assert note.startswith("left out 10 runs of a config and seed already counted: ") and "and 7 more" in note
     assert len(note) < 700
 
 

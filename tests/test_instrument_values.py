@@ -25,6 +25,7 @@ from tests.conftest import event_scalars
 TINY = ["data=synthetic", "data.n_train=640", "data.n_test=100", "model.hidden=[16,16]", "model.activation=sigmoid",
         "train.batch_size=32", "train.log_every=6", "train.eval_every=6", "train.probe_size=200",
         "train.deterministic=true", "train.device=cpu", "train.progress=false", "optim=sgd", "optim.momentum=0"]
+pytestmark = pytest.mark.slow  # two short trainings, then float64 references
 LAYERS = ("hidden0.linear", "hidden0.norm", "hidden1.linear", "hidden1.norm", "output")
 
 
