@@ -295,33 +295,41 @@ def test_train_refuses_a_non_empty_folder_bnexp_did_not_make(tmp_path, case):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ignored", [False, True], ids=["terminal closed", "under nohup"])
-def test_sighup_saves_and_stops_the_run_as_ctrl_c_does_unless_it_is_ignored(tmp_path, ignored):
+def test_sighup_saves_and_stops_the_run_as_ctrl_c_does(tmp_path):
     import signal
-    import subprocess
-    import sys
     import time
 
-    from tests.conftest import REPO
+    from tests.conftest import start_cli
 
     run = tmp_path / "run"
-    # nohup's way: SIGHUP ignored before bnexp starts (exec keeps an ignored disposition)
-    prefix = ["nohup"] if ignored else []
-    proc = subprocess.Popen([*prefix, sys.executable, "-m", "bnexp.cli", "train", *TRAIN, "train.steps=100000",
-                             "train.checkpoint_every=50", f"hydra.run.dir={run}"], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+    proc = start_cli(["train", *TRAIN, "train.steps=100000", "train.checkpoint_every=50", f"hydra.run.dir={run}"], tmp_path)
     deadline = time.monotonic() + 120
     while not (run / "checkpoint.pt").exists():
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
         time.sleep(0.05)
-    proc.send_signal(signal.SIGHUP)
-    if ignored:
-        time.sleep(1.0)
-        assert proc.poll() is None  # nohup asked for it to go on
-        proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGHUP)  # the terminal closed: before, the process died mid-step with nothing saved
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     assert metrics(run)["status"] == "interrupted" and "bnexp resume" in err and "Traceback" not in err
+
+
+def test_a_sighup_that_nohup_ignores_stays_ignored_while_training():
+    import signal
+
+    from bnexp.runtime import stop_on_signal
+
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as nohup starts a program
+    try:
+        with stop_on_signal() as stop:
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            signal.raise_signal(signal.SIGHUP)
+            assert not stop.is_set()
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        with stop_on_signal() as stop:  # a terminal's SIGHUP stops the loop after its step
+            signal.raise_signal(signal.SIGHUP)
+            assert stop.is_set() and stop.signum == signal.SIGHUP
+    finally:
+        signal.signal(signal.SIGHUP, before)
 
 
 @pytest.mark.parametrize("name", ["hydra.yaml", "overrides.yaml"])
