@@ -45,7 +45,11 @@ def test_parameters_are_counted_without_memory_and_without_running_initializers(
     from bnexp.schema import compose
 
     for overrides in (["model.hidden=[64,32]"], ["model=cnn", "data.shape=[3,32,32]"], ["model=resnet", "data.shape=[3,32,32]"],
-                      ["model=vgg", "data.shape=[3,32,32]", "model.width=0.25"]):
+                      ["model=vgg", "data.shape=[3,32,32]", "model.width=0.25"],
+                      # Fixup's and SkipInit's scalars, FRN's TLU, EvoNorm's v, weight-standardized layers
+                      ["model=resnet", "data.shape=[3,32,32]", "norm.placement=none", "model.init=fixup", "model.skipinit=true"],
+                      ["model=cnn", "data.shape=[3,32,32]", "norm=frn", "norm.weight_std=true"],
+                      ["model=cnn", "data.shape=[3,32,32]", "norm=evonorm_b0", "norm.weight_std=scaled"]):
         cfg = compose(["data=synthetic", *overrides])
         real = build_model(cfg.model, cfg.norm, tuple(cfg.data.shape), 10)
         count, size = param_bytes(cfg, tuple(cfg.data.shape), 10)

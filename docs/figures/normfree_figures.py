@@ -7,7 +7,9 @@ field compares it with, each read from one sweep directory:
     python docs/figures/normfree_figures.py rank RUNS_DIR OUT.png      # rank_collapse
 
 zoo: test error vs batch size per norm (Wu & He 2018, Fig. 1), mean ± std over seeds.
-resnet: validation accuracy and training loss vs step per arm (mean, ± std band).
+resnet: validation accuracy and training loss vs step per arm (mean, ± std band), and each
+block's output at init: its channels' variance and squared mean (Brock et al. 2021a's
+signal propagation plot), mean over seeds.
 dropout: var_shift per BN layer at the end, and test accuracy, per dropout position,
 with PreciseBN off and on (mean ± std).
 rank: stable rank and mean cosine of each hidden layer's output at step 0 and
@@ -91,7 +93,7 @@ def resnet_label(key: dict) -> str:
 
 def resnet(root: Path, out: Path) -> None:
     groups = group_runs(find_runs([root]))
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(18, 4))
     for g in groups:
         label = resnet_label(g.key)
         acc, loss = stat(g, "test/acc"), stat(g, "train/loss")
@@ -99,8 +101,17 @@ def resnet(root: Path, out: Path) -> None:
               f"values {[round(v, 4) for v in acc.values]}")
         band(axes[0], g, "val/acc", label)
         band(axes[1], g, "train/loss", label)
+        curves = group_curves(g)
+        layers = [k for k in ("stem", "stage1.block0", "stage2.block0", "stage3.block0") if curves.get(f"signal/{k}/var")]
+        for what, style in (("var", "-"), ("mean_sq", ":")):
+            means = [sum(c[0][1] for c in curves[f"signal/{k}/{what}"]) / len(curves[f"signal/{k}/{what}"]) for k in layers]
+            axes[2].plot(range(len(layers)), means, style, marker="o", color=axes[0].lines[-1].get_color(),
+                         label=f"{label}, {'channel variance' if what == 'var' else 'channel mean²'}")
+            print(f"{label} signal/*/{what} at step 0 by block: " + " ".join(f"{m:.3g}" for m in means))
     axes[0].set(title="validation accuracy", xlabel="step")
     axes[1].set(title="training loss (window mean)", xlabel="step", yscale="log")
+    axes[2].set(title="signal propagation at init (step 0, probe batch)", xticks=range(len(layers)), xticklabels=layers,
+                yscale="log", ylabel="averaged over channels")
     finish(fig, axes, "normfree_resnet: ResNet-8 (half width), Fashion-MNIST, mean ± std over seeds", out)
 
 
