@@ -187,10 +187,12 @@ def test_clipped_replicas_train_like_their_standalone_runs(tmp_path, clip):
      ["signal/stage1.block0/stable_rank", "grad_norm/stage1.block0.scale"]),
     ([*RESNET_TINY, "model.skipinit=true", "norm=frn", "norm.placement=preact", "norm.weight_std=scaled",
       "optim.clip=norm", "optim.clip_value=0.5", "model.dropout=0.2"], ["grad_norm/stage1.block0.skip", "grad_norm/stage1.block0.act1"]),
-    (["norm=evonorm_b0", "model.dropout=0.5", "model.dropout_position=before_norm", "probes.var_shift.every=10"], ["var_shift/hidden0.norm"]),
+    (["norm=evonorm_b0", "model.dropout=0.5", "model.dropout_position=before_norm", "probes.var_shift.every=10",
+      "train.precise_bn=2", "probes.bn_gap.every=15", "probes.bn_gap.batches=3"],  # B0 is a batch-statistics norm to both
+     ["var_shift/hidden0.norm", "bn_gap/val_loss_ema", "bn_gap/val_loss_precise", "bn_gap/val_loss_batch"]),
     (["norm=evonorm_s0", "norm.groups=4", "norm.weight_std=true", "model.dropout=0.3", "model.dropout_position=after_norm"],
      ["grad_norm/hidden0.norm"]),
-], ids=["fixup agc signal", "skipinit frn scaled ws clip dropout", "b0 dropout var_shift", "s0 ws dropout"])
+], ids=["fixup agc signal", "skipinit frn scaled ws clip dropout", "b0 dropout var_shift precise_bn bn_gap", "s0 ws dropout"])
 def test_every_new_name_trains_from_the_command_line(tmp_path, overrides, tags):
     out = run_inprocess(["train", *(TINY if "model=resnet" not in overrides else []), *overrides, "hydra.run.dir=run"], tmp_path)
     assert out.returncode == 0, out.stderr
