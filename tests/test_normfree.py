@@ -58,7 +58,7 @@ def test_fixup_starts_with_every_branch_and_the_classifier_at_exactly_zero_and_s
     assert [n for n, _ in block.named_children()][:8] == ["bias1a", "conv1", "bias1b", "act1", "bias2a", "conv2", "scale", "bias2b"]
 
 
-def test_fixups_scalar_biases_and_multipliers_train_at_a_tenth_of_the_learning_rate_as_in_its_reference_code():
+def test_fixups_scalar_biases_multipliers_and_classifier_bias_train_at_a_tenth_of_the_learning_rate_as_in_its_reference_code():
     from bnexp.step import make_optimizer
 
     cfg = compose([*IMAGES, "norm.placement=none", "model.init=fixup", "model.skipinit=true", "optim.lr=0.2"])
@@ -67,7 +67,8 @@ def test_fixups_scalar_biases_and_multipliers_train_at_a_tenth_of_the_learning_r
     names = {id(p): n for n, p in model.named_parameters()}
     assert main["lr"] == 0.2 and scalars["lr"] == pytest.approx(0.02)
     assert sorted(names[id(p)].rsplit(".", 1)[0].rsplit(".", 1)[-1] for p in scalars["params"]) == sorted(
-        ["bias1a", "bias1b", "bias2a", "scale", "bias2b"] * 6 + ["bias", "bias"])  # each block's, the stem's and the head's
+        ["bias1a", "bias1b", "bias2a", "scale", "bias2b"] * 6 + ["bias", "bias", "output"])  # each block's, the stem's, the head's
+    assert {id(model.output.bias)} <= set(map(id, scalars["params"])) and {id(model.output.weight)} <= set(map(id, main["params"]))  # by name, as the reference
     assert any(names[id(p)].endswith("skip.weight") for p in main["params"])  # SkipInit's gates train at optim.lr
 
 

@@ -34,7 +34,7 @@ Normalizer-free baselines (``norm.placement=none``): ``model.init=fixup``
 ``scale`` and bias ``bias2b`` after conv2, in place of the convs' own biases (they have none); conv1 He-normal (fan-out) times
 L^(-1/(2m-2)) = L^(-1/2) (L residual branches of m = 2 layers), conv2 and the
 classifier zero; the stem's ``bias`` before its act, the head's ``bias`` before
-the classifier; the scalars train at optim.lr / 10 (their ``cifar_train.py``):
+the classifier; the scalars and the classifier's bias train at optim.lr / 10 (their ``cifar_train.py``):
 
     none + fixup:  bias1a conv1 bias1b act1 bias2a conv2 scale bias2b (+) act2
 
@@ -276,7 +276,7 @@ def fixup_init(net: ResNet) -> None:
     """Zhang et al. 2019, Sec. 3 (as their fixup_resnet_cifar.py): each branch's conv1 He-normal
     (fan-out) scaled by L^(-1/2), its conv2 zero (so every branch starts at zero), the classifier
     zero, with a scalar bias before it (the head's last module); the scalar biases and multipliers
-    train at optim.lr / 10, as their CIFAR training script sets it."""
+    and the classifier's bias train at optim.lr / 10, as their CIFAR training script sets it."""
     blocks = net.blocks()
     with torch.no_grad():
         for block in blocks:
@@ -287,9 +287,10 @@ def fixup_init(net: ResNet) -> None:
         nn.init.zeros_(net.output.bias)
     net.head.add_module("bias", ScalarBias())
     scalars = [getattr(b, k) for b in blocks for k in ("bias1a", "bias1b", "bias2a", "scale", "bias2b")] + [net.stem.bias, net.head.bias]
-    for m in scalars:  # not SkipInit's gates, with model.skipinit too
-        for p in m.parameters():
-            p.lr_scale = FIXUP_SCALAR_LR
+    # The reference picks its lr / 10 group by name ('bias' or 'scale' in it), which takes in the
+    # classifier's bias too; not SkipInit's gates, with model.skipinit too.
+    for p in [p for m in scalars for p in m.parameters()] + [net.output.bias]:
+        p.lr_scale = FIXUP_SCALAR_LR
 
 
 def zero_init_residual(net: ResNet) -> None:
