@@ -20,10 +20,11 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from bnexp.config import (
-    IN_MEMORY_DATA, REGRESSION_DATA, V01_MODEL_KEYS, Amp, Config, ConfigError, DataConfig, DataName, Loss, NormConfig, NormKind, OptimConfig,
-    Placement, TrainOnly, config_dir, flatten, launch_world_size, plain,
+    IN_MEMORY_DATA, REGRESSION_DATA, V01_MODEL_KEYS, Amp, Augment, Config, ConfigError, DataConfig, DataName, Loss, NormConfig, NormKind,
+    OptimConfig, Placement, TrainOnly, config_dir, example_shape, flatten, launch_world_size, plain,
 )
-from bnexp import augment
+# Torch-free, as everything this module imports: a config is composed and
+# validated (a config error answered) without loading torch.
 from bnexp.models import FAMILIES, family
 from bnexp.probes import PROBES
 
@@ -238,7 +239,7 @@ def validate(cfg: DictConfig) -> None:
                 raise ConfigError("norm.dmax", f"got {n.dmax}; allowed: dmax >= 0")
     _check_noise(cfg)
     family(str(cfg.model.kind)).check(cfg)  # widths, norm.layers, norm.groups dividing widths
-    augment.check(cfg)  # image data for crop_flip
+    _check_augment(cfg)  # image data for crop_flip
     if not (0 < d.val_size < 1 or (d.val_size >= 1 and float(d.val_size).is_integer()) or d.val_size == 0):
         raise ConfigError("data.val_size", f"got {d.val_size}; allowed: 0, a fraction in (0, 1), or a whole number of examples")
     _positive(cfg, "data.subset", allow_none=True)
@@ -287,6 +288,17 @@ def validate(cfg: DictConfig) -> None:
             datasets.check_available(DataName(cfg.data.name).value, cfg.data.root, cfg.data.download)
         except datasets.DataError as e:
             raise ConfigError("data.root", str(e)) from None
+
+
+def _check_augment(cfg: DictConfig) -> None:
+    """``data.augment`` other than none (bnexp.augment) needs images."""
+    if Augment(cfg.data.augment) == Augment.none:
+        return
+    shape = example_shape(cfg.data)
+    if len(shape) != 3:
+        raise ConfigError("data.augment", f"{Augment(cfg.data.augment).value} crops and flips images [C,H,W], but data={DataName(cfg.data.name).value} "
+                                          f"gives examples of shape {list(shape)}; allowed: none, or image data (mnist, fashion_mnist, cifar10, "
+                                          "synthetic with a 3-D data.shape)")
 
 
 def _check_noise(cfg: DictConfig) -> None:
@@ -356,11 +368,13 @@ def _check_world(cfg: DictConfig, world: int) -> None:
 
 
 def _check_device(t: DictConfig) -> None:
-    import torch
-
     dev = t.device
     if not (dev in ("auto", "cpu", "cuda", "mps") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise ConfigError("train.device", f"got {dev!r}; allowed: auto, cpu, cuda, cuda:N, mps")
+    if dev in ("auto", "cpu") and t.amp != Amp.fp16:
+        return  # nothing to ask torch (whose import alone is seconds)
+    import torch
+
     if dev.startswith("cuda"):
         if not _cuda_available():
             raise ConfigError("train.device", f"{dev} asked for, but no CUDA device is available here; allowed: auto or cpu")

@@ -6,25 +6,13 @@ average pooling and a Linear output."""
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, field
 
-from omegaconf import DictConfig
 from torch import nn
 
-from bnexp.config import ConfigError, ModelConfig, NormConfig, Placement
-from bnexp.models.blocks import (
-    Net, activation, block_noise, check_groups_divide, check_plain_norm, check_widths, hidden_block, init_weights, needs_bias, normed_indices,
-)
-from bnexp.models.registry import register
+from bnexp.config import NormConfig, Placement
+from bnexp.models.blocks import Net, activation, block_noise, hidden_block, init_weights, needs_bias
+from bnexp.models.schemas import CNNConfig, normed_indices  # the schema and its checks (torch-free), registered there
 from bnexp.norms import make_norm
-
-
-@dataclass
-class CNNConfig(ModelConfig):
-    kind: str = "cnn"
-    hidden: list[int] = field(default_factory=lambda: [32, 64, 128])  # channels per conv block
-    kernel_size: int = 3
-    pool: bool = True  # 2x max-pool after each conv block while the signal is long enough
 
 
 def build(cfg: CNNConfig, norm_cfg: NormConfig, input_shape: tuple[int, ...], num_classes: int) -> Net:
@@ -55,14 +43,3 @@ def build(cfg: CNNConfig, norm_cfg: NormConfig, input_shape: tuple[int, ...], nu
     init_weights(net, cfg)
     return net
 
-
-def check(cfg: DictConfig) -> None:
-    check_plain_norm(cfg)
-    check_widths("model.hidden", cfg.model.hidden)
-    if cfg.model.kernel_size <= 0:
-        raise ConfigError("model.kernel_size", f"got {cfg.model.kernel_size}; allowed: a positive size")
-    normed = normed_indices(cfg.norm, len(cfg.model.hidden))
-    check_groups_divide(cfg.norm, {f"conv block {i}": cfg.model.hidden[i] for i in normed})
-
-
-register("cnn", CNNConfig, build, check)

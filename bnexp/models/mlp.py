@@ -3,23 +3,12 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-
-from omegaconf import DictConfig
 from torch import nn
 
-from bnexp.config import ModelConfig, NormConfig, Placement
-from bnexp.models.blocks import (
-    Net, activation, block_noise, check_groups_divide, check_plain_norm, check_widths, hidden_block, init_weights, needs_bias, normed_indices,
-)
-from bnexp.models.registry import register
+from bnexp.config import NormConfig, Placement
+from bnexp.models.blocks import Net, activation, block_noise, hidden_block, init_weights, needs_bias
+from bnexp.models.schemas import MLPConfig, normed_indices  # the schema and its checks (torch-free), registered there
 from bnexp.norms import make_norm
-
-
-@dataclass
-class MLPConfig(ModelConfig):
-    kind: str = "mlp"
-    hidden: list[int] = field(default_factory=lambda: [100, 100, 100])
 
 
 def build(cfg: MLPConfig, norm_cfg: NormConfig, input_shape: tuple[int, ...], num_classes: int) -> Net:
@@ -36,12 +25,3 @@ def build(cfg: MLPConfig, norm_cfg: NormConfig, input_shape: tuple[int, ...], nu
     init_weights(net, cfg)
     return net
 
-
-def check(cfg: DictConfig) -> None:
-    check_plain_norm(cfg)
-    check_widths("model.hidden", cfg.model.hidden)
-    normed = normed_indices(cfg.norm, len(cfg.model.hidden))
-    check_groups_divide(cfg.norm, {f"hidden layer {i}": cfg.model.hidden[i] for i in normed})
-
-
-register("mlp", MLPConfig, build, check)

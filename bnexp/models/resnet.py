@@ -38,34 +38,17 @@ docs/architecture.md says what it would take.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
-from enum import Enum
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
 from torch import nn
 
-from bnexp.config import ConfigError, ModelConfig, NormConfig, Placement
-from bnexp.models.blocks import StagedNet, activation, check_groups_divide, check_images, hidden_block, init_weights, needs_bias, scaled
-from bnexp.models.registry import register
+from bnexp.config import NormConfig, Placement
+from bnexp.models.blocks import StagedNet, activation, hidden_block, init_weights, needs_bias
+# The schema and its checks (torch-free), registered there.
+from bnexp.models.schemas import RESNET_STAGE_CHANNELS as STAGE_CHANNELS, ResNetConfig, Shortcut, scaled
 from bnexp.norms import make_noise, make_norm
-
-STAGE_CHANNELS = (16, 32, 64)  # He et al. 2016a, Sec. 4.2
-
-
-class Shortcut(str, Enum):
-    identity = "identity"  # option A: zero-padded channels, stride-2 subsampling
-    projection = "projection"  # option B: 1x1 conv where the shape changes
-
-
-@dataclass
-class ResNetConfig(ModelConfig):
-    kind: str = "resnet"
-    depth: int = 20  # 6n+2: 20, 32, 44, 56, 110; 8 and 14 for CPU-sized runs
-    width: float = 1.0  # multiplies the 16/32/64 channels of the three stages
-    shortcut: Shortcut = Shortcut.identity
 
 
 class ZeroPadShortcut(nn.Module):
@@ -210,21 +193,3 @@ def zero_init_residual(net: ResNet) -> None:
             if getattr(layer, "bias", None) is not None:
                 nn.init.zeros_(layer.bias)
 
-
-def check(cfg: DictConfig) -> None:
-    check_images(cfg)
-    m, n = cfg.model, cfg.norm
-    if m.depth < 8 or (m.depth - 2) % 6:
-        raise ConfigError("model.depth", f"got {m.depth}; allowed: 6n+2 with n >= 1 (8, 14, 20, 32, 44, 56, 110, ...)")
-    if not m.width > 0:
-        raise ConfigError("model.width", f"got {m.width}; allowed: a multiplier > 0 of the 16/32/64 stage channels")
-    if n.layers != "all":
-        raise ConfigError("norm.layers", f"got {n.layers}; model=resnet normalizes every conv of its blocks; allowed: all (or norm.placement=none)")
-    placement = Placement(n.placement)
-    if n.zero_init_residual and placement == Placement.pre and not n.scale:
-        raise ConfigError("norm.zero_init_residual", "with norm.placement=pre it zeroes each block's last gamma, which norm.scale=false removes; "
-                                                     "allowed: false, or norm.scale=true")
-    check_groups_divide(n, {f"stage{i}": scaled(c, m.width) for i, c in enumerate(STAGE_CHANNELS, start=1)})
-
-
-register("resnet", ResNetConfig, build, check)

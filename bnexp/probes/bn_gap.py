@@ -22,15 +22,14 @@ Regression runs log the losses only. A network without running statistics
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from torch import nn
 
 from bnexp.config import ConfigError
 from bnexp.norms import _BatchRenorm, running_stat_norms, tracks_unbiased_var, use_batch_statistics
-from bnexp.probes.base import ProbeContext, ProbeSetup, register
+from bnexp.probes.base import ProbeContext, ProbeSetup
+from bnexp.probes.schemas import BN_GAP_NEEDS_VALIDATION as NEEDS_VALIDATION, BNGapConfig  # its schema and check, registered there
 from bnexp.step import evaluate
 
 
@@ -110,15 +109,6 @@ def recompute_bn_stats(model: nn.Module, x: torch.Tensor, batches: int, batch_si
     return len(norms)
 
 
-NEEDS_VALIDATION = "needs a validation split; allowed: data.val_size > 0, or probes.bn_gap.every=0"
-
-
-@dataclass
-class BNGapConfig:
-    every: int = 0  # steps; 0: off. Costs three validation passes and `batches` training forwards.
-    batches: int = 200  # training batches (of train.batch_size) for the precise statistics; fvcore's default
-
-
 class BNGap:
     read_only = False
 
@@ -142,13 +132,3 @@ def build(setup: ProbeSetup, cfg: BNGapConfig | None) -> BNGap | None:
         raise ConfigError("probes.bn_gap.every", NEEDS_VALIDATION)
     t = setup.cfg.train
     return BNGap(cfg.every, int(cfg.batches), int(t.batch_size), int(t.eval_batch_size), int(setup.cfg.seed), setup.data)
-
-
-def check(cfg) -> None:
-    if cfg.probes.bn_gap.batches < 1:
-        raise ConfigError("probes.bn_gap.batches", f"got {cfg.probes.bn_gap.batches}; allowed: a whole number >= 1")
-    if cfg.probes.bn_gap.every and cfg.data.val_size == 0:
-        raise ConfigError("probes.bn_gap.every", NEEDS_VALIDATION)
-
-
-register("bn_gap", BNGapConfig, build, check)

@@ -13,19 +13,13 @@ weight decay), undone afterwards with everything else by ``preserved()``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from bnexp.models.blocks import parameterized_layers
 from bnexp.norms import NORM_TYPES
 from bnexp.probes import grads
-from bnexp.probes.base import ProbeContext, ProbeSetup, register
-
-
-@dataclass
-class ICSConfig:
-    every: int = 0  # steps; 0: off. Costs one forward + backward per weight layer.
+from bnexp.probes.base import ProbeContext, ProbeSetup
+from bnexp.probes.schemas import ICSConfig  # its schema, registered there
 
 
 class InternalCovariateShift:
@@ -70,5 +64,3 @@ class InternalCovariateShift:
 def build(setup: ProbeSetup, cfg: ICSConfig | None) -> InternalCovariateShift | None:
     return InternalCovariateShift(setup.model, cfg.every) if cfg is not None and cfg.every else None
 
-
-register("ics", ICSConfig, build)
