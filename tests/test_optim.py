@@ -77,6 +77,7 @@ def test_step_hooks_run_once_per_step():
     assert calls == [1]
 
 
+@pytest.mark.slow  # a fresh interpreter per optimizer
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_a_training_run_never_imports_torch_dynamo(tmp_path, optimizer):
     # A whole `bnexp train` (optimizer built, stepped, checkpointed, evaluated) in a fresh interpreter.
