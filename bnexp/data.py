@@ -168,7 +168,9 @@ def load(cfg: DictConfig, device: torch.device) -> Splits:
     basic launcher, a joblib worker) then read, split and preprocess their
     data once, not once per job (~0.4 s a job for MNIST on the 2-core CPU,
     against ~1.3 s for the 2000 training steps of a placement-ablation job).
-    Nothing writes to these tensors: the loop only indexes them.
+    Between processes, :mod:`bnexp.data_cache` keeps the prepared arrays of
+    file-backed datasets (and MNIST-1D) on disk. Nothing writes to these
+    tensors: the loop only indexes them.
     """
     global _last
     key = _cache_key(cfg, device)
