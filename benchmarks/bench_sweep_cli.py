@@ -26,6 +26,11 @@ recorded before and after every part, since the machine may be shared.
     python benchmarks/bench_sweep_cli.py --full         # R=8,16; MLP 1000 and 5000 steps; CNN 100 steps
     python benchmarks/bench_sweep_cli.py --only startup --startup-rounds 7
     python benchmarks/bench_sweep_cli.py --which mlp --replicas 8 16 --mlp-steps 5000 --conditions busy
+    python benchmarks/bench_sweep_cli.py --baseline /tmp/old   # and another version of bnexp, interleaved with this one
+
+With ``--baseline TREE`` every command also runs from that source tree (first on
+PYTHONPATH, with caches of its own), interleaved with this checkout's, so a
+before/after comparison meets the same machine load.
 """
 
 from __future__ import annotations
@@ -70,19 +75,43 @@ def condition(name: str) -> Iterator[None]:
             competitor.wait()
 
 
-def wall(cmd: list[str], cwd: Path, expect: int = 0) -> float:
+# Commands that failed once and were run again (the machine is shared: another
+# process's burst can make thread creation fail); saved with the figures.
+RETRIED: list[str] = []
+
+
+def once_more(run):
+    """``run()``; if its command fails, once more, and the failure is recorded."""
+    try:
+        return run()
+    except RuntimeError as e:
+        RETRIED.append(str(e)[-500:])
+        print(f"retrying once: {str(e)[-300:]}", flush=True)
+        time.sleep(5)
+        return run()
+
+
+def wall(cmd: list[str], cwd: Path, expect: int = 0, env: dict | None = None) -> float:
+    return once_more(lambda: _wall(cmd, cwd, expect, env))
+
+
+def _wall(cmd: list[str], cwd: Path, expect: int, env: dict | None) -> float:
     t0 = time.perf_counter()
-    done = subprocess.run(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    done = subprocess.run(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     elapsed = time.perf_counter() - t0
     if done.returncode != expect:
-        raise SystemExit(f"{' '.join(cmd)} exited {done.returncode}, expected {expect}:\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"{' '.join(cmd)} exited {done.returncode}, expected {expect}:\n{done.stderr[-3000:]}")
     return elapsed
 
 
-def first_step(cmd: list[str], cwd: Path) -> tuple[float, float]:
+def first_step(cmd: list[str], cwd: Path, env: dict | None = None) -> tuple[float, float]:
     """(seconds to the log line of step 1, seconds to the process's exit)."""
+    return once_more(lambda: _first_step(cmd, cwd, env))
+
+
+def _first_step(cmd: list[str], cwd: Path, env: dict | None) -> tuple[float, float]:
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env)
     seen, lines = None, []
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -92,65 +121,108 @@ def first_step(cmd: list[str], cwd: Path) -> tuple[float, float]:
     code = proc.wait()
     total = time.perf_counter() - t0
     if code != 0 or seen is None:
-        raise SystemExit(f"{' '.join(cmd)} exited {code} without a step-1 line:\n{''.join(lines)[-3000:]}")
+        raise RuntimeError(f"{' '.join(cmd)} exited {code} without a step-1 line:\n{''.join(lines)[-3000:]}")
     return seen, total
 
 
-def startup(rounds: int, tmp: Path) -> dict:
+def trees(baseline: Path | None, tmp: Path) -> dict[str, dict | None]:
+    """The bnexp versions timed side by side: this checkout (prefix "") and, with
+    --baseline, another source tree (prefix "baseline/"), imported first through
+    PYTHONPATH, with caches of its own (its checksum cache's format may differ)."""
+    if baseline is None:
+        return {"": None}
+    env = {**os.environ, "PYTHONPATH": str(baseline.resolve()), "XDG_CACHE_HOME": str(tmp / "baseline-cache")}
+    return {"": None, "baseline/": env}
+
+
+def startup(rounds: int, tmp: Path, versions: dict[str, dict | None]) -> dict:
     """import torch, time to first step, a whole one-step run and a config error, interleaved."""
     tmp.mkdir(parents=True, exist_ok=True)
     train = [*BNEXP, "train", "train.steps=1", "train.log_every=1"]
-    first_step([*train, f"hydra.run.dir={tmp / 'warm'}"], tmp)  # fills the data and checksum caches, as a first run does
-    times: dict[str, list[float]] = {"import_torch": [], "first_step": [], "one_step_run": [], "config_error": []}
+    for prefix, env in versions.items():  # fills the data and checksum caches, as a first run does
+        first_step([*train, f"hydra.run.dir={tmp / f'{prefix}warm'}"], tmp, env)
+    parts = ["import_torch", *(f"{prefix}{p}" for prefix in versions for p in ("first_step", "config_error"))]
+    times: dict[str, list[float]] = {p: [] for p in parts}
+    times.update({f"{prefix}one_step_run": [] for prefix in versions})
     for r in range(rounds):
-        parts = ["import_torch", "first_step", "config_error"]
-        for part in parts[r % 3:] + parts[: r % 3]:
-            if part == "import_torch":
+        for part in parts[r % len(parts):] + parts[: r % len(parts)]:
+            prefix, _, what = part.rpartition("/")
+            prefix, env = (f"{prefix}/" if prefix else ""), versions.get(f"{prefix}/" if prefix else "")
+            if what == "import_torch":
                 times[part].append(wall([PYTHON, "-c", "import torch"], tmp))
-            elif part == "config_error":
-                times[part].append(wall([*BNEXP, "train", "model.hidden=oops"], tmp, expect=2))
+            elif what == "config_error":
+                times[part].append(wall([*BNEXP, "train", "model.hidden=oops"], tmp, expect=2, env=env))
             else:
-                seen, total = first_step([*train, f"hydra.run.dir={tmp / f'run{r}'}"], tmp)
-                times["first_step"].append(seen)
-                times["one_step_run"].append(total)
+                seen, total = first_step([*train, f"hydra.run.dir={tmp / f'{prefix}run{r}'}"], tmp, env)
+                times[part].append(seen)
+                times[f"{prefix}one_step_run"].append(total)
     med = {k: statistics.median(v) for k, v in times.items()}
     ratios = {k: med[k] / med["import_torch"] for k in med if k != "import_torch"}
     return {"median_s": med, "ratio_to_import_torch": ratios, "rounds": times}
 
 
-def sweep(overrides: list[str], launcher: str, R: int, out: Path, cwd: Path) -> tuple[float, list[dict]]:
+def sweep(overrides: list[str], launcher: str, R: int, out: Path, cwd: Path, env: dict | None = None) -> tuple[float, list[dict]]:
     cmd = [*BNEXP, "sweep", *overrides, f"seed=range(0,{R})", f"hydra/launcher={launcher}", f"hydra.sweep.dir={out}"]
     if launcher == "vectorized":
         cmd.append(f"hydra.launcher.max_replicas={R}")  # one stack of all R
-    elapsed = wall(cmd, cwd)
+    def run() -> float:
+        shutil.rmtree(out, ignore_errors=True)  # a sweep run again into its dir would skip the jobs that finished
+        return _wall(cmd, cwd, 0, env)
+
+    elapsed = once_more(run)
     records = [json.loads(p.read_text()) for p in sorted(out.glob("*/metrics.json"), key=lambda p: p.parent.name)]
     if len(records) != R or any(r.get("status") != "completed" for r in records):
         raise SystemExit(f"{launcher} sweep in {out}: {[r.get('status') for r in records]}")
     return elapsed, records
 
 
-def sweeps(which: str, R: int, steps: int, rounds: int, tmp: Path) -> dict:
+def sweeps(which: str, R: int, steps: int, rounds: int, tmp: Path, versions: dict[str, dict | None]) -> dict:
     ns = argparse.Namespace(steps_mlp=steps, steps_cnn=steps, device="cpu", overrides=[])
     overrides = overrides_for(which, ns)
-    walls: dict[str, list[float]] = {"basic": [], "vectorized": []}
-    threads: dict[str, set] = {"basic": set(), "vectorized": set()}
+    runs = [f"{prefix}{launcher}" for prefix in versions for launcher in ("basic", "vectorized")]
+    walls: dict[str, list[float]] = {k: [] for k in runs}
+    threads: dict[str, set] = {k: set() for k in runs}
     drift = 0.0
     for rnd in range(rounds):
         losses = {}
-        for launcher in (["basic", "vectorized"] if rnd % 2 == 0 else ["vectorized", "basic"]):
-            out = tmp / f"{which}-R{R}-s{steps}-{launcher}-{rnd}"
-            elapsed, records = sweep(overrides, launcher, R, out, tmp)
-            walls[launcher].append(elapsed)
-            losses[launcher] = [r["final"]["train/loss"] for r in records]
-            threads[launcher].update(r.get("env", {}).get("threads") for r in records)
+        for run in runs[rnd % len(runs):] + runs[: rnd % len(runs)]:
+            prefix, _, launcher = run.rpartition("/")
+            out = tmp / f"{which}-R{R}-s{steps}-{run.replace('/', '-')}-{rnd}"
+            elapsed, records = sweep(overrides, launcher, R, out, tmp, versions[f"{prefix}/" if prefix else ""])
+            walls[run].append(elapsed)
+            losses[run] = [r["final"]["train/loss"] for r in records]
+            threads[run].update(r.get("env", {}).get("threads") for r in records)
             shutil.rmtree(out, ignore_errors=True)
         drift = max(drift, max(abs(a - b) for a, b in zip(losses["basic"], losses["vectorized"])))
     if which == "mlp" and drift > 1e-4:
         raise SystemExit(f"mlp R={R}: the launchers' final train/loss differ by {drift}")
-    b, v = statistics.median(walls["basic"]), statistics.median(walls["vectorized"])
-    return {"model": which, "R": R, "steps": steps, "basic_s": b, "vectorized_s": v, "ratio": b / v,
-            "replica_steps_per_s": {"basic": R * steps / b, "vectorized": R * steps / v}, "rounds": walls,
-            "threads": {k: sorted(x for x in t if x is not None) for k, t in threads.items()}, "max_final_loss_difference": drift}
+    med = {k: statistics.median(v) for k, v in walls.items()}
+    row = {"model": which, "R": R, "steps": steps, "median_s": med, "rounds": walls,
+           "threads": {k: sorted(x for x in t if x is not None) for k, t in threads.items()}, "max_final_loss_difference": drift}
+    for prefix in versions:
+        row[f"{prefix}ratio"] = med[f"{prefix}basic"] / med[f"{prefix}vectorized"]
+        row[f"{prefix}replica_steps_per_s"] = {k: R * steps / med[f"{prefix}{k}"] for k in ("basic", "vectorized")}
+    return row
+
+
+def describe_startup(s: dict) -> str:
+    m, r = s["median_s"], s["ratio_to_import_torch"]
+    text = (f"import torch {m['import_torch']:.2f} s | first step {m['first_step']:.2f} s ({r['first_step']:.2f}x) | one-step run "
+            f"{m['one_step_run']:.2f} s ({r['one_step_run']:.2f}x) | config error {m['config_error']:.2f} s ({r['config_error']:.2f}x)")
+    if "baseline/first_step" in m:
+        text += (f" || baseline: first step {r['baseline/first_step']:.2f}x, one-step run {r['baseline/one_step_run']:.2f}x, "
+                 f"config error {r['baseline/config_error']:.2f}x")
+    return text
+
+
+def describe_sweep(row: dict) -> str:
+    m = row["median_s"]
+    text = (f"{row['model']} R={row['R']} {row['steps']} steps: basic {m['basic']:.1f} s, vectorized {m['vectorized']:.1f} s, "
+            f"ratio {row['ratio']:.2f}x (threads {row['threads']['basic']} / {row['threads']['vectorized']})")
+    if "baseline/basic" in m:
+        text += (f" || baseline: basic {m['baseline/basic']:.1f} s, vectorized {m['baseline/vectorized']:.1f} s; "
+                 f"this/baseline time: basic {m['basic'] / m['baseline/basic']:.2f}, vectorized {m['vectorized'] / m['baseline/vectorized']:.2f}")
+    return text
 
 
 def main() -> None:
@@ -164,6 +236,8 @@ def main() -> None:
     p.add_argument("--startup-rounds", type=int, default=5)
     p.add_argument("--conditions", nargs="+", default=["quiet", "busy"], choices=["quiet", "busy"])
     p.add_argument("--full", action="store_true", help="R = 8 and 16, MLP 1000 and 5000 steps, CNN 100 steps")
+    p.add_argument("--baseline", type=Path, default=None, metavar="TREE",
+                   help="another bnexp source tree (e.g. `git archive COMMIT | tar -x -C TREE`) timed side by side, interleaved")
     p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "cpu" / "sweep_cli.json")
     args = p.parse_args()
     if args.full:
@@ -177,30 +251,34 @@ def main() -> None:
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, 1-min load {load():.2f}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bnexp-bench-cli-") as d:
         tmp = Path(d)
+        versions = trees(args.baseline, tmp)
         for cond in args.conditions:
             with condition(cond):
                 if args.only in (None, "startup"):
                     before = load()
-                    s = startup(args.startup_rounds, tmp / f"startup-{cond}")
+                    s = startup(args.startup_rounds, tmp / f"startup-{cond}", versions)
                     s["load"] = [before, load()]
                     result["startup"][cond] = s
-                    m, r = s["median_s"], s["ratio_to_import_torch"]
-                    print(f"[{cond}, load {before:.1f}->{load():.1f}] import torch {m['import_torch']:.2f} s | first step "
-                          f"{m['first_step']:.2f} s ({r['first_step']:.2f}x) | one-step run {m['one_step_run']:.2f} s "
-                          f"({r['one_step_run']:.2f}x) | config error {m['config_error']:.2f} s ({r['config_error']:.2f}x)", flush=True)
+                    save(args.json, result)
+                    print(f"[{cond}, load {before:.1f}->{load():.1f}] {describe_startup(s)}", flush=True)
                 if args.only in (None, "sweeps"):
                     for which in args.which:
                         for steps in (args.mlp_steps if which == "mlp" else args.cnn_steps):
                             for R in args.replicas:
                                 before = load()
-                                row = sweeps(which, R, steps, args.rounds, tmp)
+                                row = sweeps(which, R, steps, args.rounds, tmp, versions)
                                 row.update(condition=cond, load=[before, load()])
                                 result["sweeps"].append(row)
-                                print(f"[{cond}, load {before:.1f}->{load():.1f}] {which} R={R} {steps} steps: basic {row['basic_s']:.1f} s, "
-                                      f"vectorized {row['vectorized_s']:.1f} s, ratio {row['ratio']:.2f}x (threads {row['threads']})", flush=True)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=1))
+                                save(args.json, result)
+                                print(f"[{cond}, load {before:.1f}->{load():.1f}] {describe_sweep(row)}", flush=True)
+    save(args.json, result)
     print(f"written: {args.json}")
+
+
+def save(path: Path, result: dict) -> None:
+    """After every part, so that a long run stopped halfway keeps what it measured."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**result, "retried": RETRIED}, indent=1))
 
 
 if __name__ == "__main__":
