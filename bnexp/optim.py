@@ -36,8 +36,8 @@ from typing import Any
 import torch
 
 
-def _undecorated(method: Any) -> Any:
-    return inspect.unwrap(method)
+# Optimizer's methods as torch wrote them, without torch._disable_dynamo around them.
+_AS_WRITTEN = {name: inspect.unwrap(getattr(torch.optim.Optimizer, name)) for name in ("add_param_group", "zero_grad", "state_dict", "load_state_dict")}
 
 
 class _WithoutDynamoImport(torch.optim.Optimizer):
@@ -48,26 +48,23 @@ class _WithoutDynamoImport(torch.optim.Optimizer):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         torch_class = next(c for c in cls.__mro__[1:] if c.__module__.startswith("torch.optim."))
-        cls._torch_step = staticmethod(_undecorated(torch_class.step))
+        cls._torch_step = staticmethod(inspect.unwrap(torch_class.step))
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        _undecorated(torch.optim.Optimizer.add_param_group)(self, param_group)
+        _AS_WRITTEN["add_param_group"](self, param_group)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        _ZERO_GRAD(self, set_to_none)
+        _AS_WRITTEN["zero_grad"](self, set_to_none)
 
     def state_dict(self) -> dict[str, Any]:
-        return _undecorated(torch.optim.Optimizer.state_dict)(self)
+        return _AS_WRITTEN["state_dict"](self)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        _undecorated(torch.optim.Optimizer.load_state_dict)(self, state_dict)
+        _AS_WRITTEN["load_state_dict"](self, state_dict)
 
     def step(self, closure: Any = None) -> Any:
         with torch.set_grad_enabled(self.defaults["differentiable"]):
             return self._torch_step(self, closure)
-
-
-_ZERO_GRAD = _undecorated(torch.optim.Optimizer.zero_grad)  # once: zero_grad runs every step
 
 
 class SGD(_WithoutDynamoImport, torch.optim.SGD):
