@@ -25,9 +25,20 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from bnexp.config import Augment
+from bnexp.config import Augment, ConfigError, DataName, example_shape
 
 PAD = 4  # pixels on each side (He et al. 2016, Sec. 4.2)
+
+
+def check(cfg: DictConfig) -> None:
+    """``data.augment`` other than none needs images."""
+    if Augment(cfg.data.augment) == Augment.none:
+        return
+    shape = example_shape(cfg.data)
+    if len(shape) != 3:
+        raise ConfigError("data.augment", f"{Augment(cfg.data.augment).value} crops and flips images [C,H,W], but data={DataName(cfg.data.name).value} "
+                                          f"gives examples of shape {list(shape)}; allowed: none, or image data (mnist, fashion_mnist, cifar10, "
+                                          "synthetic with a 3-D data.shape)")
 
 
 class NoAugment:

@@ -89,8 +89,9 @@ def _sigterm_interrupts() -> None:
     def handler(signum, frame):
         raise KeyboardInterrupt
 
-    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, handler)
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):  # SIGHUP: a closed terminal, unless nohup ignores it
+        if sig is not None and signal.getsignal(sig) is signal.SIG_DFL:
+            signal.signal(sig, handler)
 
 
 def _interrupted(e: KeyboardInterrupt, again: str | None = None) -> typer.Exit:
@@ -177,6 +178,7 @@ def sweep(ctx: typer.Context) -> None:
         _run_hydra(args)  # Hydra's inspection flags exclude --multirun
         return
     before = len(sweep_mod.STARTED)
+    refused_before = len(_refused())
     _sigterm_interrupts()
     try:
         with _signals_received() as received:
@@ -203,8 +205,17 @@ def sweep(ctx: typer.Context) -> None:
     except KeyboardInterrupt as e:  # Ctrl-C during the summary of a finished sweep
         raise _interrupted(e, f"every job ended; `bnexp report {sweep_mod.STARTED[-1].dir} --tensorboard` "
                               "prints the summary and writes the sweep's dashboards") from None
-    if any(j.status in ("failed", "unreadable", "dead") for j in jobs):
+    refused = _refused()[refused_before:]
+    for run_dir, reason in refused:  # untouched, so the table shows what they held before
+        typer.echo(f"not run: {run_dir.name}: {reason}", err=True)
+    if refused or any(j.status in ("failed", "unreadable", "dead") for j in jobs):
         raise typer.Exit(EXIT_FAILED)
+
+
+def _refused() -> list:
+    from bnexp import hydra_app
+
+    return hydra_app.REFUSED
 
 
 @contextmanager
@@ -334,38 +345,33 @@ class Format(str, Enum):
     markdown = "markdown"
 
 
-@app.command()
-def report(
-    paths: List[Path] = typer.Argument(None, help="Run or sweep directories to search for runs (default: runs/)."),
-    by: List[str] = typer.Option(None, "--by", help="Group by this config key (repeatable); default: every key that differs except seed."),
-    metric: List[str] = typer.Option(None, "--metric", "-m", help="Metric tag to show (repeatable); default: val/acc, test/acc, train/loss (val/loss, test/loss, train/loss for runs without accuracy); with --plot, probe tags get panels (X_min/X_max as a band)."),
-    baseline: List[str] = typer.Option(None, "--baseline", help="KEY=VALUE of the group the others are compared with (repeatable); default: norm.placement=none where a group has it, else the first group."),
-    format: Format = typer.Option(Format.table, "--format", "-f", help="Output format."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Write learning curves with seed bands and act/* percentiles to this image (PNG unless the name ends in another format, e.g. .pdf, .svg), plus a panel per probe --metric (X_min/X_max: the min..max band)."),
-    overwrite: bool = typer.Option(False, "--overwrite", "--force", help="Let --plot replace an existing file (otherwise refused)."),
-    tensorboard: bool = typer.Option(False, "--tensorboard", help="Also (re)write the HParams config, custom-scalars layout and aggregate/ seed bands into the one sweep directory given."),
-) -> None:
-    """Compare runs: group by the config keys that differ (except seed); mean ± std (n) and 95% CI
-    over seeds; each group against the baseline group: difference, its 95% CI, Welch's p, speed-up.
+class Interval(str, Enum):
+    t = "t"
+    bootstrap = "bootstrap"
 
-    Example: bnexp report runs/placement_ablation/2024-05-01_12-00-00 --format markdown --plot curves.png
-    """
+
+class Correction(str, Enum):
+    holm = "holm"
+    bonferroni = "bonferroni"
+    none = "none"
+
+
+class Aggregate(str, Enum):
+    mean = "mean"
+    iqm = "iqm"
+
+
+def _compared_runs(paths: list[Path] | None, by: list[str] | None, baseline: list[str] | None):
+    """The runs under ``paths``, grouped, with the baseline chosen: what `report` and `seeds`
+    compare. Returns (runs, usable runs, groups, baseline); bad input exits 2."""
     from bnexp import report as rep
-    from bnexp.runs import find_runs, headline
+    from bnexp.runs import find_runs
 
     paths = paths or [Path("runs")]
     for p in paths:
         if not p.exists():
             raise fail(f"{p} does not exist; allowed: run or sweep directories (default: runs/)")
-    if tensorboard and (len(paths) != 1 or not paths[0].is_dir()):
-        raise fail("--tensorboard writes into one sweep directory; give exactly one")
-    if plot is not None:
-        try:
-            rep.check_plot_file(plot, overwrite)  # before anything is printed or drawn
-        except rep.PlotError as e:
-            raise fail(f"--plot {e}") from None
     runs = find_runs(paths)
-    unreadable = [r for r in runs if r.config is None or r.metrics is None]
     usable = [r for r in runs if r.config is not None]
     if not usable:
         raise fail(f"no runs under {', '.join(map(str, paths))} (a run directory holds metrics.json and .hydra/config.yaml)")
@@ -373,48 +379,163 @@ def report(
     for k in by or []:
         if k not in keys:
             raise fail(f"--by {k}: not a config key of these runs; keys that differ: {', '.join(rep.differing_keys(usable)) or 'none'}")
-    known = rep.available_metrics(usable)
-    for m in metric or []:
-        if m not in known:
-            raise fail(f"--metric {m}: no run has it; allowed: {', '.join(known)}")
-    # Defaults no run has yet (no test/acc while every run is still running) are left out.
-    metrics = list(metric) if metric else [m for m in headline(usable) if m in known]
     groups = rep.group_runs(usable, by)
     try:
         base = rep.choose_baseline(groups, baseline)
     except rep.BaselineError as e:
         raise fail(str(e)) from None
-    groups = rep.aggregate(groups, metrics, base)
+    return runs, usable, groups, base
+
+
+def _check_metrics(metric: list[str] | None, usable) -> None:
+    from bnexp import report as rep
+
+    known = rep.available_metrics(usable)
+    for m in metric or []:
+        if m not in known:
+            raise fail(f"--metric {m}: no run has it; allowed: {', '.join(known)}")
+
+
+@app.command()
+def report(
+    paths: List[Path] = typer.Argument(None, help="Run or sweep directories to search for runs (default: runs/)."),
+    by: List[str] = typer.Option(None, "--by", help="Group by this config key (repeatable); default: every key that differs except seed."),
+    metric: List[str] = typer.Option(None, "--metric", "-m", help="Metric tag to show (repeatable); default: val/acc, test/acc, train/loss (val/loss, test/loss, train/loss for runs without accuracy); with --plot, probe tags get panels (X_min/X_max as a band)."),
+    baseline: List[str] = typer.Option(None, "--baseline", help="KEY=VALUE of the group the others are compared with (repeatable); default: norm.placement=none where a group has it, else the first group."),
+    format: Format = typer.Option(Format.table, "--format", "-f", help="Output format."),
+    ci: Interval = typer.Option(Interval.t, "--ci", help="95% intervals: t (Student t; Welch's for differences) or bootstrap (scipy.stats.bootstrap, percentile, seeded; unreliable below 8 seeds)."),
+    correct: Correction = typer.Option(Correction.holm, "--correct", help="Adjust each metric's p-values over its comparisons with the baseline: holm (step-down), bonferroni, or none."),
+    aggregate: Aggregate = typer.Option(Aggregate.mean, "--aggregate", help="A group's centre: mean, or iqm (interquartile mean; bootstrap intervals, permutation-test p)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write learning curves with seed bands and act/* percentiles to this image (PNG unless the name ends in another format, e.g. .pdf, .svg), plus a panel per probe --metric (X_min/X_max: the min..max band)."),
+    html: Optional[Path] = typer.Option(None, "--html", help="Write one self-contained HTML page: the verdicts, the groups, curves with seed bands, main effects, each group's config."),
+    overwrite: bool = typer.Option(False, "--overwrite", "--force", help="Let --plot and --html replace an existing file (otherwise refused)."),
+    tensorboard: bool = typer.Option(False, "--tensorboard", help="Also (re)write the HParams config, custom-scalars layout and aggregate/ seed bands into the one sweep directory given."),
+) -> None:
+    """Compare runs: group by the config keys that differ (except seed); mean ± std (n) and 95% CI
+    over seeds; each group against the baseline group: difference and its 95% CI, Welch's p, the
+    p adjusted over the comparisons (Holm), Hedges' g, a verdict (better, worse, or not
+    distinguishable at n seeds) and the seeds that would settle it; main effects of a factorial grid.
+
+    Example: bnexp report runs/placement_ablation/2024-05-01_12-00-00 --format markdown --html report.html
+    """
+    from bnexp import report as rep
+    from bnexp.runs import headline
+
+    if tensorboard and (len(paths or [Path("runs")]) != 1 or not (paths or [Path("runs")])[0].is_dir()):
+        raise fail("--tensorboard writes into one sweep directory; give exactly one")
+    for flag, target, check in (("--plot", plot, rep.check_plot_file), ("--html", html, _check_html_file)):
+        if target is not None:
+            try:
+                check(target, overwrite)  # before anything is printed or drawn
+            except rep.PlotError as e:
+                raise fail(f"{flag} {e}") from None
+    runs, usable, groups, base = _compared_runs(paths, by, baseline)
+    paths = paths or [Path("runs")]
+    _check_metrics(metric, usable)
+    unreadable = [r for r in runs if r.config is None or r.metrics is None]
+    # Defaults no run has yet (no test/acc while every run is still running) are left out.
+    metrics = list(metric) if metric else [m for m in headline(usable) if m in rep.available_metrics(usable)]
+    options = rep.Options(aggregate=aggregate.value, ci=ci.value, correct=correct.value)
+    result = rep.Report.build(groups, metrics, base, options, unreadable)
+    written = _report_files(result, plot, html, overwrite, metric or [], paths)  # before printing: a file that cannot be written is one line, exit 2
     console = rep.console()
     notes = [f"unreadable: {r.path}: {r.problem}" for r in unreadable] + [line for line in [rep.duplicates_text(groups)] if line]
     if format == Format.table:
         counted = sum(len(g.runs) for g in groups)
-        rep.print_titled(console, ", ".join(map(str, paths)),
-                         rep.to_rich(groups, metrics, title=f"{counted} runs in {len(groups)} groups (mean ± std over seeds)", baseline=base))
-        console.print(rep.comparison_to_rich(groups, metrics, base))
+        console.print(", ".join(map(str, paths)), soft_wrap=True, highlight=False, style="bold")
+        rep.print_report(console, result, groups_title=f"{counted} runs in {len(groups)} groups{rep.by_text(result)} "
+                                                       f"({options.centre} ± std over seeds)")
         for line in notes:
             console.print(line, style="yellow", highlight=False, soft_wrap=True)
     else:
-        out = {Format.csv: lambda: rep.to_csv(groups, metrics), Format.json: lambda: rep.to_json(groups, metrics, unreadable, base),
-               Format.markdown: lambda: rep.to_markdown(groups, metrics, base)}[format]()
+        out = {Format.csv: lambda: rep.to_csv(result), Format.json: lambda: rep.to_json(result),
+               Format.markdown: lambda: rep.to_markdown(result)}[format]()
         typer.echo(out.rstrip("\n"))
         if format != Format.json:
             for line in notes:
                 typer.echo(line, err=True)
-    if plot is not None:
-        try:
-            written = rep.plot(groups, plot, overwrite, metric or [])
-        except rep.PlotError as e:
-            raise fail(f"--plot {e}") from None
-        except ValueError as e:
-            raise fail(f"--plot: {e}") from None
-        said = f" (PNG: {plot} has no extension)" if written != plot else ""
-        typer.echo(f"plot: {written}{said}", err=format != Format.table)
+    for line in written:
+        typer.echo(line, err=format != Format.table)
     if tensorboard:
         from bnexp.sweep import write_tensorboard_extras
 
         written = write_tensorboard_extras(paths[0], runs)  # the runs this report read already
         typer.echo(f"tensorboard: HParams over {', '.join(written.get('hparams', []))}; aggregate/ runs for {len(written.get('groups', []))} groups", err=format != Format.table)
+
+
+def _check_html_file(path: Path, overwrite: bool) -> Path:
+    from bnexp.report_html import check_page_file
+
+    return check_page_file(path, overwrite)
+
+
+def _report_files(result, plot: Path | None, html: Path | None, overwrite: bool, probe_metrics: list[str],
+                  paths: list[Path]) -> list[str]:
+    """`bnexp report --plot` and `--html`, written before the report is printed (so a
+    place that cannot be written is one line and exit 2, not a traceback after the
+    tables); returns the lines that name what was written."""
+    from bnexp import report as rep
+
+    said: list[str] = []
+    for flag, target in (("--plot", plot), ("--html", html)):
+        if target is None:
+            continue
+        try:
+            if flag == "--plot":
+                written = rep.plot(result.groups, target, overwrite, probe_metrics)
+                said.append(f"plot: {written}" + (f" (PNG: {target} has no extension)" if written != target else ""))
+            else:
+                from bnexp.report_html import write_page
+
+                said.append(f"html: {write_page(result, target, overwrite, title=', '.join(map(str, paths)))}")
+        except rep.PlotError as e:
+            raise fail(f"{flag} {e}") from None
+        except ValueError as e:
+            raise fail(f"{flag}: {e}") from None
+        except OSError as e:
+            raise fail(f"{flag} {target}: cannot write there ({e.strerror or e}); allowed: a file in a directory you can write to") from None
+    return said
+
+
+@app.command()
+def seeds(
+    paths: List[Path] = typer.Argument(None, help="Run or sweep directories (default: runs/)."),
+    effect: Optional[float] = typer.Option(None, "--effect", help="The difference to detect, in the metric's units (0.01 = one point of accuracy); default: each group's observed difference from the baseline."),
+    metric: Optional[str] = typer.Option(None, "--metric", "-m", help="The metric; default: val/acc (val/loss for runs without accuracy)."),
+    power: float = typer.Option(0.8, "--power", help="The probability of detecting the difference, in (0, 1)."),
+    alpha: float = typer.Option(0.05, "--alpha", help="The test's significance level, in (0, 1); divide by the number of comparisons for a Bonferroni-safe count."),
+    by: List[str] = typer.Option(None, "--by", help="Group by this config key (repeatable); default: every key that differs except seed."),
+    baseline: List[str] = typer.Option(None, "--baseline", help="KEY=VALUE of the baseline group (repeatable); default as in bnexp report."),
+    format: Format = typer.Option(Format.table, "--format", "-f", help="table or json."),
+) -> None:
+    """Seeds per group needed to detect a difference of --effect between each group and the
+    baseline: a two-sided two-sample t-test at --alpha with --power, from the two groups'
+    pooled standard deviation (noncentral t).
+
+    Example: bnexp seeds runs/placement_ablation/2024-05-01_12-00-00 --effect 0.01 --metric test/acc
+    """
+    from bnexp import report as rep
+    from bnexp.runs import headline
+
+    for name, value in (("--power", power), ("--alpha", alpha)):
+        if not 0 < value < 1:
+            raise fail(f"{name} {value}: allowed: a probability strictly between 0 and 1")
+    if effect is not None and not (effect != 0 and abs(effect) < float("inf")):
+        raise fail(f"--effect {effect}: allowed: a nonzero finite difference in the metric's units")
+    if format not in (Format.table, Format.json):
+        raise fail(f"--format {format.value}: allowed: table, json")
+    _, usable, groups, base = _compared_runs(paths, by, baseline)
+    _check_metrics([metric] if metric else None, usable)
+    metric = metric or headline(usable)[0]
+    options = rep.Options(power=power, alpha=alpha)
+    result = rep.Report.build(groups, [metric], base, options)
+    rows = rep.seed_counts(result, metric, effect)
+    if format == Format.json:
+        import json
+
+        typer.echo(json.dumps({"metric": metric, "effect": effect, "power": power, "alpha": alpha, "groups": rows}, indent=2))
+        return
+    rep.print_grid(rep.console(), rep.seeds_grid(result, metric, effect, rows))
 
 
 @app.command(context_settings=PASSTHROUGH)
@@ -484,6 +605,7 @@ def tb(
     if not _has_event_files(logdir):
         raise fail(f"{logdir} holds no TensorBoard event files (events.out.tfevents.*); allowed: a run or sweep "
                    "directory, or a folder of them (default: runs/)")
+    _check_bind(host, port)
     from tensorboard import program
 
     board = program.TensorBoard()
@@ -498,6 +620,34 @@ def tb(
     raise typer.Exit(board.main() or 0)
 
 
+def _check_bind(host: str, port: int) -> None:
+    """``bnexp tb``'s address, tried before TensorBoard starts (which says a bad one
+    with a traceback or its own exit 255): a port outside 0..65535, a host that is
+    no address of this machine, a port in use are each one line and exit 2."""
+    import errno
+    import socket
+
+    if not 0 <= port <= 65535:
+        raise fail(f"--port {port}: allowed: 1 to 65535, or 0 for a free one")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise fail(f"--host {host}: not an address or a name this machine resolves ({e.strerror if hasattr(e, 'strerror') else e}); "
+                   "allowed: 127.0.0.1 (this machine only, the default), 0.0.0.0 (every interface), or this machine's name") from None
+    if port == 0:
+        return
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as TensorBoard's server binds
+        try:
+            probe.bind(address)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise fail(f"--port {port} is in use on {host} (another TensorBoard?); allowed: a free port, or --port 0 to "
+                           "pick one") from None
+            raise fail(f"--host {host} --port {port}: cannot listen there ({e.strerror or e}); allowed: an address of this "
+                       "machine and a port you may bind, or --port 0") from None
+
+
 def _has_event_files(logdir: Path) -> bool:
     for _, _, files in os.walk(logdir):
         if any(f.startswith("events.out.tfevents.") for f in files):
@@ -508,7 +658,7 @@ def _has_event_files(logdir: Path) -> bool:
 @app.command(context_settings=PASSTHROUGH)
 def show(ctx: typer.Context) -> None:
     """Print the composed config (like Hydra's --cfg job) and every config group's options."""
-    from bnexp.config import group_options
+    from bnexp.schema import group_options  # configs/ and the norms registered without a YAML file
 
     _run_hydra([*ctx.args, "--cfg", "job"])
     typer.echo("# config groups (choose with group=option):")

@@ -37,6 +37,9 @@ class Placement(str, Enum):
 
 
 class NormKind(str, Enum):
+    """The built-in norms (bnexp/norms/<name>.py), in the order bnexp lists them. The
+    composed ``norm.kind`` takes any registered norm's name (bnexp.schema.NormName)."""
+
     batch = "batch"
     ghost_batch = "ghost_batch"
     batch_renorm = "batch_renorm"
@@ -148,6 +151,10 @@ class ModelConfig:
 
 @dataclass
 class NormConfig:
+    """The keys every norm reads, and those of the built-in norms (here, so that
+    Python callers of NormConfig(...) and recorded config hashes stay as they
+    were); a norm added later declares its own keys in its registry entry."""
+
     kind: NormKind = NormKind.batch
     placement: Placement = Placement.pre
     layers: Any = "all"  # "all" or a list of 0-based hidden-layer indices
@@ -249,6 +256,10 @@ class TrainConfig:
     # the running statistics are recomputed over this many training batches as
     # pooled population statistics (fvcore's update_bn_stats); 0: off (the EMA).
     precise_bn: int = 0
+    # Seconds a data-parallel rank waits in a collective for the others (gloo's and
+    # NCCL's own defaults are 30 and 10 minutes): a rank that is stuck (SIGSTOP, a hung
+    # device) then ends the run as failed, resumable, instead of blocking its peers.
+    dist_timeout: float = 300.0
 
 
 @dataclass
@@ -294,7 +305,7 @@ def plain(cfg: DictConfig) -> dict:
 # (Not train.log_every, whose window makes the final train/loss, nor
 # train.eval_every, which makes best val/acc and steps_to_target; checkpoints
 # are resumed bit-identically, so checkpoint_every is one; probes only read.)
-NON_RESULT_KEYS = ("notes", "train.progress", "train.checkpoint_every", "probes")
+NON_RESULT_KEYS = ("notes", "train.progress", "train.checkpoint_every", "probes", "train.dist_timeout")
 
 # Keys added after runs were first recorded, with their defaults: at its
 # default a key is left out of config_hash, so that a run recorded before the

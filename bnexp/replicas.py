@@ -1,23 +1,29 @@
 """Vectorized replicas: R runs that differ only in their seed (and in shape-free
 scalars: optim.lr, optim.momentum, optim.weight_decay, norm.momentum, norm.eps,
-model.init_std) trained as one stacked model in one loop (``hydra/launcher=vectorized``).
+model.init_std) trained as one stacked model (``hydra/launcher=vectorized``),
+by :func:`bnexp.train.loop`, the loop every run trains in, with a
+:class:`StackedStepper`.
 
 Each replica is a whole :class:`bnexp.train.Run`, set up by :func:`bnexp.train.setup`
 exactly as its standalone run would be (its own seed, so its own initial
 weights; its own sampler, logging window, probes, tracker, run dir, resumed
-from its own checkpoint). Then :class:`Stack` folds the R models into one
-:class:`bnexp.models.stacked.StackedNet` and points each replica's standalone
-model at its slice of the stacked storage. The loop below steps the stack once
-per step for every replica; everything else is the standalone code run per
-replica on its own views: :func:`bnexp.train.report` (window, validation,
-probes, divergence), :func:`bnexp.train.save` (a checkpoint in the standalone
-format, which ``bnexp resume`` continues alone), :func:`bnexp.train.finish`
-and :func:`bnexp.train.end`.
+from its own checkpoint). The stepper folds the R models into one
+:class:`bnexp.models.stacked.StackedNet`, points each replica's model and
+logging window at its slice of the stacked storage, and steps the stack once
+per step for every replica. Whatever the loop does for one replica (report,
+checkpoint, finish, end) runs the standalone code on that replica's own parts,
+inside :meth:`StackedStepper.own`, which lends it its gradients, optimizer and
+schedule state, RNG states and log file; so a checkpoint has the standalone
+format, which ``bnexp resume`` continues alone.
 
 A replica that diverges is recorded as diverged at its own step and frozen: its
-learning rate becomes 0 and its gradients and optimizer state are zeroed, so its
-weights stay as they were; the replicas never share a value (own channels,
-own batch statistics, own losses), so its NaNs reach no other replica.
+gradients and optimizer state are zeroed from then on; the replicas never share
+a value (own channels, own batch statistics, own losses), so its NaNs reach no
+other replica.
+
+Which jobs stack is decided by trying (:func:`stacks_of`): jobs whose configs
+agree but for ``seed`` and SCALAR_KEYS are grouped, and a group whose network
+does not fold (a part without a fold rule) trains job by job.
 """
 
 from __future__ import annotations
@@ -25,24 +31,26 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import time
+from collections import Counter
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 
+from bnexp import data as data_mod
+from bnexp import distributed
 from bnexp.augment import NoAugment
-from bnexp.config import Amp, ConfigError, OptimName, flatten, launch_world_size, plain
-from bnexp.models.stacked import StackedNet
-from bnexp.rundir import RunInterrupted, run_lock
-from bnexp.runtime import clock, frozen_gc, recorded_threads, set_threads, stop_on_signal
-from bnexp.schema import ONE_PROCESS_INSTRUMENTS
-from bnexp.step import WINDOW_LOGITS, LogWindow, TrainStep
-from bnexp.train import Run, end, finish, report, save, setup, window_clock
+from bnexp.checkpoint import rng_state, set_rng_state
+from bnexp.config import Amp, ConfigError, flatten, launch_world_size, plain
+from bnexp.models import build_model
+from bnexp.models.stacked import NotStackable, Slot, StackedNet
+from bnexp.rundir import ReplicasInterrupted, run_lock  # noqa: F401  (ReplicasInterrupted: raised from here)
+from bnexp.runtime import recorded_threads, set_threads
+from bnexp.step import LogWindow, LrSchedule, TrainStep
+from bnexp.train import Run, end, loop, setup
 
 log = logging.getLogger("bnexp")
 
@@ -61,66 +69,66 @@ def current(run_dir: Path | None) -> Iterator[None]:
         CURRENT_RUN.reset(token)
 
 
+# --------------------------------------------------------------------------- which jobs stack
+
 # Keys whose values may differ among the replicas of one stack: none changes a tensor's shape.
 SCALAR_KEYS = ("optim.lr", "optim.momentum", "optim.weight_decay", "norm.momentum", "norm.eps", "model.init_std")
-# The model families whose networks bnexp.models.stacked folds.
-STACKED_FAMILIES = ("mlp", "cnn")
 
 
 def alone_reason(cfg: DictConfig) -> str | None:
-    """Why a job cannot be a replica of a stack, in a few words (None: it can)."""
+    """Why a job cannot be a replica of a stack, from its config alone (None:
+    it can, if its network folds: :func:`fold_reason`)."""
     try:
         flat = flatten(plain(cfg))
     except Exception:  # noqa: BLE001
         return "its config does not resolve"  # its job then says why
-    return _alone_reason(flat)
-
-
-def _alone_reason(flat: dict[str, Any]) -> str | None:
-    if flat.get("model.kind") not in STACKED_FAMILIES:
-        return f"model={flat.get('model.kind')}: the stacked model folds {' and '.join(STACKED_FAMILIES)} networks only"
-    if flat.get("train.amp") == Amp.fp16.value:  # its GradScaler would skip a step for every replica at once
+    if flat.get("train.amp") == Amp.fp16.value:
+        # One GradScaler has one loss scale, and skips the step of every parameter it
+        # scales when any gradient overflows; R replicas would need R scales and R skips.
         return "train.amp=fp16: one grad scaler would skip a step for every replica when one overflows"
-    if flat.get("norm.sync"):
-        return "norm.sync=true: the stacked model does not fold synchronized norms"
     if launch_world_size() > 1:
         return "under torchrun: the ranks of a data-parallel run share each job"
-    # The instruments of issue 13 act on one run's model and optimizer (trial
-    # steps, extra passes, recomputed statistics); a replica's are views into
-    # the stack and its optimizer a shell, so those jobs train on their own.
-    for key in ONE_PROCESS_INSTRUMENTS:
-        if flat.get(key):
-            return f"{key}={flat[key]}: the instrument takes trial steps or passes of one run's own model"
-    if flat.get("norm.noise"):
-        return "norm.noise=true: the stacked model folds no noisy norms"
-    if flat.get("train.loss", "cross_entropy") != "cross_entropy":
-        return f"train.loss={flat['train.loss']}: the stacked step computes each replica's cross-entropy"
-    if flat.get("optim.train_only", "all") != "all":
-        return f"optim.train_only={flat['optim.train_only']}: the stacked optimizer steps every parameter"
     return None
 
 
 def stack_key(cfg: DictConfig) -> str | None:
     """What a job's config must share with another's to be stacked with it: all
     of it but ``seed`` and SCALAR_KEYS. None: it trains alone (:func:`alone_reason`)."""
-    try:
-        flat = flatten(plain(cfg))
-    except Exception:  # noqa: BLE001
+    if alone_reason(cfg) is not None:
         return None
-    if _alone_reason(flat) is not None:
-        return None
+    flat = flatten(plain(cfg))
     for key in ("seed", *SCALAR_KEYS):
         flat.pop(key, None)
     return json.dumps(flat, sort_keys=True, default=str)
 
 
-def stacks_of(cfgs: list[DictConfig | None], max_replicas: int) -> list[list[int]]:
+def fold_reason(cfg: DictConfig) -> str | None:
+    """Why the network of ``cfg`` does not fold into a stacked model, found by
+    folding it (as a stack of one, on the CPU), or None: it folds. The data is
+    loaded for its shapes as the job loads it, so the job's own load finds it
+    cached (bnexp.data.load)."""
+    try:
+        data = data_mod.load(cfg.data, distributed.current().device(cfg.train.device))
+        StackedNet([build_model(cfg.model, cfg.norm, data.input_shape, data.num_classes)])
+    except NotStackable as e:
+        return f"the stacked model has no fold rule for {e}"
+    except Exception as e:  # noqa: BLE001  a config that does not build: each job says why
+        return f"its network does not build ({type(e).__name__})"
+    return None
+
+
+def stacks_of(cfgs: list[DictConfig | None], max_replicas: int) -> tuple[list[list[int]], dict[str, int]]:
     """The positions of ``cfgs`` grouped into stacks of at most ``max_replicas``
-    (a None config, or one no other shares, alone), in order of each stack's first job."""
+    (a None config, or one no other shares, alone), in order of each stack's first
+    job; and why jobs that could have stacked run alone (reason -> jobs)."""
     groups: dict[str, list[int]] = {}
     order: list[list[int]] = []
+    reasons: Counter[str] = Counter()
     for i, cfg in enumerate(cfgs):
-        key = None if cfg is None else stack_key(cfg)
+        why = None if cfg is None else alone_reason(cfg)
+        key = None if cfg is None or why is not None else stack_key(cfg)
+        if why is not None:
+            reasons[why] += 1
         if key is None:
             order.append([i])
         elif key in groups:
@@ -128,7 +136,15 @@ def stacks_of(cfgs: list[DictConfig | None], max_replicas: int) -> list[list[int
         else:
             groups[key] = [i]
             order.append(groups[key])
-    return [g[j : j + max_replicas] for g in order for j in range(0, len(g), max_replicas)]
+    stacks: list[list[int]] = []
+    for group in order:
+        why = fold_reason(cfgs[group[0]]) if len(group) > 1 else None  # type: ignore[arg-type]
+        if why is not None:  # decided by trying: job by job
+            reasons[why] += len(group)
+            stacks += [[i] for i in group]
+        else:
+            stacks += [group[j : j + max_replicas] for j in range(0, len(group), max_replicas)]
+    return stacks, dict(reasons)
 
 
 @dataclass
@@ -140,258 +156,228 @@ class ReplicaJob:
     record: dict[str, Any] | None = None  # the run dir's metrics.json when resuming (its recorded thread count)
 
 
-class ReplicasInterrupted(RunInterrupted):
-    """SIGINT/SIGTERM stopped a stack after a whole step; every replica's checkpoint is saved."""
-
-    def __init__(self, run_dirs: list[Path], step: int):
-        super().__init__(run_dirs[0], step)
-        self.run_dirs = run_dirs
-        self.args = (f"{len(run_dirs)} replicas ({run_dirs[0]} ...) interrupted after step {step}; checkpoints saved",)
-
-    @property
-    def resumable(self) -> bool:
-        return all(RunInterrupted(d, self.step).resumable for d in self.run_dirs)
-
-
 # --------------------------------------------------------------------------- the optimizer
 
 
+@dataclass
+class _Piece:
+    """What the optimizer steps of one stacked tensor for one param group:
+    replicas ``r0 .. r1-1`` of ``slot``; ``leaf`` is the slot's tensor itself when
+    the group covers all of its replicas, else a view of those rows."""
+
+    slot: Slot
+    leaf: torch.Tensor
+    r0: int
+    r1: int
+
+    def rows(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (shaped like ``leaf``: its state or gradient) as [r1 - r0, *standalone shape]."""
+        return t.view(self.r1 - self.r0, *self.slot.shape)
+
+
 class StackedOptimizer:
-    """SGD, Adam or AdamW over a StackedNet with each replica's own lr, momentum
-    and weight decay, computed as torch's single-tensor optimizers compute them.
+    """The replicas' own torch optimizer (SGD, Adam, AdamW) over the stacked
+    tensors, with one param group per range of consecutive replicas whose
+    hyperparameters agree: a stack of seeds is one group, an lr sweep stacked
+    one group per lr. Its settings are theirs, foreach included, so torch runs
+    each standalone run's very code path (foreach on CUDA, its per-tensor loop
+    on the CPU; the two differ: foreach nesterov SGD updates the gradients in
+    place). A group steps a view of a tensor's rows where it covers only some of
+    its replicas; the views' gradients are pointed at the tensor's before each
+    step. ``schedule`` is the replicas' lr schedule over the groups.
 
-    Hyperparameters every replica shares are applied as Python floats, in the
-    very calls torch makes (``add_(alpha=-lr)``, ``addcdiv_(value=-step_size)``);
-    differing ones as [R] tensors broadcast over each slot's replica dimension.
-    ``shells`` are the replicas' own torch optimizers (never stepped): they give
-    the hyperparameters, and a checkpoint's state goes in and out through them
-    (:meth:`export`), so it has torch's format for ``bnexp resume`` to load.
-    """
+    Why torch's optimizer even for replicas that differ: its cost grows with the
+    param groups, each a pass over the network's tensors. Measured (the BN-paper
+    MLP, R=8, one thread, CPU time a step, shared 2-core box): 8 lrs, 1.7-2.1 ms
+    for the optimizer against 0.35 ms for the hand-written version it replaced
+    ([R] hyperparameter tensors broadcast over each stacked tensor), in a 6.5 ms
+    step; one lr, 0.40-0.44 against 0.31 ms. An lr sweep stacked pays that
+    share (+20-30% with every replica distinct, less with seeds per lr) rather
+    than bnexp keeping 165 lines of private ``torch._foreach_*`` calls.
 
-    def __init__(self, net: StackedNet, models: list[torch.nn.Module], shells: list[torch.optim.Optimizer], name: OptimName):
-        self.name, self.R = name, net.R
-        self.slots = net.param_slots
-        device = self.slots[0].tensor.device
-        groups = [opt.param_groups[0] for opt in shells]
-        g0 = groups[0]
-        if g0.get("amsgrad") or g0.get("maximize") or g0.get("dampening"):
-            raise ConfigError("hydra/launcher", "the vectorized launcher's optimizer has no amsgrad, maximize or dampening")
-        # A replica without momentum has nesterov off (make_optimizer); for it both updates are the same.
-        self.nesterov = any(g.get("nesterov") for g in groups)
-        self.betas, self.eps = g0.get("betas"), g0.get("eps")
-        self.lr_host = [float(g["lr"]) for g in groups]
-        self.wd_host = [float(g["weight_decay"]) for g in groups]
-        self.mom_host = [float(g.get("momentum", 0.0)) for g in groups]
-        self.lr, self.wd, self.mom = (torch.tensor(h, device=device) for h in (self.lr_host, self.wd_host, self.mom_host))
-        self.scratch = torch.zeros(self.R, device=device)  # per-replica step sizes / decays, rewritten each step
-        self.p = [s.view() for s in self.slots]
-        self.lr_v, self.wd_v, self.mom_v, self.scratch_v = ([self._per_slot(t, s) for s in self.slots] for t in (self.lr, self.wd, self.mom, self.scratch))
+    Each replica's own optimizer and schedule (never stepped) give the
+    hyperparameters, and their state goes in (when resuming) and out
+    (:meth:`lend`) in torch's format, for ``bnexp resume`` to load."""
+
+    def __init__(self, net: StackedNet, runs: list[Run]):
+        shells = [run.optimizer for run in runs]
+        hyper = [{k: v for k, v in opt.param_groups[0].items() if k != "params"} for opt in shells]
+        ranges: list[list[int]] = []  # [r0, r1) with equal hyperparameters
+        for r in range(len(runs)):
+            if r and hyper[r] == hyper[r - 1]:
+                ranges[-1][1] = r + 1
+            else:
+                ranges.append([r, r + 1])
+        self.ranges = ranges
+        self.pieces: list[list[_Piece]] = []
+        for g0, g1 in ranges:
+            pieces = []
+            for s in net.param_slots:
+                a, b = max(g0, s.r0), min(g1, s.r0 + s.n)
+                if a < b:
+                    whole = (a, b) == (s.r0, s.r0 + s.n)
+                    pieces.append(_Piece(s, s.tensor if whole else s.view(s.tensor.detach())[a - s.r0 : b - s.r0], a, b))
+            self.pieces.append(pieces)
+        # The tensors stepped through views of their rows, each with its pieces in replica order.
+        split: dict[int, list[_Piece]] = {}
+        for p in (p for pieces in self.pieces for p in pieces if p.leaf is not p.slot.tensor):
+            split.setdefault(id(p.slot), []).append(p)
+        self.split = [(ps[0].slot, ps, [p.r1 - p.r0 for p in ps]) for ps in (sorted(v, key=lambda p: p.r0) for v in split.values())]
+        self.group_of = [next(g for g, (g0, g1) in enumerate(ranges) if g0 <= r < g1) for r in range(len(runs))]
+        groups = [{**hyper[g0], "params": [p.leaf for p in pieces]} for (g0, _), pieces in zip(ranges, self.pieces)]
+        self.torch: torch.optim.Optimizer = type(shells[0])(groups)
+        self.torch.register_step_pre_hook(self._before_step)
         self.frozen: list[int] = []
-        # Which standalone parameter each slot is, per replica: the shells' parameter order.
-        self._params = [[(p, self._slot_of(model, p, r)) for p in opt.param_groups[0]["params"]] for r, (model, opt) in enumerate(zip(models, shells))]
-        self.t = 0
-        self.state: dict[str, list[torch.Tensor] | None] = {"momentum_buffer": None, "exp_avg": None, "exp_avg_sq": None}
+        # Replica r's parameters in its own optimizer's order, each with its piece.
+        self.params = []
+        for r, run in enumerate(runs):
+            names = {p: n for n, p in run.model.named_parameters()}
+            self.params.append([(p, self._piece(names[p], r)) for p in run.optimizer.param_groups[0]["params"]])
         self._import(shells)
+        # The replicas' schedule over the groups, at each group's first replica's step and lr.
+        self.schedule = LrSchedule(runs[0].cfg.optim, self.torch, runs[0].total)
+        heads = [runs[g0] for g0, _ in ranges]
+        states = [run.schedule.state_dict() for run in heads]
+        self.schedule.load_state_dict({k: [s[k][0] for s in states] if isinstance(v, list) else v for k, v in states[0].items()})
+        for group, run in zip(self.torch.param_groups, heads):
+            group["lr"] = run.optimizer.param_groups[0]["lr"]
 
-    @staticmethod
-    def _per_slot(t: torch.Tensor, s) -> torch.Tensor:
-        return t[s.r0 : s.r0 + s.n].view(s.n, *([1] * len(s.shape)))
+    def _piece(self, name: str, r: int) -> _Piece:
+        return next(p for p in self.pieces[self.group_of[r]] if p.slot.name == name and p.r0 <= r < p.r1)
 
-    def _slot_of(self, model: torch.nn.Module, p: torch.nn.Parameter, r: int) -> int:
-        name = next(n for n, q in model.named_parameters() if q is p)
-        return next(i for i, s in enumerate(self.slots) if s.name == name and s.r0 <= r < s.r0 + s.n)
+    def clear_split_grads(self) -> None:
+        """Before each step: the gradients of tensors stepped through views (the optimizer's zero_grad clears the views')."""
+        for slot, _, _ in self.split:
+            slot.tensor.grad = None
 
-    @property
-    def keys(self) -> tuple[str, ...]:
-        if self.name == OptimName.sgd:
-            return ("momentum_buffer",) if any(self.mom_host) else ()
-        return ("exp_avg", "exp_avg_sq")
+    def _before_step(self, *args: Any) -> None:
+        for slot, pieces, rows in self.split:
+            g = slot.tensor.grad
+            for p, view in zip(pieces, [None] * len(pieces) if g is None else slot.view(g).split(rows)):
+                p.leaf.grad = view
+        for r in self.frozen:
+            for p in self.pieces[self.group_of[r]]:
+                if p.leaf.grad is not None and p.r0 <= r < p.r1:
+                    p.rows(p.leaf.grad)[r - p.r0].zero_()
 
     def _import(self, shells: list[torch.optim.Optimizer]) -> None:
-        """The shells' state (a resumed replica's checkpoint) into the stacked state."""
-        for key in self.keys:
-            if not any(key in opt.state.get(p, {}) for opt, params in zip(shells, self._params) for p, _ in params):
-                continue  # nothing saved yet: the first step initializes it as torch does
-            bufs = [torch.zeros_like(p) for p in self.p]
-            for r, (opt, params) in enumerate(zip(shells, self._params)):
-                for p, i in params:
-                    if key in opt.state.get(p, {}):
-                        bufs[i][r - self.slots[i].r0].copy_(opt.state[p][key])
-            self.state[key] = bufs
-        steps = {float(opt.state[p]["step"]) for opt, params in zip(shells, self._params) for p, _ in params if "step" in opt.state.get(p, {})}
-        if len(steps) > 1:
-            raise ConfigError("checkpoint", f"the replicas' Adam states are at different steps ({sorted(steps)})")
-        self.t = int(steps.pop()) if steps else 0
+        """The replicas' own optimizer states (restored from their checkpoints) into the stacked one."""
+        if not any(opt.state for opt in shells):
+            return  # nothing saved yet: the first step initializes the state as torch does
+        sd = self.torch.state_dict()
+        index = 0
+        for pieces in self.pieces:
+            for piece in pieces:
+                states = [shells[r].state.get(self._param(r, piece), {}) for r in range(piece.r0, piece.r1)]
+                if states[0]:
+                    sd["state"][index] = {k: v.clone() if v.dim() == 0 else torch.stack([st[k] for st in states]).view_as(piece.leaf)
+                                          for k, v in states[0].items()}
+                index += 1
+        self.torch.load_state_dict(sd)
 
-    def export(self, r: int, shell: torch.optim.Optimizer) -> None:
-        """Replica ``r``'s state, as torch's optimizer of its standalone run holds it, into ``shell`` (copies)."""
-        shell.state.clear()
-        for p, i in self._params[r]:
-            s = self.slots[i]
-            st: dict[str, torch.Tensor] = {}
-            if self.name != OptimName.sgd and self.t:
-                st["step"] = torch.tensor(float(self.t))
-            for key in self.keys:
-                if self.state[key] is not None and (key != "momentum_buffer" or self.mom_host[r]):
-                    st[key] = self.state[key][i][r - s.r0].clone()
+    def _param(self, r: int, piece: _Piece) -> torch.Tensor:
+        return next(p for p, q in self.params[r] if q is piece)
+
+    def lend(self, r: int, run: Run) -> None:
+        """Replica ``r``'s state and lr, and its schedule's, into ``run``'s own optimizer
+        and schedule, as its standalone run would hold them (copies)."""
+        g, shell = self.group_of[r], run.optimizer
+        # LambdaLR's state keeps a list per param group (base_lrs, _last_lr, lr_lambdas): the replica's group's.
+        run.schedule.load_state_dict({k: [v[g]] if isinstance(v, list) and len(v) == len(self.ranges) else v
+                                      for k, v in self.schedule.state_dict().items()})
+        state = {}
+        for i, (_, piece) in enumerate(self.params[r]):
+            st = self.torch.state.get(piece.leaf)
             if st:
-                shell.state[p] = st
-
-    def set_lr(self, lrs: list[float]) -> None:
-        if lrs != self.lr_host:
-            self.lr_host = [0.0 if r in self.frozen else lr for r, lr in enumerate(lrs)]
-            self.lr.copy_(torch.tensor(self.lr_host))
+                state[i] = {k: (v if v.dim() == 0 else piece.rows(v)[r - piece.r0]).clone() for k, v in st.items()}
+        group = {k: v for k, v in shell.param_groups[0].items() if k != "params"}
+        group.update(lr=self.torch.param_groups[g]["lr"], params=list(range(len(self.params[r]))))
+        shell.load_state_dict({"state": state, "param_groups": [group]})
 
     def freeze(self, r: int) -> None:
-        """Replica ``r`` stops: lr 0, and from now on zero gradients and zero optimizer state."""
+        """Replica ``r`` stops: from now on zero gradients and zero optimizer state."""
         self.frozen.append(r)
-        self.set_lr([0.0 if q == r else lr for q, lr in enumerate(self.lr_host)])
         with torch.no_grad():
-            for bufs in self.state.values():
-                for s, b in zip(self.slots, bufs or []):
-                    if s.r0 <= r < s.r0 + s.n:
-                        b[r - s.r0].zero_()
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for s in self.slots:
-            s.tensor.grad = None
-
-    @staticmethod
-    def _uniform(host: list[float]) -> float | None:
-        return host[0] if all(h == host[0] for h in host) else None
-
-    @torch.no_grad()
-    def step(self) -> None:
-        g = [s.view(s.tensor.grad) for s in self.slots]
-        if self.frozen:
-            for s, grad in zip(self.slots, g):
-                local = [r - s.r0 for r in self.frozen if s.r0 <= r < s.r0 + s.n]
-                if local:
-                    grad[local] = 0
-        if self.name == OptimName.sgd:
-            self._sgd(g)
-        else:
-            self._adam(g)
-
-    def _sgd(self, g: list[torch.Tensor]) -> None:
-        p, wd, mom, lr = self.p, self._uniform(self.wd_host), self._uniform(self.mom_host), self._uniform(self.lr_host)
-        if wd != 0:
-            g = torch._foreach_add(g, p, alpha=wd) if wd is not None else torch._foreach_addcmul(g, p, self.wd_v)
-        if any(self.mom_host):
-            bufs = self.state["momentum_buffer"]
-            if bufs is None:
-                self.state["momentum_buffer"] = bufs = [t.detach().clone() for t in g]
-            else:
-                torch._foreach_mul_(bufs, mom if mom is not None else self.mom_v)
-                torch._foreach_add_(bufs, g)
-            if self.nesterov:
-                g = torch._foreach_add(g, bufs, alpha=mom) if mom is not None else torch._foreach_addcmul(g, bufs, self.mom_v)
-            else:
-                g = bufs
-        if lr is not None:
-            torch._foreach_add_(p, g, alpha=-lr)
-        else:
-            torch._foreach_addcmul_(p, g, self.lr_v, value=-1)
-
-    def _adam(self, g: list[torch.Tensor]) -> None:
-        p, wd, lr = self.p, self._uniform(self.wd_host), self._uniform(self.lr_host)
-        beta1, beta2 = self.betas
-        if self.state["exp_avg"] is None:
-            self.state["exp_avg"], self.state["exp_avg_sq"] = [torch.zeros_like(t) for t in p], [torch.zeros_like(t) for t in p]
-        exp_avg, exp_avg_sq = self.state["exp_avg"], self.state["exp_avg_sq"]
-        self.t += 1
-        if wd != 0:
-            if self.name == OptimName.adamw:  # decoupled: param *= 1 - lr * wd
-                if wd is not None and lr is not None:
-                    torch._foreach_mul_(p, 1 - lr * wd)
-                else:
-                    torch.mul(self.lr, self.wd, out=self.scratch).neg_().add_(1)
-                    torch._foreach_mul_(p, self.scratch_v)
-            else:
-                g = torch._foreach_add(g, p, alpha=wd) if wd is not None else torch._foreach_addcmul(g, p, self.wd_v)
-        torch._foreach_lerp_(exp_avg, g, 1 - beta1)
-        torch._foreach_mul_(exp_avg_sq, beta2)
-        torch._foreach_addcmul_(exp_avg_sq, g, g, value=1 - beta2)
-        bias_correction1, bias_correction2 = 1 - beta1**self.t, 1 - beta2**self.t
-        denom = torch._foreach_sqrt(exp_avg_sq)
-        torch._foreach_div_(denom, bias_correction2**0.5)
-        torch._foreach_add_(denom, self.eps)
-        if lr is not None:
-            torch._foreach_addcdiv_(p, exp_avg, denom, -lr / bias_correction1)
-        else:
-            torch.div(self.lr, bias_correction1, out=self.scratch)
-            torch._foreach_addcmul_(p, torch._foreach_div(exp_avg, denom), self.scratch_v, value=-1)
+            for p in self.pieces[self.group_of[r]]:
+                if p.r0 <= r < p.r1:
+                    for v in self.torch.state.get(p.leaf, {}).values():
+                        if v.dim():
+                            p.rows(v)[r - p.r0].zero_()
 
 
-# --------------------------------------------------------------------------- the step and the window
+# --------------------------------------------------------------------------- the stepper
 
 
-class StackedStep(TrainStep):
-    """TrainStep over the stack: ``step(x [R, B, ...], y [R, B])`` returns each
-    replica's loss [R] and logits [R, B, classes]; the backward pass runs on
-    their sum, so each replica's gradients are those of its own loss.
-    (fp16's GradScaler skips a step for all it scales: the launcher runs fp16 jobs alone.)"""
+def per_replica(loss_fn: Callable[..., torch.Tensor]) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``loss_fn`` (train.loss: a mean over the batch) for a stack: each replica's
+    own mean loss [R], from outputs [R, B, ...] and targets [R, B, ...]."""
 
-    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        # Logits as [R, classes, B] (the stacked MLP's own layout, no copy), the (N, C, d) form cross_entropy takes.
-        return F.cross_entropy(logits.transpose(1, 2), y, reduction="none").mean(1)
+    def losses(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return loss_fn(out.flatten(0, 1), y.flatten(0, 1), reduction="none").view(len(y), -1).mean(1)
 
-    def backward(self, losses: torch.Tensor) -> None:
-        losses.sum().backward()
+    return losses
 
 
-class StackedWindow(LogWindow):
-    """The logging windows of R replicas as one: a step keeps references to its
-    [R] losses and [R, B, classes] logits, and one fold writes every replica's
-    column of the buffer [2, steps, R] (see :class:`bnexp.step.LogWindow`)."""
+class StackedStepper:
+    """Trains R replica runs set up alike (same config but for the shape-free
+    scalars, same step) as one stacked model, for :func:`bnexp.train.loop`:
+    the standalone :class:`bnexp.train.Stepper`'s four members."""
 
-    def __init__(self, windows: list[LogWindow], num_classes: int):
-        w0, R = windows[0], len(windows)
-        super().__init__(w0.log_every, w0.buf.shape[1], w0.batch_size, num_classes, w0.buf.device, limit_logits=WINDOW_LOGITS // R)
-        self.buf = torch.stack([w.buf for w in windows], -1)
-
-
-class ReplicaWindow(LogWindow):
-    """Replica ``r``'s own window: its rows of the stacked window's buffer, read
-    and checkpointed by the standalone code; folding folds the whole stack."""
-
-    def __init__(self, stacked: StackedWindow, r: int):
-        self.log_every, self.batch_size, self.stacked = stacked.log_every, stacked.batch_size, stacked
-        self.accuracy = stacked.accuracy  # stacks train classifiers only (alone_reason: train.loss)
-        self.buf = stacked.buf[..., r]
-        self.losses, self.logits, self.labels = [], [], []
-
-    def fold(self, step: int) -> None:
-        self.stacked.fold(step)
-
-
-# --------------------------------------------------------------------------- the stack
-
-
-class Stack:
-    """The stacked parts of R replica runs set up alike (same config but for the
-    shape-free scalars, same step): model, optimizer, step and window, with each
-    run's own parts pointed at their slices."""
-
-    def __init__(self, runs: list[Run]):
-        self.runs = runs
-        cfg, models = runs[0].cfg, [run.model for run in runs]
+    def __init__(self, runs: list[Run], rngs: list[dict[str, Any]]):
+        self.runs, self.rngs = runs, rngs  # rngs: each replica's RNG states, as its setup left them
+        self.index = {run: r for r, run in enumerate(runs)}
+        first, R = runs[0], len(runs)
+        cfg, models = first.cfg, [run.model for run in runs]
         self.net = StackedNet(models)
         self.net.alias(models)
-        self.optimizer = StackedOptimizer(self.net, models, [run.optimizer for run in runs], OptimName(cfg.optim.name))
-        self.train_step = StackedStep(self.net, self.optimizer, Amp(cfg.train.amp), runs[0].device, bool(cfg.train.compile))  # type: ignore[arg-type]
-        self.window = StackedWindow([run.window for run in runs], runs[0].data.num_classes)
-        for run in runs:
-            # The replicas' own optimizers never step (the stack does their work), which
-            # their lr schedulers would otherwise warn about at their first step.
-            run.optimizer._opt_called = True  # type: ignore[attr-defined]
+        self.optimizer = StackedOptimizer(self.net, runs)
+        self.train_step = TrainStep(self.net, self.optimizer.torch, Amp(cfg.train.amp), first.device, bool(cfg.train.compile),
+                                    per_replica(first.loss_fn))
+        w = first.window
+        self.window = LogWindow(w.log_every, first.total, w.batch_size, first.data.num_classes, first.device, w.accuracy, replicas=R)
+        self.window.buf = torch.stack([run.window.buf for run in runs], -1)
+        self.last = first.state.step  # the last step trained
+        self.augmenting = not isinstance(first.augment, NoAugment)
+        # train.threads for the stack's step, R replicas' work in one process (auto:
+        # the rule sees R times a replica's FLOPs); each replica records the count.
+        threads = set_threads(cfg.train.threads, first.model, first.data.x_train[:1], R * cfg.train.batch_size, first.device)
         for r, run in enumerate(runs):
-            run.window = ReplicaWindow(self.window, r)
+            run.window.buf = self.window.buf[..., r]  # its column: read and checkpointed by the standalone code
+            run.tracker.record.data["replica"] = {"index": r, "of": R}
+            run.tracker.record.data["env"]["threads"] = threads
+            if r and first.tracker.console.progress is not None:  # in a terminal: one bar for the stack; else each logs its evals
+                run.tracker.console = _Quiet()  # type: ignore[assignment]
 
-    def lend(self, r: int) -> None:
-        """Replica ``r``'s gradients and optimizer state into its standalone parts, for a report or a checkpoint."""
-        self.net.grad_views(r, self.runs[r].model)
-        self.optimizer.export(r, self.runs[r].optimizer)
+    def step(self, step: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        runs, data = self.runs, self.runs[0].data
+        idx = torch.stack([run.sampler.next() for run in runs])
+        x, y = data.x_train[idx], data.y_train[idx]
+        if self.augmenting:  # each replica's own crops and flips, from its own generator (data.augment)
+            x = torch.stack([run.augment(xr) for run, xr in zip(runs, x)])
+        self.optimizer.clear_split_grads()
+        losses, logits = self.train_step.step(x, y)
+        self.window.add(step, losses, logits, y)
+        self.optimizer.schedule.step()
+        self.last = step
+        return zip(x, y)  # each replica's batch, made only when a report reads it
+
+    @contextlib.contextmanager
+    def own(self, run: Run) -> Iterator[None]:
+        r = self.index[run]
+        with current(run.run_dir):
+            self.window.fold(self.last)
+            self.net.grad_views(r, run.model)
+            self.optimizer.lend(r, run)
+            process = rng_state()
+            set_rng_state(self.rngs[r])
+            try:
+                yield
+            finally:
+                self.rngs[r] = rng_state()
+                set_rng_state(process)
+
+    def freeze(self, run: Run) -> None:
+        self.optimizer.freeze(self.index[run])
 
 
 class _Quiet:
@@ -402,131 +388,61 @@ class _Quiet:
     def stop(self) -> None: ...
 
 
-# --------------------------------------------------------------------------- the loop
+# --------------------------------------------------------------------------- training
 
 
 def train_replicas(jobs: list[ReplicaJob]) -> list[dict[str, Any] | ConfigError]:
-    """Train ``jobs`` as stacks of replicas; returns, per job, its metrics.json
-    record, or the ConfigError that stopped it while setting up (the others go on).
+    """Train ``jobs`` (as :func:`stacks_of` grouped them) as stacks of replicas;
+    returns, per job, its metrics.json record, or the ConfigError that stopped it
+    while setting up (the others go on).
 
     Replicas resumed at different steps form separate stacks. Holds every run
-    dir's lock throughout. Raises RunInterrupted after an interruption was
+    dir's lock throughout. Raises ReplicasInterrupted after an interruption was
     saved; any other exception fails every replica still training.
     """
     out: list[dict[str, Any] | ConfigError] = [ConfigError("replicas", "not trained")] * len(jobs)
     with contextlib.ExitStack() as locks:
-        runs: list[tuple[int, Run]] = []
+        runs: list[tuple[int, Run, dict[str, Any]]] = []
         for i, job in enumerate(jobs):
             with current(job.run_dir):
                 try:
                     locks.enter_context(run_lock(job.run_dir))
-                    runs.append((i, setup(job.cfg, job.run_dir, job.resume, None, job.extra_record)))
+                    runs.append((i, setup(job.cfg, job.run_dir, job.resume, None, job.extra_record), rng_state()))
                 except ConfigError as e:
                     out[i] = e
         for stack in _stacks(runs):
             # A resumed stack keeps the thread count it was trained with, as a resumed run does.
-            recorded = next((jobs[i].record for i, _ in stack if jobs[i].resume and jobs[i].record), None)
+            recorded = next((jobs[i].record for i, _, _ in stack if jobs[i].resume and jobs[i].record), None)
             with recorded_threads(stack[0][1].cfg, recorded):
-                for (i, run), record in zip(stack, _train_stack([run for _, run in stack])):
-                    out[i] = record
+                interrupted = loop(_stepper([run for _, run, _ in stack], [rng for _, _, rng in stack]))
+            for i, run, _ in stack:
+                out[i] = run.tracker.record.data
+            if interrupted is not None:
+                raise interrupted
     return out
 
 
-def _stacks(runs: list[tuple[int, Run]]) -> list[list[tuple[int, Run]]]:
-    """Runs at the same step, stacked; within a stack ordered so that replicas
-    sharing norm.eps and norm.momentum are neighbours (one folded norm layer each)."""
-    by_step: dict[int, list[tuple[int, Run]]] = {}
-    for i, run in runs:
-        by_step.setdefault(run.state.step, []).append((i, run))
-    return [sorted(group, key=lambda ir: (float(ir[1].cfg.norm.eps), float(ir[1].cfg.norm.momentum))) for group in by_step.values()]
-
-
-def _train_stack(runs: list[Run]) -> list[dict[str, Any]]:
-    R, first = len(runs), runs[0]
-    for r, run in enumerate(runs):
-        run.tracker.record.data["replica"] = {"index": r, "of": R}
-    status = ["running"] * R
-    active = list(range(R))  # replicas still training
-    ended: set[int] = set()
-    stopped = False
+def _stepper(runs: list[Run], rngs: list[dict[str, Any]]) -> StackedStepper:
     try:
-        stack = Stack(runs)
-        # train.threads for the stack's step, R replicas' work in one process (auto:
-        # the rule sees R times a replica's FLOPs); each replica records the count.
-        threads = set_threads(first.cfg.train.threads, first.model, first.data.x_train[:1], R * first.cfg.train.batch_size, first.device)
-        augmenting = not isinstance(first.augment, NoAugment)
+        return StackedStepper(runs, rngs)
+    except BaseException as e:  # nothing trained: each replica ends failed
         for run in runs:
-            run.tracker.record.data["env"]["threads"] = threads
-            run.tracker.record.write(status="running")
-        first.tracker.console.start(first.state.step)
-        if first.tracker.console.progress is not None:  # in a terminal: one bar for the stack; else each replica logs its evals
-            for run in runs[1:]:
-                run.tracker.console = _Quiet()  # type: ignore[assignment]
-        with stop_on_signal() as stop, frozen_gc():
-            t0 = time.perf_counter()
-            for run in runs:  # the stack's clock, not each setup's
-                run.t0, run.window_t0 = t0 - run.state.train_time, t0
-            data = first.data
-            for step in range(first.state.step + 1, first.total + 1):
-                idx = torch.stack([run.sampler.next() for run in runs])
-                x, y = data.x_train[idx], data.y_train[idx]
-                if augmenting:  # each replica's own crops and flips, from its own generator (data.augment)
-                    x = torch.stack([run.augment(xr) for run, xr in zip(runs, x)])
-                losses, logits = stack.train_step.step(x, y)
-                stack.window.add(step, losses, logits, y)
-                if first.schedule.changes:
-                    for run in runs:
-                        run.schedule.step()
-                    stack.optimizer.set_lr([run.schedule.lr() for run in runs])
-                for r in active:
-                    runs[r].state.step = step
-                if first.reports_at(step):
-                    now = clock(first.device)
-                    for r in list(active):
-                        with current(runs[r].run_dir):
-                            stack.lend(r)
-                            if report(runs[r], step, x[r], y[r], now) == "diverged":
-                                status[r] = "diverged"
-                                active.remove(r)
-                                stack.optimizer.freeze(r)
-                                end(runs[r], "diverged")
-                                ended.add(r)
-                    for r in active:
-                        window_clock(runs[r], step, now)
-                if first.checkpoint_every and step % first.checkpoint_every == 0 and step != first.total:
-                    for r in active:
-                        _save(stack, r)
-                for r in active:
-                    runs[r].tracker.record.heartbeat()
-                if not active:
-                    break
-                if stop.is_set():
-                    stopped = True
-                    break
-            final = "interrupted" if stopped else "completed"
-            for r in active:
-                status[r] = final
-        for r in active:
-            with current(runs[r].run_dir):
-                stack.lend(r)
-                finish(runs[r], status[r])
-    except BaseException as e:
-        for r in active:
-            status[r] = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
-            runs[r].tracker.record.data["error"] = f"{type(e).__name__}: {e}"
+            with current(run.run_dir):
+                run.tracker.record.data["error"] = f"{type(e).__name__}: {e}"
+                end(run, "failed")
         raise
-    finally:
-        for r, run in enumerate(runs):
-            if r not in ended:
-                with current(run.run_dir):
-                    end(run, status[r])
-    if stopped:
-        raise ReplicasInterrupted([runs[r].run_dir for r in active], runs[active[0]].state.step)
-    return [run.tracker.record.data for run in runs]
 
 
-def _save(stack: Stack, r: int) -> None:
-    with current(stack.runs[r].run_dir):
-        stack.lend(r)
-        save(stack.runs[r])
+def _stacks(runs: list[tuple[int, Run, dict[str, Any]]]) -> list[list[tuple[int, Run, dict[str, Any]]]]:
+    """Runs at the same step, stacked; within a stack ordered so that replicas
+    sharing norm.eps and norm.momentum are neighbours (one folded norm layer
+    each), and among those, replicas sharing optimizer hyperparameters (one param group each)."""
+    by_step: dict[int, list[tuple[int, Run, dict[str, Any]]]] = {}
+    for item in runs:
+        by_step.setdefault(item[1].state.step, []).append(item)
 
+    def key(item: tuple[int, Run, dict[str, Any]]) -> tuple[float, ...]:
+        n, o = item[1].cfg.norm, item[1].cfg.optim
+        return float(n.eps), float(n.momentum), float(o.lr), float(o.momentum), float(o.weight_decay)
+
+    return [sorted(group, key=key) for group in by_step.values()]

@@ -12,38 +12,61 @@ Hydra creates a run directory; :func:`validate` runs before it exists, too
 
 from __future__ import annotations
 
+import copy
 import difflib
 import math
 from dataclasses import field, fields, is_dataclass, make_dataclass
+from enum import Enum
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from bnexp import augment, config
 from bnexp.config import (
-    IN_MEMORY_DATA, REGRESSION_DATA, V01_MODEL_KEYS, Amp, Augment, Config, ConfigError, DataConfig, DataName, Loss, NormConfig, NormKind,
-    OptimConfig, Placement, TrainOnly, config_dir, example_shape, flatten, launch_world_size, plain,
+    IN_MEMORY_DATA, REGRESSION_DATA, V01_MODEL_KEYS, Amp, Config, ConfigError, DataConfig, DataName, Loss, NormConfig, OptimConfig,
+    Placement, TrainOnly, config_dir, flatten, launch_world_size, plain,
 )
-# Torch-free, as everything this module imports: a config is composed and
-# validated (a config error answered) without loading torch.
 from bnexp.models import FAMILIES, family
+from bnexp.norms import NORMS, norm
+from bnexp.norms.base import own_keys
 from bnexp.probes import PROBES
 
 # --------------------------------------------------------------------------- the typed nodes
 
 
-# :class:`bnexp.config.Config` plus ``probes``: one node per registered probe.
-# Made from the probe registry when this module loads, and bound to module
-# names so that pickles of a config (joblib and submitit carry jobs' configs
-# between processes) refer to these classes by name; a class pickled by value
-# would be rebuilt over these in the parent process, with foreign dataclass
-# sentinels that break OmegaConf.
+# :class:`bnexp.config.Config` with ``probes`` (one node per registered probe)
+# and a ``norm`` node over the registered norms: ``kind`` one of their names,
+# and each norm's own keys. Made from the registries, again whenever a norm is
+# registered later (a norm defined outside bnexp), and bound to module names so
+# that pickles of a config (joblib and submitit carry jobs' configs between
+# processes) refer to these classes by name; a class pickled by value would be
+# rebuilt over these in the parent process, with foreign dataclass sentinels
+# that break OmegaConf.
 ProbesConfig = make_dataclass("ProbesConfig", [(name, kind.schema, field(default_factory=kind.schema))
                                                for name, kind in PROBES.items() if kind.schema])
-RootConfig = make_dataclass("RootConfig", [("probes", ProbesConfig, field(default_factory=ProbesConfig))], bases=(Config,))
-ProbesConfig.__module__ = RootConfig.__module__ = __name__
+ProbesConfig.__module__ = __name__
+NormName: Any = None
+NormNode: Any = None
+RootConfig: Any = None
+_BUILT_FOR: tuple = ()
+
+
+def _default(value: Any) -> Any:
+    return field(default_factory=lambda: copy.deepcopy(value)) if isinstance(value, (list, dict)) else field(default=value)
 
 
 def root_schema() -> type:
+    """The typed root node for the norms registered now."""
+    global NormName, NormNode, RootConfig, _BUILT_FOR
+    state = (tuple(NORMS), repr(own_keys()))
+    if state != _BUILT_FOR:
+        NormName = Enum("NormName", {name: name for name in NORMS}, type=str, module=__name__)
+        own = [(key, kind, _default(default)) for key, (kind, default) in own_keys().items()]
+        NormNode = make_dataclass("NormNode", [("kind", NormName, field(default=NormName.batch)), *own], bases=(NormConfig,))
+        RootConfig = make_dataclass("RootConfig", [("norm", NormNode, field(default_factory=NormNode)),
+                                                   ("probes", ProbesConfig, field(default_factory=ProbesConfig))], bases=(Config,))
+        NormNode.__module__ = RootConfig.__module__ = __name__
+        _BUILT_FOR = state
     return RootConfig
 
 
@@ -54,9 +77,22 @@ def register_configs() -> None:
     cs.store(name="base_config", node=root_schema())
     for name, fam in FAMILIES.items():
         cs.store(group="model", name=f"base_{name}", node=fam.schema)
-    cs.store(group="norm", name="base_norm", node=NormConfig)
+    cs.store(group="norm", name="base_norm", node=NormNode)
+    for name in NORMS:  # a norm without configs/norm/<name>.yaml is selected by its typed node (Hydra warns of both)
+        if not (config_dir() / "norm" / f"{name}.yaml").is_file():
+            cs.store(group="norm", name=name, node=NormNode(kind=NormName[name]))
     cs.store(group="data", name="base_data", node=DataConfig)
     cs.store(group="optim", name="base_optim", node=OptimConfig)
+
+
+def group_options() -> dict[str, list[str]]:
+    """Each config group's options: configs/'s files, and the norms registered without one."""
+    options = config.group_options()
+    options["norm"] = sorted(set(options.get("norm", [])) | set(NORMS))
+    return options
+
+
+root_schema()
 
 
 def schema_keys() -> dict[str, type]:
@@ -224,22 +260,12 @@ def validate(cfg: DictConfig) -> None:
     if not 0.0 <= n.momentum <= 1.0:
         raise ConfigError("norm.momentum", f"got {n.momentum}; allowed: 0 <= momentum <= 1 (PyTorch convention; Keras momentum m is 1 - m)")
     _positive(cfg, "norm.eps")
-    if n.placement != Placement.none:
-        if n.kind == NormKind.group:
-            _positive(cfg, "norm.groups")
-        if n.kind == NormKind.ghost_batch:
-            if n.virtual_batch_size is None:
-                raise ConfigError("norm.virtual_batch_size", "is unset; norm=ghost_batch needs a ghost batch size that divides train.batch_size")
-            if n.virtual_batch_size <= 0 or n.virtual_batch_size > t.batch_size or t.batch_size % n.virtual_batch_size:
-                raise ConfigError("norm.virtual_batch_size", f"got {n.virtual_batch_size}; allowed: a positive divisor of train.batch_size={t.batch_size}")
-        if n.kind == NormKind.batch_renorm:
-            if n.rmax < 1:
-                raise ConfigError("norm.rmax", f"got {n.rmax}; allowed: rmax >= 1")
-            if n.dmax < 0:
-                raise ConfigError("norm.dmax", f"got {n.dmax}; allowed: dmax >= 0")
+    entry = norm(n.kind)
+    if n.placement != Placement.none and entry.check is not None:
+        entry.check(cfg)  # its own keys: groups, virtual batch size, clips
     _check_noise(cfg)
     family(str(cfg.model.kind)).check(cfg)  # widths, norm.layers, norm.groups dividing widths
-    _check_augment(cfg)  # image data for crop_flip
+    augment.check(cfg)  # image data for crop_flip
     if not (0 < d.val_size < 1 or (d.val_size >= 1 and float(d.val_size).is_integer()) or d.val_size == 0):
         raise ConfigError("data.val_size", f"got {d.val_size}; allowed: 0, a fraction in (0, 1), or a whole number of examples")
     _positive(cfg, "data.subset", allow_none=True)
@@ -265,6 +291,7 @@ def validate(cfg: DictConfig) -> None:
         _positive(cfg, key)
     _positive(cfg, "train.eval_every", allow_none=True)
     _positive(cfg, "train.checkpoint_every", allow_zero=True)
+    _positive(cfg, "train.dist_timeout")
     for name, kind in PROBES.items():
         _positive(cfg, f"probes.{name}.every", allow_none=True, allow_zero=True)
         if kind.check is not None:
@@ -288,17 +315,6 @@ def validate(cfg: DictConfig) -> None:
             datasets.check_available(DataName(cfg.data.name).value, cfg.data.root, cfg.data.download)
         except datasets.DataError as e:
             raise ConfigError("data.root", str(e)) from None
-
-
-def _check_augment(cfg: DictConfig) -> None:
-    """``data.augment`` other than none (bnexp.augment) needs images."""
-    if Augment(cfg.data.augment) == Augment.none:
-        return
-    shape = example_shape(cfg.data)
-    if len(shape) != 3:
-        raise ConfigError("data.augment", f"{Augment(cfg.data.augment).value} crops and flips images [C,H,W], but data={DataName(cfg.data.name).value} "
-                                          f"gives examples of shape {list(shape)}; allowed: none, or image data (mnist, fashion_mnist, cifar10, "
-                                          "synthetic with a 3-D data.shape)")
 
 
 def _check_noise(cfg: DictConfig) -> None:
@@ -343,12 +359,13 @@ def _check_instruments_world(cfg: DictConfig, world: int) -> None:
 
 def _check_world(cfg: DictConfig, world: int) -> None:
     """norm.sync, and what a data-parallel run of ``world`` processes needs: a
-    global batch that splits evenly, ghost batches that fit the per-device batch."""
+    global batch that splits evenly (a norm's own needs, such as ghost batches
+    that fit the per-device batch, are its check's)."""
     n, t = cfg.norm, cfg.train
-    batch_stats = (NormKind.batch, NormKind.ghost_batch, NormKind.batch_renorm)
-    if n.sync and n.placement != Placement.none and n.kind not in batch_stats:
-        raise ConfigError("norm.sync", f"true, but norm={NormKind(n.kind).value} normalizes each example by itself: there are no batch "
-                                       "statistics to synchronize; allowed: false (true for batch, ghost_batch, batch_renorm)")
+    if n.sync and n.placement != Placement.none and not norm(n.kind).batch_stats:
+        syncable = ", ".join(name for name, entry in NORMS.items() if entry.batch_stats)
+        raise ConfigError("norm.sync", f"true, but norm={norm(n.kind).name} normalizes each example by itself: there are no batch "
+                                       f"statistics to synchronize; allowed: false (true for {syncable})")
     if world == 1:
         return
     if t.batch_size % world:
@@ -356,25 +373,14 @@ def _check_world(cfg: DictConfig, world: int) -> None:
                                               f"of {world} (train.batch_size is the global batch, each process gets batch_size / {world})")
     if t.device.startswith("cuda:") or t.device == "mps":
         raise ConfigError("train.device", f"{t.device}, but in a data-parallel run each process uses cuda:LOCAL_RANK; allowed: auto, cuda, cpu")
-    per_device, vbs = t.batch_size // world, n.virtual_batch_size
-    if n.kind == NormKind.ghost_batch and n.placement != Placement.none and vbs is not None and per_device % vbs:
-        if not n.sync:
-            raise ConfigError("norm.virtual_batch_size", f"{vbs} does not divide the per-device batch {per_device} "
-                                                         f"(train.batch_size / {world}); allowed: a divisor of {per_device}, "
-                                                         "or norm.sync=true for ghost batches that span devices")
-        if vbs % per_device:
-            raise ConfigError("norm.virtual_batch_size", f"{vbs} neither divides the per-device batch {per_device} nor is a multiple "
-                                                         f"of it; allowed: a divisor or a multiple of {per_device}")
 
 
 def _check_device(t: DictConfig) -> None:
+    import torch
+
     dev = t.device
     if not (dev in ("auto", "cpu", "cuda", "mps") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise ConfigError("train.device", f"got {dev!r}; allowed: auto, cpu, cuda, cuda:N, mps")
-    if dev in ("auto", "cpu") and t.amp != Amp.fp16:
-        return  # nothing to ask torch (whose import alone is seconds)
-    import torch
-
     if dev.startswith("cuda"):
         if not _cuda_available():
             raise ConfigError("train.device", f"{dev} asked for, but no CUDA device is available here; allowed: auto or cpu")

@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from bnexp.config import Amp, ConfigError, Loss, OptimName, Schedule, TrainOnly, steps_per_epoch
-from bnexp.norms import NORM_TYPES, use_batch_statistics
+from bnexp.norms import is_norm, use_batch_statistics
 from bnexp.optim import optimizer_class
 
 # train.loss -> the loss function of a step, an evaluation and every probe (mean over the batch).
@@ -40,7 +40,7 @@ def trainable(cfg: DictConfig, model: nn.Module) -> list[nn.Parameter]:
     stops requiring a gradient (so backward computes none for it, and probes and
     gradient norms see only what trains): BN-only training (Frankle et al. 2021)."""
     if TrainOnly(cfg.get("train_only", TrainOnly.all)) == TrainOnly.norm:
-        norm_params = {id(p) for m in model.modules() if isinstance(m, NORM_TYPES) for p in m.parameters()}
+        norm_params = {id(p) for m in model.modules() if is_norm(m) for p in m.parameters()}
         if not norm_params:
             raise ConfigError("optim.train_only", "norm, but the model has no norm parameters to train; allowed: all, or norm layers with gamma/beta")
         for p in model.parameters():
@@ -163,27 +163,22 @@ class TrainStep:
     # 2-7% of the BN-paper MLP's ~0.7 ms step on a 2-core CPU).
     def _forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model(x)
-        return self.loss(logits, y), logits
+        return self.loss_fn(logits, y), logits
 
     def _forward_loss_autocast(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # Norm layers keep themselves in fp32 under autocast (bnexp.norms.FP32Norm).
         with torch.autocast(self.device_type, dtype=self.dtype):
             logits = self.model(x)
-        return self.loss(logits.float(), y), logits
+        return self.loss_fn(logits.float(), y), logits
 
     def _plain_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.optimizer.zero_grad(set_to_none=True)
         loss, logits = self.forward_loss(x, y)
-        self.backward(loss)
+        # A stack of replicas has one loss each ([R], bnexp.replicas.per_replica): the
+        # backward pass of their sum gives each replica the gradients of its own loss.
+        (loss.sum() if loss.dim() else loss).backward()
         self.optimizer.step()
         return loss, logits
-
-    # The step of stacked replicas (bnexp.replicas.StackedStep) has one loss per replica.
-    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.loss_fn(logits, y)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
 
     def _scaled_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.optimizer.zero_grad(set_to_none=True)
@@ -211,18 +206,23 @@ class LogWindow:
     one copy into a preallocated buffer cost ~1.4% of it on a 2-core CPU, where
     keeping the references costs ~0.5%. :meth:`fold` stacks the pending losses
     and counts correct predictions in one batched pass: at logging steps, before
-    a checkpoint, and whenever ``limit_logits`` logits are pending.
+    a checkpoint, and whenever WINDOW_LOGITS logits are pending.
+
+    With ``replicas=R`` each step's loss is [R] (and its logits [R, B, classes]):
+    the window of a stack, whose fold writes every replica's column of ``buf``
+    [2, steps, R] at once (bnexp.replicas points each replica's own window at its column).
 
     The window's first step is derived, not stored: logging steps are the
     multiples of ``log_every`` (and the last step, after which nothing follows).
     """
 
     def __init__(self, log_every: int, total: int, batch_size: int, num_classes: int, device: torch.device,
-                 limit_logits: int = WINDOW_LOGITS, accuracy: bool = True):
+                 accuracy: bool = True, replicas: int | None = None):
         # accuracy=False (regression): only losses are kept, and there is no train/acc.
         self.log_every, self.batch_size, self.accuracy = log_every, batch_size, accuracy
-        self.buf = torch.zeros(2, min(log_every, total), device=device)
-        self.limit = max(1, limit_logits // (batch_size * num_classes))
+        per_step = () if replicas is None else (replicas,)
+        self.buf = torch.zeros(2, min(log_every, total), *per_step, device=device)
+        self.limit = max(1, WINDOW_LOGITS // (batch_size * num_classes * (replicas or 1)))
         self.losses: list[torch.Tensor] = []
         self.logits: list[torch.Tensor] = []
         self.labels: list[torch.Tensor] = []

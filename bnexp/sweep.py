@@ -34,13 +34,28 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from bnexp.io import atomic_write
-from bnexp.report import CURVE_TAGS, differing_keys, group_curves, group_runs, seed_band, status_text
-from bnexp.runs import AGGREGATE, METRICS, OVERRIDES, Run, find_run_dirs, headline, headline_cells, read_run, shown_overrides, status_cell
+from bnexp.io import atomic_write, read_bounded
+from bnexp.report import differing_keys, group_curves, group_runs, seed_band, status_text
+from bnexp.runs import AGGREGATE, METRICS, OVERRIDES, STATUS_STYLE, Run, find_run_dirs, headline, headline_cells, read_run, shown_overrides
 
 
 SUFFIX = ".bnexp-sweep"  # the sweep root's own event file of earlier versions (removed when the records are rewritten)
-BAND_TAGS = (*CURVE_TAGS, "test/loss", "test/acc")
+# The curves that get seed bands, the question's first: TensorBoard lists them in this order.
+BAND_TAGS = ("val/acc", "test/acc", "train/loss", "val/loss", "train/acc", "test/loss", "grad_norm/total")
+# Where the seed-band runs keep their tags. TensorBoard's Time Series page groups
+# cards by a tag's first component, sorts the groups (an upper-case letter before
+# any lower-case one: ahead of act/*) and opens the first two: the means first,
+# one line per group in its own colour; the band's edges in a group of their own,
+# out of the per-run cards (train/, val/, ...). Custom Scalars draws the bands from both.
+# test/* is one point, at the end: Time Series draws no line through a lone point (its
+# card would look empty), so its mean goes with the edges; Custom Scalars marks it.
+MEAN_GROUP, EDGE_GROUP = "Mean over seeds", "seed_band"
+
+
+def band_tags(tag: str) -> tuple[str, str, str]:
+    """A seed-band run's tags for ``tag``: the mean over seeds, and mean - std, mean + std."""
+    mean = f"{EDGE_GROUP}/{tag}/mean" if tag.startswith("test/") else f"{MEAN_GROUP}/{tag}"
+    return mean, f"{EDGE_GROUP}/{tag}/mean-std", f"{EDGE_GROUP}/{tag}/mean+std"
 
 
 @dataclass
@@ -159,8 +174,8 @@ def sweep_overrides(sweep_dir: str | os.PathLike, params: Mapping[str, Any] | No
     import yaml
 
     try:
-        with open(Path(sweep_dir) / MULTIRUN) as f:
-            recorded = yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))["hydra"]["overrides"]["task"]
+        text = read_bounded(Path(sweep_dir) / MULTIRUN, 1 << 20)  # never blocks on a FIFO there
+        recorded = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))["hydra"]["overrides"]["task"]
     except (OSError, KeyError, TypeError, yaml.YAMLError):
         return None
     params = OmegaConf.to_container(params) if isinstance(params, DictConfig) else (params or {})
@@ -218,24 +233,28 @@ def jobs_heading(sweep_dir: Path, interrupted: bool = False) -> str:
 
 
 def jobs_table(jobs: list[Job]):
-    """One row per job (its heading, :func:`jobs_heading`, is printed above it whole)."""
-    from rich.table import Table
+    """One row per job (its heading, :func:`jobs_heading`, is printed above it whole),
+    as a :class:`bnexp.tables.Grid`: ms/step is the median over the job's logging
+    windows, and "stack" says which replica of how many a stacked job was."""
+    from rich.text import Text
+
+    from bnexp.report import Timing, ms_text
+    from bnexp.tables import Grid
 
     shown, common = _shown_overrides(jobs)
-    caption = f"every job: {' '.join(common)}" if common else None
-    table = Table(caption=caption, show_header=True, header_style="bold")
-    table.add_column("#", justify="right")
-    table.add_column("job", overflow="fold")
-    table.add_column("status")
     tags = headline(j.run for j in jobs)
-    for tag in tags:
-        table.add_column(tag, justify="right")
-    table.add_column("steps/s", justify="right")
-    for j, overrides in zip(jobs, shown):
+    replicas = [(j.run.metrics or {}).get("replica") or {} for j in jobs]
+    stacked = any(r.get("of", 1) > 1 for r in replicas if isinstance(r.get("of"), int))
+    header = ["#", "job", "status", *tags, "ms/step", *(["stack"] if stacked else [])]
+    rows = []
+    for j, overrides, replica in zip(jobs, shown, replicas):
         r = j.run
-        sps = f"{r.steps_per_sec:.0f}" if r.steps_per_sec is not None and not j.skipped else "-"
-        table.add_row(str(j.num), " ".join(overrides) or r.path.name, status_cell(j.status), *headline_cells(r, tags), sps)
-    return table
+        t = Timing.of([r]) if not j.skipped else Timing()
+        style = STATUS_STYLE.get(j.status)
+        rows.append([str(j.num), " ".join(overrides) or r.path.name, Text(j.status, style=style or ""), *headline_cells(r, tags),
+                     ms_text(t.median) if t.median is not None else "-",
+                     *([f"{replica['index'] + 1}/{replica['of']}" if "of" in replica else "-"] if stacked else [])])
+    return Grid(header, rows, keys=2, caption=f"every job: {' '.join(common)}" if common else None, wrap={1})
 
 
 def count_text(jobs: list[Job]) -> str:
@@ -281,6 +300,7 @@ def write_tensorboard_extras(sweep_dir: Path, runs: list[Run]) -> dict[str, Any]
     """(Re)write the sweep root's HParams experiment config and custom-scalars
     layout, and the ``aggregate/`` seed-band runs, from ``runs``: the runs in
     ``sweep_dir`` as :func:`read_sweep` (or `bnexp report`) read them."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
     from tensorboard.plugins.hparams import summary_v2 as hp
     from torch.utils.tensorboard import SummaryWriter
 
@@ -293,21 +313,16 @@ def write_tensorboard_extras(sweep_dir: Path, runs: list[Run]) -> dict[str, Any]
     hparams = [_hparam_domain(k, [r.config.get(k) for r in runs]) for k in keys]
     metrics = [hp.Metric(tag, display_name=tag) for tag in HPARAM_METRICS]
 
-    # Seed bands: the mean under the run's own tag (so `aggregate/*` lines sit
-    # beside the seeds in TensorBoard's scalar charts), and for the margin charts
-    # the mean and band as <tag>/mean, <tag>/mean-std, <tag>/mean+std: tags only
-    # aggregate runs have (a margin chart lists every run that has some but not
-    # all of its three tags under "Missing Tags").
     shutil.rmtree(sweep_dir / AGGREGATE, ignore_errors=True)
     for old in sweep_dir.glob(f"events.out.tfevents.*{SUFFIX}"):  # where earlier versions kept the sweep's records
         old.unlink(missing_ok=True)
     groups = [g for g in group_runs(runs) if g.completed]
     bands = {g.label: curves for g in groups if (curves := group_curves(g, BAND_TAGS))}
-    band_tags = [t for t in BAND_TAGS if any(t in c for c in bands.values())]
-    tags = band_tags or list(HPARAM_METRICS)
+    tags = [t for t in BAND_TAGS if any(t in c for c in bands.values())]
     layout = {
-        "all runs": {tag: ["Multiline", [f"^{re.escape(tag)}$"]] for tag in tags},
-        "seed bands (mean ± std over seeds)": {tag: ["Margin", [f"{tag}/mean", f"{tag}/mean-std", f"{tag}/mean+std"]] for tag in band_tags},
+        "seed bands: mean ± std over seeds, one colour per group": {
+            tag: ["Margin", list(band_tags(tag))] for tag in tags},
+        "every run": {tag: ["Multiline", [f"^{re.escape(tag)}$"]] for tag in tags or HPARAM_METRICS},
     }
     # The sweep's HParams experiment and chart layout go into each seed-band run
     # (TensorBoard reads the first experiment it finds and merges equal layouts):
@@ -316,12 +331,11 @@ def write_tensorboard_extras(sweep_dir: Path, runs: list[Run]) -> dict[str, Any]
         with SummaryWriter(log_dir=str(sweep_dir / AGGREGATE / fit_name(_safe_name(label)))) as w:
             w.file_writer.add_summary(hp.hparams_config_pb(hparams=hparams, metrics=metrics, time_created_secs=time.time()))
             w.add_custom_scalars(layout)
-            for tag, per_run in curves.items():
-                for step, mean, std in zip(*seed_band(per_run)):
-                    w.add_scalar(tag, mean, step)
-                    w.add_scalar(f"{tag}/mean", mean, step)
-                    w.add_scalar(f"{tag}/mean-std", mean - std, step)
-                    w.add_scalar(f"{tag}/mean+std", mean + std, step)
+            for tag in tags:
+                for step, mean, std in zip(*seed_band(curves.get(tag, []))):
+                    names = band_tags(tag)
+                    w.file_writer.add_summary(Summary(value=[Summary.Value(tag=t, simple_value=v) for t, v in
+                                                             zip(names, (mean, mean - std, mean + std))]), step)
     return {"hparams": keys, "groups": list(bands)}
 
 
@@ -340,15 +354,17 @@ def finish(start: SweepStart, interrupted: bool = False) -> list[Job]:
 
 
 def print_summary(start: SweepStart, runs: list[Run], interrupted: bool = False) -> list[Job]:
-    """Every job, the failures, and the seed-aggregated comparison (``runs``: as in :func:`sweep_jobs`)."""
-    from bnexp.report import aggregate, choose_baseline, console as make_console, print_titled, to_rich
+    """Every job, the failures, the seed-aggregated comparison and the verdicts
+    (``runs``: as in :func:`sweep_jobs`)."""
+    from bnexp.report import Report, choose_baseline, console as make_console, print_grid, print_report
 
     console = make_console()
     jobs = sweep_jobs(runs, start.started)
     if not jobs:
         console.print(f"sweep {start.dir}: no job of this sweep began training", highlight=False, soft_wrap=True)
         return jobs
-    print_titled(console, jobs_heading(start.dir, interrupted), jobs_table(jobs))
+    console.print(jobs_heading(start.dir, interrupted), soft_wrap=True, highlight=False, style="bold")
+    print_grid(console, jobs_table(jobs))
     for j in jobs:
         if j.status in ("failed", "dead", "unreadable"):
             error = (j.run.metrics or {}).get("error") or j.run.problem or "no error recorded"
@@ -357,8 +373,11 @@ def print_summary(start: SweepStart, runs: list[Run], interrupted: bool = False)
     runs = [j.run for j in jobs]
     groups = group_runs(runs)
     if len(jobs) > 1 and any(g.completed for g in groups):
-        base, metrics = choose_baseline(groups), list(headline(runs))
-        console.print(to_rich(aggregate(groups, metrics, base, differences=False), metrics,
-                              title="comparison (mean ± std over seeds)", compact=True, baseline=base))
-    console.print(f"compare: bnexp report {start.dir}    dashboards: bnexp tb {start.dir}", highlight=False, soft_wrap=True)
+        report = Report.build(groups, headline(runs), choose_baseline(groups))
+        print_report(console, report, compact=True, groups_title="comparison (mean ± std over seeds)")
+        if report.factorials:
+            console.print(f"main effects and interactions of the {' x '.join(report.keys)} grid: bnexp report {start.dir}",
+                          highlight=False, soft_wrap=True)
+    console.print(f"compare: bnexp report {start.dir} [--html report.html]    dashboards: bnexp tb {start.dir} "
+                  "(seed bands: the Custom Scalars tab)", highlight=False, soft_wrap=True, markup=False)
     return jobs

@@ -1,21 +1,25 @@
-"""The training loop: :func:`train`, readable top to bottom.
+"""The training loop: :func:`train` (one run) and :func:`loop`, readable top to bottom.
 
 :func:`setup` builds everything one run owns into a :class:`Run` (data, model,
 optimizer, sampler, logging window, probes, tracker; restored from the
-checkpoint when resuming); :func:`train` runs the loop; :func:`report` is what
-happens at a logging, evaluation or probe step (one host copy for all of its
-values); :func:`save` and :func:`end` write the checkpoint and metrics.json.
-Nothing here is per process: a run's sampler, window, probes and tracker are
-its own, so one process can hold several runs.
+checkpoint when resuming); :func:`loop` trains a list of runs through one
+stepper: a run alone is the list of one (:class:`Stepper`), the replicas of a
+stack (``hydra/launcher=vectorized``) the same loop with bnexp.replicas'
+stacked stepper. :func:`report` is what happens at a logging, evaluation or
+probe step (one host copy for all of its values); :func:`save` and
+:func:`end` write the checkpoint and metrics.json. Nothing here is per
+process: a run's sampler, window, probes and tracker are its own, so one
+process can hold several runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 import torch
 from omegaconf import DictConfig
@@ -26,10 +30,11 @@ from bnexp import data as data_mod
 from bnexp import distributed
 from bnexp.augment import make_augment
 from bnexp.config import Amp, ConfigError, Loss, config_hash, flatten, plain, steps_per_epoch
+from bnexp.memory import check_batch_fits, check_params_fit
 from bnexp.models import build_model
 from bnexp.probes import ProbeContext, ProbeSetup, build_probes
 from bnexp.probes.bn_gap import recompute_bn_stats
-from bnexp.rundir import CHECKPOINT, RunInterrupted, process_info
+from bnexp.rundir import CHECKPOINT, ReplicasInterrupted, RunInterrupted, process_info
 from bnexp.runtime import clock, frozen_gc, seed_everything, set_threads, stop_on_signal
 from bnexp.schema import typed
 from bnexp.step import LOSSES, LrSchedule, TrainStep, evaluate, grad_norm, make_optimizer, to_host
@@ -53,43 +58,109 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False, extra_record: di
     run_dir = Path(run_dir)
     with distributed.training(run_dir, cfg, resume):  # rank 0 takes the lock; in a data-parallel run every rank trains
         run = setup(cfg, run_dir, resume, checkpoint, extra_record)
-        state, tracker, status = run.state, run.tracker, "running"
-        try:
-            # From the "running" record on, the finally below writes how the run
-            # ended, whenever a Ctrl-C or an error comes (even before the loop).
-            tracker.record.write(status="running")
-            tracker.console.start(state.step)
-            with stop_on_signal() as stop, frozen_gc():
-                for step in range(state.step + 1, run.total + 1):
-                    idx = run.sampler.next()
-                    x, y = run.augment(run.data.x_train[idx]), run.data.y_train[idx]  # data.augment, on the device
-                    loss, logits = run.train_step.step(x, y)
-                    run.window.add(step, loss, logits, y)
-                    run.schedule.step()
-                    state.step = step
-                    if run.reports_at(step) and run.ranks.any(report(run, step, x, y) == "diverged"):
-                        status = "diverged"
-                        break
-                    if run.checkpoint_every and step % run.checkpoint_every == 0 and step != run.total:
-                        save(run)
-                    tracker.record.heartbeat()
-                    if run.stop_vote(stop.is_set()):
-                        status = "interrupted"
-                        break
-                else:
-                    status = "completed"
-            finish(run, status)
-        except BaseException as e:
-            status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
-            tracker.record.data["error"] = f"{type(e).__name__}: {e}"
-            raise
-        finally:
-            end(run, status)
+        interrupted = loop(Stepper(run))
     if summary and run.ranks.is_master:  # a sweep prints one table of all its jobs instead
-        print_summary(tracker.record.data, run_dir)
-    if status == "interrupted":
-        raise RunInterrupted(run_dir, state.step, stop.signum)
-    return tracker.record.data
+        print_summary(run.tracker.record.data, run_dir)
+    if interrupted is not None:
+        raise interrupted
+    return run.tracker.record.data
+
+
+def loop(stepper: "Stepper") -> RunInterrupted | None:
+    """The training loop, for the runs that ``stepper`` trains together: one run
+    (or this rank's share of a data-parallel run), or the replicas of a stack
+    (bnexp.replicas). Each run reports, checkpoints, diverges and ends as itself,
+    inside ``stepper.own(run)``; a diverged run leaves at its own step and the
+    others go on. In a data-parallel run the ranks agree on divergence
+    (``ranks.any``) and on stopping (``stop_vote``), so all leave at one step.
+    Returns the interruption for the caller to raise once it is done (None:
+    every run completed or diverged)."""
+    runs, first = stepper.runs, stepper.runs[0]
+    live, status = list(runs), "running"  # the runs still training, and how they end
+    try:
+        # From the "running" record on, the finally below writes how each run
+        # ended, whenever a Ctrl-C or an error comes (even before the loop).
+        for run in runs:
+            run.tracker.record.write(status="running")
+        first.tracker.console.start(first.state.step)
+        with stop_on_signal() as stop, frozen_gc():
+            t0 = time.perf_counter()
+            for run in runs:
+                run.t0, run.window_t0 = t0 - run.state.train_time, t0
+            for step in range(first.state.step + 1, first.total + 1):
+                batches = stepper.step(step)  # sample, augment, forward, backward, update, window, schedule
+                for run in live:
+                    run.state.step = step
+                if first.reports_at(step):
+                    now = clock(first.device)  # before evaluations and probes, which the windows' timing leaves out
+                    for run, (x, y) in zip(runs, batches):
+                        if run not in live:
+                            continue
+                        with stepper.own(run):
+                            if run.ranks.any(report(run, step, x, y, now) == "diverged"):
+                                live.remove(run)
+                                stepper.freeze(run)
+                                end(run, "diverged")
+                    if not live:
+                        break
+                    restart_windows(live, step, now)
+                if first.checkpoint_every and step % first.checkpoint_every == 0 and step != first.total:
+                    for run in live:
+                        with stepper.own(run):
+                            save(run)
+                for run in live:
+                    run.tracker.record.heartbeat()
+                if first.stop_vote(stop.is_set()):
+                    status = "interrupted"
+                    break
+            else:
+                status = "completed"
+        first.stop_vote.settle()  # every rank left after the same step; nothing may stay in flight at exit
+        for run in live:
+            with stepper.own(run):
+                finish(run, status)
+    except BaseException as e:
+        status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+        for run in live:
+            run.tracker.record.data["error"] = f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        for run in live:
+            with stepper.own(run):
+                end(run, status)
+    if status != "interrupted":
+        return None
+    if len(runs) == 1:
+        return RunInterrupted(first.run_dir, first.state.step, stop.signum)
+    return ReplicasInterrupted([run.run_dir for run in live], live[0].state.step)
+
+
+class Stepper:
+    """Trains the runs of one :func:`loop` a step at a time; the loop does the rest
+    run by run. This one trains one run through its own parts (in a data-parallel
+    run, through the DDP wrapper); ``bnexp.replicas.StackedStepper`` trains R
+    replicas as one stacked model, with the same four members."""
+
+    def __init__(self, run: "Run"):
+        self.runs, self.run = [run], run
+
+    def step(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Train step ``step``; returns each run's batch (x, y), for its probes."""
+        run = self.run
+        idx = run.sampler.next()
+        x, y = run.augment(run.data.x_train[idx]), run.data.y_train[idx]  # data.augment, on the device
+        loss, logits = run.train_step.step(x, y)
+        run.window.add(step, loss, logits, y)
+        run.schedule.step()
+        return [(x, y)]
+
+    def own(self, run: "Run") -> ContextManager[None]:
+        """A block in which ``run``'s own parts hold its state (a stack lends each
+        replica its gradients, optimizer state, window, RNG and log file)."""
+        return contextlib.nullcontext()
+
+    def freeze(self, run: "Run") -> None:
+        """``run`` diverged and has ended; the stepper trains the others on."""
 
 
 def led(fn: Callable[[], Any]) -> Any:
@@ -102,16 +173,12 @@ def led(fn: Callable[[], Any]) -> Any:
     return out
 
 
-def report(run: "Run", step: int, x: torch.Tensor, y: torch.Tensor, now: float | None = None) -> str | None:
+def report(run: "Run", step: int, x: torch.Tensor, y: torch.Tensor, now: float) -> str | None:
     """Log what is due at ``step``: the training window (at logging steps),
     validation (at eval steps) and every probe due; all values reach the host
-    in one copy. Returns "diverged" when the loss or gradient is not finite.
-
-    ``now``: when the report began; given, the caller restarts the window's
-    clock (:func:`window_clock`), as a loop reporting several runs at one step does."""
+    in one copy. ``now``: when the step's reports began (:func:`restart_windows`).
+    Returns "diverged" when the loss or gradient is not finite."""
     logging_step, evaluating = run.window.is_logging_step(step, run.total), step % run.eval_every == 0 or step == run.total
-    own_clock = now is None
-    now = clock(run.device) if own_clock else now  # before evaluation and probes, which the window's timing leaves out
     out = run.window.sums(step) if logging_step else {}
     if evaluating and len(run.data.x_val):
         run.recalibrate(step)
@@ -143,23 +210,22 @@ def report(run: "Run", step: int, x: torch.Tensor, y: torch.Tensor, now: float |
     target = run.cfg.train.target_acc
     if target is not None and run.state.steps_to_target is None and values.get("val/acc", 0) >= target:
         run.state.steps_to_target = step
-    if own_clock:
-        window_clock(run, step, now)
     return None
 
 
-def window_clock(run: "Run", step: int, since: float) -> None:
-    """After the report of ``step`` that began at ``since``: a new window starts
-    after a logging step; an eval or probe step pauses the window's clock."""
-    now = clock(run.device)
-    run.window_t0 = now if run.window.is_logging_step(step, run.total) else run.window_t0 + now - since
+def restart_windows(runs: list["Run"], step: int, since: float) -> None:
+    """After the reports of ``step``, which began at ``since``: a new window starts
+    after a logging step; evaluations and probes pause the window's clock."""
+    now = clock(runs[0].device)
+    for run in runs:
+        run.window_t0 = now if run.window.is_logging_step(step, run.total) else run.window_t0 + now - since
 
 
 def finish(run: "Run", status: str) -> None:
     """A completed run's test metrics (once); the last checkpoint of a completed or interrupted one."""
     if status == "completed" and not run.state.done:
         if run.resumed_at == run.total:  # stopped at the last step (by bnexp 0.1: before its report): give it again
-            report(run, run.total, run.probe_x, run.probe_y)
+            report(run, run.total, run.probe_x, run.probe_y, clock(run.device))
         run.recalibrate(run.total)
         test = evaluate(run.model, run.data.x_test, run.data.y_test, run.cfg.train.eval_batch_size)
         run.tracker.scalars(run.total, to_host({f"test/{k}": v for k, v in test.items()}), is_eval=True)
@@ -178,6 +244,7 @@ class Run:
         t = cfg.train
         self.cfg, self.run_dir, self.device, self.data, self.total = cfg, run_dir, device, data, total
         self.ranks = distributed.current()  # one process, or this rank's share of a data-parallel run
+        self.ranks.set_timeout(t.dist_timeout)  # a stuck peer fails the run after this long
         self.stop_vote = self.ranks.stop_vote()  # signals reach ranks at different steps: they agree on one
         # The step trains through the DDP wrapper (step_model); all else sees the raw model.
         self.model, step_model = self.ranks.models(build_run_model(cfg, data, device), cfg.norm, t.batch_size, device)
@@ -231,7 +298,9 @@ def setup(cfg: DictConfig, run_dir: Path, resume: bool, checkpoint: dict[str, An
     device = distributed.current().device(t.device)
     seed_everything(cfg.seed, t.deterministic)
     data = data_mod.load(cfg.data, device)
+    check_params_fit(cfg, data.input_shape, data.num_classes, device)  # before the model is allocated
     run = Run(cfg, run_dir, device, data, total_steps(cfg, len(data.x_train)))
+    check_batch_fits(run.model, data.x_train[:2], int(t.batch_size), device)  # before a batch's activations are
     set_threads(t.threads, run.model, data.x_train[:1], t.batch_size, device)  # train.threads; before env_info records them
     record = {
         "status": "running", "steps": 0, "total_steps": run.total, "final": {}, "best": {}, "steps_to_target": None,
@@ -267,7 +336,8 @@ def save(run: Run) -> None:
     tracker.writer.flush()
     tracker.record.write(steps=run.state.step, final=tracker.final, best=tracker.best, steps_to_target=run.state.steps_to_target)
     if run.ranks.is_master:
-        ckpt_mod.save(run.run_dir / CHECKPOINT, run.parts, run.state, tracker.final, tracker.best)
+        ckpt_mod.save(run.run_dir / CHECKPOINT, run.parts, run.state, tracker.final, tracker.best,
+                      run=ckpt_mod.owner(tracker.record.data, run.cfg.seed))
 
 
 def end(run: Run, status: str) -> None:

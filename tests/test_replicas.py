@@ -30,11 +30,15 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
+from torch import nn
 
+from bnexp.models import build_model
+from bnexp.models.stacked import NotStackable, StackedNet
 from bnexp.replicas import ReplicaJob, ReplicasInterrupted, stacks_of, train_replicas
 from bnexp.runs import load_scalars
 from bnexp.schema import compose
 from bnexp.train import train
+from tests.conftest import Forwards
 
 TINY = ["data=synthetic", "data.n_train=640", "data.n_test=100", "model.hidden=[16,16]", "train.steps=50",
         "train.log_every=10", "train.eval_every=25", "train.batch_size=32", "train.progress=false", "train.device=cpu",
@@ -74,7 +78,7 @@ def assert_close_tensors(got: dict, want: dict, rel: float, what: str) -> None:
             assert torch.equal(g, w), f"{what} {k}"
 
 
-def assert_trains_like_standalone(tmp: Path, replicas=range(R)) -> None:
+def assert_trains_like_standalone(tmp: Path, replicas=range(R), trained_layer: str = "output") -> None:
     """tmp/replica<r> holds what tmp/alone<r> holds: status, weights, optimizer state, sampler, every logged value."""
     for r in replicas:
         alone, replica = tmp / f"alone{r}", tmp / f"replica{r}"
@@ -88,7 +92,7 @@ def assert_trains_like_standalone(tmp: Path, replicas=range(R)) -> None:
         a, b = load_scalars(alone), load_scalars(replica)
         tags = {t for t in a if not t.startswith("time/")}
         assert tags == {t for t in b if not t.startswith("time/")} and "train/loss" in tags and "grad_norm/total" in tags
-        assert "act/hidden1/p50" in tags and "weight_norm/output" in tags
+        assert "act/hidden1/p50" in tags and f"weight_norm/{trained_layer}" in tags
         for tag in tags:
             assert [s for s, _ in b[tag]] == [s for s, _ in a[tag]], tag
             for (_, va), (_, vb) in zip(a[tag], b[tag]):
@@ -153,6 +157,14 @@ def test_per_replica_optimizer_and_norm_scalars_train_each_replica_like_its_stan
     assert_trains_like_standalone(tmp_path)
 
 
+def test_a_stack_of_one_replica_trains_like_its_standalone_run(tmp_path):
+    cfg = configs(["norm.placement=pre"])[0]
+    quietly(train, cfg, tmp_path / "alone0")
+    [record] = quietly(train_replicas, [ReplicaJob(cfg, tmp_path / "replica0")])
+    assert record["replica"] == {"index": 0, "of": 1}
+    assert_trains_like_standalone(tmp_path, replicas=[0])
+
+
 def test_a_diverging_replica_is_marked_diverged_at_its_own_step_and_the_others_train_on_untouched(tmp_path):
     # No norm and a huge lr for replica 1: its weights overflow at once.
     records = train_both(tmp_path, configs(["norm.placement=none", "model.activation=identity"], [[], ["optim.lr=1e30"], [], []]))
@@ -165,39 +177,64 @@ def test_a_diverging_replica_is_marked_diverged_at_its_own_step_and_the_others_t
 
 
 @pytest.mark.slow
-def test_stacks_group_jobs_that_differ_only_in_seed_and_shape_free_scalars(monkeypatch):
+def test_stacks_group_jobs_that_differ_only_in_seed_and_shape_free_scalars_and_whose_network_folds(monkeypatch):
     base = ["data=synthetic", "train.device=cpu"]
     jobs = [
         [*base, "seed=0"], [*base, "seed=1", "optim.lr=0.3"], [*base, "norm.placement=none"],  # 0, 1 | 2
         [*base, "seed=2", "norm.momentum=0.5", "norm.eps=1e-3", "model.init_std=0.1", "optim.weight_decay=0.1", "optim.momentum=0"],
         [*base, "model=cnn"], [*base, "model=cnn", "seed=1"], [*base, "train.amp=bf16"], [*base, "train.steps=7"],
         [*base, "seed=3"], [*base, "seed=4"],
-        # What the stacked model does not fold (families other than mlp and cnn, synchronized norms) runs alone: 10 | 11 | 12 | 13
-        *([*base, "model=resnet", f"seed={s}"] for s in (0, 1)), *([*base, "norm.sync=true", f"seed={s}"] for s in (0, 1)),
+        # ResNet's network has no fold rule (found by folding it): 10 | 11. In one process norm.sync=true
+        # leaves the norms as they are, so those two stack: 12, 13.
+        *([*base, "data.shape=[3,8,8]", "model=resnet", f"seed={s}"] for s in (0, 1)), *([*base, "norm.sync=true", f"seed={s}"] for s in (0, 1)),
     ]
     cfgs = [compose(j) for j in jobs]
-    alone = [[i] for i in range(10, 14)]
-    assert stacks_of(cfgs, 16) == [[0, 1, 3, 8, 9], [2], [4, 5], [6], [7], *alone]
-    assert stacks_of(cfgs, 2) == [[0, 1], [3, 8], [9], [2], [4, 5], [6], [7], *alone]
-    assert stacks_of([cfgs[0], None, cfgs[1]], 16) == [[0, 2], [1]]  # None: a job that must run alone (hydra.job.chdir)
+    no_fold = {"the stacked model has no fold rule for ResNet (only bnexp.models.blocks.Net networks fold)": 2}
+    assert stacks_of(cfgs, 16) == ([[0, 1, 3, 8, 9], [2], [4, 5], [6], [7], [10], [11], [12, 13]], no_fold)
+    assert stacks_of(cfgs, 2) == ([[0, 1], [3, 8], [9], [2], [4, 5], [6], [7], [10], [11], [12, 13]], no_fold)
+    assert stacks_of([cfgs[0], None, cfgs[1]], 16) == ([[0, 2], [1]], {})  # None: a job that must run alone (hydra.job.chdir)
     monkeypatch.setenv("WORLD_SIZE", "2")  # a process of a data-parallel run (torchrun): its ranks share each job
-    assert stacks_of(cfgs[:2], 16) == [[0], [1]]
+    assert stacks_of(cfgs[:2], 16) == ([[0], [1]], {"under torchrun: the ranks of a data-parallel run share each job": 2})
 
 
+def test_seeds_whose_network_has_a_part_without_a_fold_rule_are_not_stacked_and_the_reason_names_the_part():
+    # Noisy BN draws its noise inside the forward pass from the process's generator: folded, R replicas would share one stream.
+    cfgs = [compose(["data=synthetic", "train.device=cpu", "norm.noise=true", f"seed={s}"]) for s in (0, 1)]
+    assert stacks_of(cfgs, 16) == ([[0], [1]], {"the stacked model has no fold rule for hidden0.noise (BatchNoise)": 2})
 
-@pytest.mark.parametrize("overrides, key", [
-    (["probes.ics.every=5"], "probes.ics.every"), (["probes.landscape.every=5"], "probes.landscape.every"),
-    (["probes.hessian.every=5"], "probes.hessian.every"), (["probes.bn_gap.every=5"], "probes.bn_gap.every"),
-    (["train.precise_bn=2"], "train.precise_bn"), (["norm.noise=true"], "norm.noise"),
-    (["optim.train_only=norm"], "optim.train_only"),
-    (["data=linear_regression", "train.loss=mse", "model.activation=identity"], "train.loss"),
-])
-def test_seeds_with_an_instrument_of_one_runs_model_are_not_stacked_and_say_why(overrides, key):
-    from bnexp.replicas import alone_reason
 
-    cfgs = [compose(["data=synthetic", "train.device=cpu", *overrides, f"seed={s}"]) for s in (0, 1)]
-    assert stacks_of(cfgs, 16) == [[0], [1]]
-    assert alone_reason(cfgs[0]).startswith(key + "=")
+def test_a_conv_subclass_with_its_own_forward_is_not_folded_as_a_plain_conv():
+    class StdConv2d(nn.Conv2d):  # weight standardization (Qiao et al. 2019): the same parameters, another forward
+        def forward(self, x):
+            w = self.weight
+            w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+            return self._conv_forward(x, w, self.bias)
+
+    cfg = compose([*TINY, *CNN])
+    nets = [build_model(cfg.model, cfg.norm, (3, 8, 8), 10) for _ in range(2)]
+    StackedNet(nets)  # plain convs fold
+    for net in nets:
+        conv = net.hidden1.conv
+        net.hidden1.conv = StdConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, padding=conv.padding, bias=conv.bias is not None)
+    with pytest.raises(NotStackable, match=r"^hidden1\.conv \(StdConv2d\)$"):
+        StackedNet(nets)
+
+
+# What the landscape probes, PreciseBN, BN-only training and the deep linear net's mse loss do to
+# one run's model and optimizer, they do to each replica's own parts inside the stack.
+@pytest.mark.parametrize("case", [
+    pytest.param(["probes.ics.every=10", "probes.landscape.every=25", "probes.hessian.every=25", "probes.bn_gap.every=25",
+                  "probes.bn_gap.batches=3"], marks=pytest.mark.slow),
+    pytest.param(["train.precise_bn=3"], marks=pytest.mark.slow),
+    ["optim.train_only=norm"],
+    # Sigmoid units (TINY's), not the deep linear net's identity: with linear units every beta but the last
+    # is shifted away by the next norm's mean, so its value is fp32 rounding noise, the same in no two runs.
+    pytest.param(["data=linear_regression", "train.loss=mse", "optim.momentum=0", "optim.lr=0.01"], marks=pytest.mark.slow),
+], ids=["landscape probes", "precise bn", "bn-only training", "mse"])
+def test_replicas_with_instruments_of_one_runs_model_or_an_mse_loss_train_like_their_standalone_runs(tmp_path, case):
+    train_both(tmp_path, configs(case))
+    assert_trains_like_standalone(tmp_path, trained_layer="hidden1.norm" if "optim.train_only=norm" in case else "output")
+
 
 @pytest.mark.slow
 def test_a_replicas_checkpoint_is_standalone_and_bnexp_resume_or_a_resumed_stack_continues_it_to_its_standalone_result(
@@ -247,7 +284,15 @@ def test_compiled_replicas_train_like_their_compiled_standalone_runs(tmp_path):
 @pytest.mark.slow
 def test_bf16_replicas_stay_within_bf16_rounding_of_their_standalone_runs(tmp_path):
     # bf16 matmuls round to 8 bits of mantissa: a batched and a single one differ at that level.
-    train_both(tmp_path, configs(["train.amp=bf16"]))
+    cfgs = configs(["train.amp=bf16"])
+    for r, cfg in enumerate(cfgs):
+        quietly(train, cfg, tmp_path / f"alone{r}")
+    with Forwards() as stacked:
+        quietly(train_replicas, [ReplicaJob(cfg, tmp_path / f"replica{r}") for r, cfg in enumerate(cfgs)])
+    assert torch.bfloat16 in stacked.dtypes  # the stack really ran under autocast
+    fp32 = tmp_path / "fp32"
+    quietly(train, configs([])[0], fp32)  # replica 0's config without amp
+    assert load_scalars(fp32)["train/loss"] != load_scalars(tmp_path / "replica0")["train/loss"]  # bf16 shows in the losses
     for r in range(R):
         assert_close_tensors(checkpoint(tmp_path / f"replica{r}")["model"], checkpoint(tmp_path / f"alone{r}")["model"], 1e-2, f"replica {r}")
         a, b = load_scalars(tmp_path / f"alone{r}")["train/loss"], load_scalars(tmp_path / f"replica{r}")["train/loss"]

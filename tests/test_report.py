@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 from bnexp.schema import typed
 from bnexp.runs import load_scalars
 from bnexp.train import train
-from tests.conftest import run_inprocess
+from tests.conftest import rich_tables as tables, run_inprocess
 
 TINY = {"steps": 30, "eval_every": 10, "log_every": 10, "progress": False, "device": "cpu", "target_acc": 0.5}
 
@@ -54,10 +54,13 @@ def report(*args: str | Path):
     return run_inprocess(["report", *map(str, args)], Path.cwd())
 
 
-def table_rows(stdout: str, first: str = "norm.placement=") -> dict[str, list[str]]:
-    """The rows of the groups' table: {group: cells}."""
-    rows = [[c.strip() for c in line.split("│")[1:-1]] for line in stdout.splitlines() if line.startswith("│")]
-    return {cells[0]: cells for cells in rows if cells[0].startswith(first)}
+def table_rows(stdout: str) -> dict[str, list[str]]:
+    """The rows of the groups' table (the first one printed): {group: cells}."""
+    return {cells[0]: cells for cells in tables(stdout)[0][1:]}
+
+
+def all_rows(stdout: str) -> list[list[str]]:
+    return [row for table in tables(stdout) for row in table]
 
 
 def finals(run_dirs, tag: str = "val/acc") -> list[float]:
@@ -69,9 +72,9 @@ def test_report_groups_by_the_key_that_differs_and_aggregates_over_seeds(sweep):
     r = report(sweep)
     assert r.returncode == 0, r.stdout + r.stderr
     rows = table_rows(r.stdout)
-    assert set(rows) == {"norm.placement=none", "norm.placement=pre"}
-    for label, cells in rows.items():
-        values = finals(sweep.glob(f"{label},seed=*"))
+    assert set(rows) == {"none", "pre"}
+    for placement, cells in rows.items():
+        values = finals(sweep.glob(f"norm.placement={placement},seed=*"))
         assert cells[1] == "2" and cells[2] == "2 completed"
         assert cells[3] == f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
@@ -79,7 +82,7 @@ def test_report_groups_by_the_key_that_differs_and_aggregates_over_seeds(sweep):
 def test_groups_keep_the_order_of_the_sweep_not_the_alphabet(sweep):
     # The sweep ran norm.placement=pre,none: pre first, as typed (job numbers 0-1, then 2-3).
     r = report(sweep)
-    assert list(table_rows(r.stdout)) == ["norm.placement=pre", "norm.placement=none"]
+    assert list(table_rows(r.stdout)) == ["pre", "none"]
     assert [g["group"] for g in json.loads(report(sweep, "--format", "json").stdout)["groups"]] == ["norm.placement=pre", "norm.placement=none"]
 
 
@@ -95,7 +98,8 @@ def test_report_formats_csv_json_and_markdown_parse(sweep):
 
     text = report(sweep, "--format", "markdown").stdout.strip()
     tables = [block.splitlines() for block in text.split("\n\n") if block.startswith("|")]
-    assert [len(t) for t in tables] == [4, 2 + 5 * 2]  # groups; (5 result columns) x (2 groups)
+    # groups; intervals: (5 result columns) x (2 groups); verdicts: 5 x (1 group against the baseline)
+    assert [len(t) for t in tables] == [4, 2 + 5 * 2, 2 + 5]
     for lines in tables:
         assert all(line.startswith("|") and line.endswith("|") for line in lines)
         assert {len(line.split(" | ")) for line in lines[:1] + lines[2:]} == {lines[0].count(" | ") + 1}
@@ -172,14 +176,38 @@ def test_report_lists_broken_and_half_written_runs_and_reports_the_rest(sweep, t
 
 
 @pytest.mark.slow
-def test_report_plot_draws_learning_curves_and_activation_percentiles(sweep, tmp_path):
+def test_report_plot_draws_learning_curves_and_activation_percentiles(sweep, tmp_path, drawn_figures):
     import matplotlib.image
+    import numpy as np
+
+    from tests.conftest import panel, seed_mean_and_std
 
     r = report(sweep, "--plot", tmp_path / "curves.png")
     assert r.returncode == 0, r.stdout + r.stderr
     height, width, _ = matplotlib.image.imread(tmp_path / "curves.png").shape
     # Four learning-curve panels in the first row, one act/<layer> panel per hidden layer (3) below.
     assert width > 1.5 * height and height > 500
+    (fig,) = drawn_figures
+    for placement in ("pre", "none"):
+        runs = sorted(sweep.glob(f"norm.placement={placement},seed=*"))
+        for tag in ("train/loss", "val/acc"):
+            ax = panel(fig, tag)
+            (line,) = [ln for ln in ax.get_lines() if ln.get_label() == f"norm.placement={placement} (n=2)"]
+            steps, mean, std = seed_mean_and_std(runs, tag)
+            assert list(line.get_xdata()) == steps
+            np.testing.assert_allclose(line.get_ydata(), mean, rtol=1e-6)
+            (band,) = [c for c in ax.collections if np.allclose(c.get_facecolor()[0][:3], matplotlib.colors.to_rgb(line.get_color()))]
+            ys = band.get_paths()[0].vertices[:, 1]
+            for edge in (mean - std, mean + std):  # the band is mean +- std at every step
+                assert all(np.isclose(ys, v, rtol=1e-6).any() for v in edge), (tag, placement)
+        (ax,) = [a for a in fig.axes if a.get_title().startswith("act/")][:1]
+        layer = ax.get_title().split("/")[1].split(":")[0]
+        color = [ln for ln in ax.get_lines() if ln.get_label() == f"norm.placement={placement}"][0].get_color()
+        drawn = sorted((ln for ln in ax.get_lines() if ln.get_color() == color), key=lambda ln: float(np.mean(ln.get_ydata())))
+        assert len(drawn) == 3
+        for line, pct in zip(drawn, ("p15", "p50", "p85")):
+            _, mean, _ = seed_mean_and_std(runs, f"act/{layer}/{pct}")
+            np.testing.assert_allclose(line.get_ydata(), mean, rtol=1e-6, err_msg=pct)
 
 
 @pytest.mark.slow
@@ -266,7 +294,7 @@ def test_a_reproduce_copy_of_a_seed_is_not_counted_as_one_more_seed(sweep, tmp_p
     assert pre["duplicates"] == [{"path": str(again), "same_as": str(sweep / "norm.placement=pre,seed=0")}]
     assert str(again) not in pre["runs"]
     table = report(sweep, again)
-    assert table_rows(table.stdout)["norm.placement=pre"][1] == "2"
+    assert table_rows(table.stdout)["pre"][1] == "2"
     (line,) = [line for line in table.stdout.splitlines() if line.startswith("left out")]
     assert line == f"left out 1 run of a config and seed already counted: {again} (same as {sweep / 'norm.placement=pre,seed=0'})"
     assert f"left out 1 run of a config and seed already counted: {again}" in report(sweep, again, "--format", "csv").stderr
@@ -326,10 +354,15 @@ def test_report_gives_95_percent_intervals_and_welch_differences_from_the_baseli
         pytest.approx([*ci_pre, diff, *diff_ci, p], rel=1e-5)
     assert row["baseline"] == "norm.placement=none"
 
-    cells = ["train/loss", "norm.placement=pre", "2", f"{statistics.mean(pre):.4f}", f"[{ci_pre[0]:.4f}, {ci_pre[1]:.4f}]",
-             f"{diff:+.4f}", f"[{diff_ci[0]:+.4f}, {diff_ci[1]:+.4f}]", f"{p:.2g}"]
-    assert "| " + " | ".join(cells) + " |" in report(sweep, "--format", "markdown").stdout.splitlines()
-    assert cells in [[c.strip() for c in line.split("│")[1:-1]] for line in report(sweep).stdout.splitlines()]
+    interval = ["↓ train/loss", "pre", "2", f"{statistics.mean(pre):.4f}", f"[{ci_pre[0]:.4f}, {ci_pre[1]:.4f}]"]
+    # One comparison of train/loss: the Holm-adjusted p is p itself.
+    verdict = ["↓ train/loss", "pre", f"{diff:+.4f}", f"[{diff_ci[0]:+.4f}, {diff_ci[1]:+.4f}]"]
+    tail = [f"{p:.2g}", f"{p:.2g}"]
+    markdown = report(sweep, "--format", "markdown").stdout.splitlines()
+    rows = all_rows(report(sweep).stdout)
+    assert "| " + " | ".join(interval) + " |" in markdown and interval in rows
+    assert any(line.startswith("| " + " | ".join(verdict) + " |") and " | ".join(tail) in line for line in markdown)
+    assert any(row[:4] == verdict and row[6:8] == tail for row in rows)
 
 
 def test_a_group_of_one_seed_says_it_needs_two_seeds_instead_of_an_interval(sweep, tmp_path):
@@ -343,11 +376,14 @@ def test_a_group_of_one_seed_says_it_needs_two_seeds_instead_of_an_interval(swee
     assert pre["metrics"]["val/acc"]["vs_baseline"]["p"] == "needs >= 2 seeds"
     (row,) = [r for r in csv.DictReader(io.StringIO(report(root, "--format", "csv").stdout)) if r["norm.placement"] == "none"]
     assert row["val/acc ci95 low"] == row["val/acc ci95 high"] == "needs >= 2 seeds"
-    for fmt in ("table", "markdown"):
-        lines = [line for line in report(root, "--format", fmt).stdout.splitlines() if "val/acc" in line and "norm.placement=" in line]
-        none_line = next(line for line in lines if "norm.placement=none" in line)
-        pre_line = next(line for line in lines if "norm.placement=pre" in line)
-        assert "needs >= 2 seeds" in none_line and pre_line.count("needs >= 2 seeds") == 2, fmt
+    rows = all_rows(report(root).stdout)
+    markdown = [[c.strip() for c in line.split("|")[1:-1]] for line in report(root, "--format", "markdown").stdout.splitlines()]
+    for table in (rows, markdown):
+        # The intervals (val/acc's section: pre first, none under it) and the verdicts.
+        at = table.index(next(r for r in table if r[:2] == ["↑ val/acc", "pre"] and len(r) == 5))
+        assert table[at + 1][:2] == ["", "none"] and table[at + 1][4] == "needs >= 2 seeds"
+        (verdict,) = [r for r in table if r[:2] == ["↑ val/acc", "pre"] and len(r) > 5]
+        assert verdict[3:5] == ["needs >= 2 seeds", "needs >= 2 seeds"] and verdict[6] == "needs >= 2 seeds"
 
 
 @pytest.mark.slow
@@ -444,7 +480,15 @@ def test_tensorboard_names_each_trial_by_its_run_shows_seeds_as_integers_and_fin
     # Each margin chart's three tags: every run has all of them or none (else the chart says "Missing Tags").
     layout = call("custom_scalars", "/layout")
     margins = [c["margin"]["series"][0] for cat in layout["category"] for c in cat["chart"] if "margin" in c]
-    assert {m["value"] for m in margins} >= {"val/acc/mean", "train/loss/mean"}
+    assert {m["value"] for m in margins} >= {"Mean over seeds/val/acc", "Mean over seeds/train/loss", "Mean over seeds/grad_norm/total"}
+    assert [cat["title"] for cat in layout["category"]][0].startswith("seed bands")  # the bands first
+    # The seed-band runs add no card to the runs' own groups (train/, val/, ...): their tags
+    # sit in two groups of their own, the means ahead of every other (act/ included).
+    for run in runs:
+        tags = call("scalars", "/tags")[run] if run in call("scalars", "/tags") else {}
+        groups_of = {t.split("/", 1)[0] for t in tags}
+        assert (groups_of == {"Mean over seeds", "seed_band"}) == run.startswith("aggregate/"), (run, groups_of)
+        assert sorted([*groups_of, "act"])[0] == ("Mean over seeds" if run.startswith("aggregate/") else "act")
     for series in margins:
         wanted = [series["value"], series["lower"], series["upper"]]
         regex = "|".join(f"({re.escape(t)})" for t in wanted)  # what the margin chart card asks for

@@ -34,19 +34,3 @@ def test_listing_and_reporting_runs_import_no_torch():
     # which needs no torch; tensorboard is imported only when event files are read.
     loaded = modules_loaded_after("import bnexp.runs, bnexp.report\nfrom bnexp.rundir import run_is_alive")
     assert "torch" not in loaded and "tensorboard" not in loaded
-
-
-def test_composing_and_validating_a_config_imports_no_torch():
-    # What a config error costs is the compose and the checks: none of them may need torch.
-    loaded = modules_loaded_after("from bnexp.schema import compose, validate\n"
-                                  "validate(compose(['model=cnn', 'norm=group', 'norm.groups=2', 'optim=adam', 'probes.hessian.every=5']))\n"
-                                  "validate(compose(['experiment=bn_paper_mnist', 'data=synthetic', 'model=resnet', 'model.depth=8',\n"
-                                  "                  'data.shape=[3,8,8]', 'data.augment=crop_flip']))")
-    assert "torch" not in loaded
-
-
-def test_a_config_error_from_the_cli_imports_no_torch():
-    code = ("from bnexp.cli import app\n"
-            "for args in (['train', 'model.hidden=oops'], ['train', 'optim.lr=-1'], ['train', 'model.nope=1'], ['sweep', 'norm.placement=pre,sideways']):\n"
-            "    try:\n        app(args)\n    except SystemExit as e:\n        assert e.code == 2, (args, e.code)\n")
-    assert "torch" not in modules_loaded_after(code)

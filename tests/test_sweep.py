@@ -20,7 +20,8 @@ import pytest
 import yaml
 
 from bnexp.runs import load_scalars
-from tests.conftest import REPO, TINY as SUITE_TINY, run_inprocess, start_cli
+from bnexp.sweep import band_tags
+from tests.conftest import REPO, TINY as SUITE_TINY, rich_tables, run_inprocess, start_cli
 
 PLACEMENTS = ("pre", "post", "none")
 # The suite's tiny config, 20 steps with an eval every 10: enough for curves, seed bands and a test metric.
@@ -71,6 +72,22 @@ def test_sweep_makes_one_run_dir_per_job_named_by_its_swept_values_with_seed_las
 
 
 @pytest.mark.slow
+def test_a_sweep_ends_with_each_placements_verdict_against_no_normalization(sweep):
+    sweep_dir, r = sweep
+    tail = r.stdout[r.stdout.index("verdict: each group against the baseline norm.placement=none"):]
+    header, *rows = rich_tables(tail)[0]
+    assert header[:5] == ["metric", "placement", "Δ vs baseline", "95% CI of Δ", "verdict"] and "seeds needed" in header
+    # Every metric, one line per placement against none: a word, and the seeds where the word is open.
+    assert [row[1] for row in rows] == ["pre", "post"] * (len(rows) // 2) and len(rows) >= 6
+    for row in rows:
+        verdict, seeds = row[4], row[5]
+        assert verdict in ("better", "worse") or verdict.startswith(("not distinguishable at n = 3", "equal in every seed")) \
+            or verdict.endswith("(no spread)"), verdict
+        assert (seeds != "-") == verdict.startswith("not distinguishable") or seeds == "-"
+    assert f"compare: bnexp report {sweep_dir}" in tail
+
+
+@pytest.mark.slow
 def test_rerunning_a_sweep_into_the_same_sweep_dir_skips_every_completed_job(sweep):
     sweep_dir, _ = sweep
     before = {d.name: (d / "metrics.json").read_text() for d in job_dirs(sweep_dir)}
@@ -101,8 +118,9 @@ def test_aggregate_runs_hold_the_seed_mean_and_mean_plus_minus_std_per_step(swee
     assert sorted(p.name for p in (sweep_dir / "aggregate").iterdir()) == [f"norm.placement={p}" for p in sorted(PLACEMENTS)]
     band = load_scalars(sweep_dir / "aggregate" / "norm.placement=pre")
     seeds = [dict(load_scalars(d)["val/acc"]) for d in job_dirs(sweep_dir) if "placement=pre," in d.name]
-    assert [s for s, _ in band["val/acc"]] == [10, 20]
-    for (step, mean), (_, lo), (_, hi) in zip(band["val/acc"], band["val/acc/mean-std"], band["val/acc/mean+std"]):
+    means, lower, upper = (band[t] for t in band_tags("val/acc"))
+    assert [s for s, _ in means] == [10, 20]
+    for (step, mean), (_, lo), (_, hi) in zip(means, lower, upper):
         values = [s[step] for s in seeds]
         assert mean == pytest.approx(statistics.mean(values), abs=1e-6)
         assert hi - mean == pytest.approx(statistics.stdev(values), abs=1e-6)
@@ -164,7 +182,8 @@ def test_tensorboard_started_by_bnexp_tb_lists_every_run_in_its_hparams_plugin(s
     # No stray run: the jobs and the seed bands, nothing else (no sub-run per job, no "." for the sweep's records).
     assert set(runs) == set(jobs) | {f"aggregate/norm.placement={p}" for p in PLACEMENTS}
     charts = {c["title"]: c for cat in layout["category"] for c in cat["chart"] if "margin" in c}
-    assert charts["val/acc"]["margin"]["series"] == [{"value": "val/acc/mean", "lower": "val/acc/mean-std", "upper": "val/acc/mean+std"}]
+    assert charts["val/acc"]["margin"]["series"] == [
+        {"value": "Mean over seeds/val/acc", "lower": "seed_band/val/acc/mean-std", "upper": "seed_band/val/acc/mean+std"}]
 
 
 @pytest.mark.slow
@@ -253,14 +272,19 @@ def test_runs_lists_each_run_and_shows_a_running_run_without_heartbeat_as_dead(s
     src = job_dirs(sweep_dir)[0]
     shutil.copytree(src, tmp_path / "runs" / "crashed")
     record = json.loads((src / "metrics.json").read_text())
-    record["status"] = "running"
+    # Trained on another host (a shared file system): there only the heartbeat tells a live run from a dead one.
+    record.update(status="running", process={"host": "another-host", "pid": 4242, "start_ticks": None})
     record["time"]["heartbeat"] = time.time() - 3600
     (tmp_path / "runs" / "crashed" / "metrics.json").write_text(json.dumps(record))
+    shutil.copytree(src, tmp_path / "runs" / "live")
+    record["time"]["heartbeat"] = time.time() + 600  # beats for the next ten minutes
+    (tmp_path / "runs" / "live" / "metrics.json").write_text(json.dumps(record))
     shutil.copytree(src, tmp_path / "runs" / "fine")
     r = bnexp("runs", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     lines = {line.split()[1]: line for line in r.stdout.splitlines() if line.startswith("│")}
     assert "dead (no heartbeat)" in lines["crashed"]
+    assert "running" in lines["live"] and "dead" not in lines["live"]
     assert "completed" in lines["fine"] and "20/20" in lines["fine"]
 
 

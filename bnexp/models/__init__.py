@@ -1,16 +1,18 @@
-"""Model families: :mod:`~bnexp.models.registry` (by name), :mod:`~bnexp.models.schemas`
-(each family's config schema and checks, torch-free, registered there) and one
-module per family with its network's ``build`` (``mlp``, ``cnn``, ``resnet``,
-``vgg``), imported at the first build; ``blocks`` holds what they share and
-``stacked`` folds R replicas of a network into one. Adding a family means a
-schema and a check in ``schemas.py``, its module, and ``configs/model/<name>.yaml``.
-
-Importing this package loads no torch: composing and validating a config needs
-the schemas and checks alone."""
+"""Model families. Each module here (but ``registry``, ``blocks``, ``layers``, the
+weight-layer factory, and ``stacked``, which folds R replicas of a family's
+network into one) is one family: its schema, builder and checks, registered by
+name on import. Adding a family means adding its module and
+``configs/model/<name>.yaml``; nothing else."""
 
 from __future__ import annotations
 
-from bnexp.models import schemas  # noqa: F401  registers every family
+import importlib
+import pkgutil
+
 from bnexp.models.registry import FAMILIES, Family, build_model, family, register
 
 __all__ = ["FAMILIES", "Family", "build_model", "family", "register"]
+
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name not in ("registry", "blocks", "layers", "stacked"):
+        importlib.import_module(f"{__name__}.{_module.name}")

@@ -11,12 +11,15 @@ VGG: :class:`StagedNet`) name stages and blocks instead: ``stage1.block0.conv1``
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Any
+
 import torch
+from omegaconf import DictConfig, ListConfig
 from torch import nn
 
-from bnexp.config import Activation, Init, ModelConfig, NormConfig, Placement
-from bnexp.models.schemas import hidden_norm_indices
+from bnexp.config import Activation, ConfigError, DataName, Init, ModelConfig, NormConfig, Placement, example_shape
 from bnexp.norms import is_centered, make_noise
+from bnexp.norms import norm as norm_entry
 
 ACTIVATIONS = {
     Activation.relu: nn.ReLU,
@@ -156,3 +159,69 @@ def parameterized_layers(net: nn.Module) -> dict[str, list[nn.Parameter]]:
         if params:
             layers[name] = params
     return layers
+
+
+# --------------------------------------------------------------------------- checks shared by families
+
+
+def normed_indices(norm_cfg: NormConfig, n_hidden: int) -> list[int]:
+    """Which of ``n_hidden`` hidden blocks get a norm (none with placement=none)."""
+    if Placement(norm_cfg.placement) == Placement.none:
+        return []
+    return hidden_norm_indices(norm_cfg.layers, n_hidden)
+
+
+def hidden_norm_indices(norm_layers: Any, n_hidden: int) -> list[int]:
+    """``norm.layers`` as sorted block indices (before placement=none is applied)."""
+    allowed = f"allowed: 'all' or a list of hidden-layer indices 0..{n_hidden - 1}"
+    if isinstance(norm_layers, str):
+        if norm_layers == "all":
+            return list(range(n_hidden))
+        raise ConfigError("norm.layers", f"got {norm_layers!r}; {allowed}")
+    if isinstance(norm_layers, int) and not isinstance(norm_layers, bool):
+        norm_layers = [norm_layers]
+    if isinstance(norm_layers, (list, tuple, ListConfig)):
+        idx = list(norm_layers)
+        if all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n_hidden for i in idx):
+            return sorted(set(idx))
+    raise ConfigError("norm.layers", f"got {norm_layers!r}; {allowed}")
+
+
+def check_widths(key: str, widths: Any) -> None:
+    if len(widths) == 0:
+        raise ConfigError(key, "is empty; allowed: a non-empty list of positive widths, e.g. [100,100,100]")
+    if any(not isinstance(w, int) or w <= 0 for w in widths):
+        raise ConfigError(key, f"got {list(widths)}; allowed: positive whole widths")
+
+
+def check_norm_widths(norm_cfg: NormConfig, normalized_widths: dict[str, int]) -> None:
+    """What the norm needs of the width of every normalized layer (name -> width), e.g.
+    norm=group's norm.groups dividing it: its registry entry's ``widths`` check."""
+    if Placement(norm_cfg.placement) == Placement.none:
+        return
+    entry = norm_entry(norm_cfg.kind)
+    if entry.widths is not None:
+        entry.widths(norm_cfg, normalized_widths)
+
+
+def check_plain_norm(cfg: DictConfig) -> None:
+    """A family without residual blocks has no pre-activation order and no residual branch to zero."""
+    kind = cfg.model.kind
+    if Placement(cfg.norm.placement) == Placement.preact:
+        raise ConfigError("norm.placement", f"preact (norm -> act -> layer) orders residual blocks, and model={kind} has none; "
+                                            "allowed: pre, post, none (or model=resnet)")
+    if cfg.norm.zero_init_residual:
+        raise ConfigError("norm.zero_init_residual", f"model={kind} has no residual blocks; allowed: false (or model=resnet)")
+
+
+def check_images(cfg: DictConfig) -> None:
+    """Families built for [C,H,W] images refuse other data at validation, before any file is read."""
+    shape = example_shape(cfg.data)
+    if len(shape) != 3:
+        raise ConfigError("model.kind", f"model={cfg.model.kind} needs images [C,H,W], and data={DataName(cfg.data.name).value} gives examples "
+                                        f"of shape {list(shape)}; allowed data: mnist, fashion_mnist, cifar10, or synthetic with a 3-D data.shape")
+
+
+def scaled(channels: int, width: float) -> int:
+    """A width multiplier applied to a channel count (at least one channel)."""
+    return max(1, int(round(channels * width)))

@@ -6,13 +6,26 @@ average pooling and a Linear output."""
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass, field
 
+from omegaconf import DictConfig
 from torch import nn
 
-from bnexp.config import NormConfig, Placement
-from bnexp.models.blocks import Net, activation, block_noise, hidden_block, init_weights, needs_bias
-from bnexp.models.schemas import CNNConfig, normed_indices  # the schema and its checks (torch-free), registered there
+from bnexp.config import ConfigError, ModelConfig, NormConfig, Placement
+from bnexp.models.blocks import (
+    Net, activation, block_noise, check_norm_widths, check_plain_norm, check_widths, hidden_block, init_weights, needs_bias, normed_indices,
+)
+from bnexp.models.layers import conv
+from bnexp.models.registry import register
 from bnexp.norms import make_norm
+
+
+@dataclass
+class CNNConfig(ModelConfig):
+    kind: str = "cnn"
+    hidden: list[int] = field(default_factory=lambda: [32, 64, 128])  # channels per conv block
+    kernel_size: int = 3
+    pool: bool = True  # 2x max-pool after each conv block while the signal is long enough
 
 
 def build(cfg: CNNConfig, norm_cfg: NormConfig, input_shape: tuple[int, ...], num_classes: int) -> Net:
@@ -22,15 +35,15 @@ def build(cfg: CNNConfig, norm_cfg: NormConfig, input_shape: tuple[int, ...], nu
     if len(input_shape) == 1:  # flat features: one channel, a 1-D signal
         stem, input_shape = nn.Unflatten(1, (1, input_shape[0])), (1, input_shape[0])
     spatial = len(input_shape) - 1
-    conv_cls, pool_cls = (nn.Conv1d, nn.MaxPool1d) if spatial == 1 else (nn.Conv2d, nn.MaxPool2d)
+    pool_cls = nn.MaxPool1d if spatial == 1 else nn.MaxPool2d
     placement = Placement(norm_cfg.placement)
     normed = set(normed_indices(norm_cfg, len(cfg.hidden)))
     channels, size, k = input_shape[0], min(input_shape[1:]), cfg.kernel_size
     blocks = []
     for i, out in enumerate(cfg.hidden):
         norm = make_norm(norm_cfg, out, spatial_dims=spatial) if i in normed else None
-        conv = conv_cls(channels, out, k, padding=k // 2, bias=needs_bias(norm, placement))
-        block = hidden_block("conv", conv, norm, activation(cfg), placement, block_noise(norm_cfg, i, len(cfg.hidden)))
+        layer = conv(channels, out, k, padding=k // 2, bias=needs_bias(norm, placement), dims=spatial, cfg=norm_cfg)
+        block = hidden_block("conv", layer, norm, activation(cfg), placement, block_noise(norm_cfg, i, len(cfg.hidden)))
         # Halve the resolution after each block while it stays >= 4 wide.
         if cfg.pool and size >= 8:
             block.add_module("pool", pool_cls(2))
@@ -43,3 +56,14 @@ def build(cfg: CNNConfig, norm_cfg: NormConfig, input_shape: tuple[int, ...], nu
     init_weights(net, cfg)
     return net
 
+
+def check(cfg: DictConfig) -> None:
+    check_plain_norm(cfg)
+    check_widths("model.hidden", cfg.model.hidden)
+    if cfg.model.kernel_size <= 0:
+        raise ConfigError("model.kernel_size", f"got {cfg.model.kernel_size}; allowed: a positive size")
+    normed = normed_indices(cfg.norm, len(cfg.model.hidden))
+    check_norm_widths(cfg.norm, {f"conv block {i}": cfg.model.hidden[i] for i in normed})
+
+
+register("cnn", CNNConfig, build, check)

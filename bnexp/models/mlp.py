@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+
+from omegaconf import DictConfig
 from torch import nn
 
-from bnexp.config import NormConfig, Placement
-from bnexp.models.blocks import Net, activation, block_noise, hidden_block, init_weights, needs_bias
-from bnexp.models.schemas import MLPConfig, normed_indices  # the schema and its checks (torch-free), registered there
+from bnexp.config import ModelConfig, NormConfig, Placement
+from bnexp.models.blocks import (
+    Net, activation, block_noise, check_norm_widths, check_plain_norm, check_widths, hidden_block, init_weights, needs_bias, normed_indices,
+)
+from bnexp.models.layers import linear
+from bnexp.models.registry import register
 from bnexp.norms import make_norm
+
+
+@dataclass
+class MLPConfig(ModelConfig):
+    kind: str = "mlp"
+    hidden: list[int] = field(default_factory=lambda: [100, 100, 100])
 
 
 def build(cfg: MLPConfig, norm_cfg: NormConfig, input_shape: tuple[int, ...], num_classes: int) -> Net:
@@ -17,7 +29,7 @@ def build(cfg: MLPConfig, norm_cfg: NormConfig, input_shape: tuple[int, ...], nu
     width, blocks = math.prod(input_shape), []
     for i, out in enumerate(cfg.hidden):
         norm = make_norm(norm_cfg, out, spatial_dims=0) if i in normed else None
-        blocks.append(hidden_block("linear", nn.Linear(width, out, bias=needs_bias(norm, placement)), norm, activation(cfg), placement,
+        blocks.append(hidden_block("linear", linear(width, out, bias=needs_bias(norm, placement), cfg=norm_cfg), norm, activation(cfg), placement,
                                    block_noise(norm_cfg, i, len(cfg.hidden))))
         width = out
     # Flattening is the MLP's own business: the data keeps its natural shape.
@@ -25,3 +37,12 @@ def build(cfg: MLPConfig, norm_cfg: NormConfig, input_shape: tuple[int, ...], nu
     init_weights(net, cfg)
     return net
 
+
+def check(cfg: DictConfig) -> None:
+    check_plain_norm(cfg)
+    check_widths("model.hidden", cfg.model.hidden)
+    normed = normed_indices(cfg.norm, len(cfg.model.hidden))
+    check_norm_widths(cfg.norm, {f"hidden layer {i}": cfg.model.hidden[i] for i in normed})
+
+
+register("mlp", MLPConfig, build, check)

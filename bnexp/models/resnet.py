@@ -38,17 +38,36 @@ docs/architecture.md says what it would take.
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
+from enum import Enum
+from functools import partial
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
 from torch import nn
 
-from bnexp.config import NormConfig, Placement
-from bnexp.models.blocks import StagedNet, activation, hidden_block, init_weights, needs_bias
-# The schema and its checks (torch-free), registered there.
-from bnexp.models.schemas import RESNET_STAGE_CHANNELS as STAGE_CHANNELS, ResNetConfig, Shortcut, scaled
+from bnexp.config import ConfigError, ModelConfig, NormConfig, Placement
+from bnexp.models import layers
+from bnexp.models.blocks import StagedNet, activation, check_images, check_norm_widths, hidden_block, init_weights, needs_bias, scaled
+from bnexp.models.registry import register
 from bnexp.norms import make_noise, make_norm
+
+STAGE_CHANNELS = (16, 32, 64)  # He et al. 2016a, Sec. 4.2
+
+
+class Shortcut(str, Enum):
+    identity = "identity"  # option A: zero-padded channels, stride-2 subsampling
+    projection = "projection"  # option B: 1x1 conv where the shape changes
+
+
+@dataclass
+class ResNetConfig(ModelConfig):
+    kind: str = "resnet"
+    depth: int = 20  # 6n+2: 20, 32, 44, 56, 110; 8 and 14 for CPU-sized runs
+    width: float = 1.0  # multiplies the 16/32/64 channels of the three stages
+    shortcut: Shortcut = Shortcut.identity
 
 
 class ZeroPadShortcut(nn.Module):
@@ -71,15 +90,16 @@ class BasicBlock(nn.Module):
     Children are registered in the order they run, the shortcut right at the addition."""
 
     def __init__(self, cin: int, cout: int, stride: int, placement: Placement, norm: Callable[[int], nn.Module | None],
-                 act: Callable[[], nn.Module], shortcut: Shortcut, noise: Callable[[], nn.Module | None] = lambda: None):
+                 act: Callable[[], nn.Module], shortcut: Shortcut, noise: Callable[[], nn.Module | None] = lambda: None,
+                 conv: Callable[..., nn.Module] = layers.conv):
         super().__init__()
         self.placement = placement
         norm1, norm2 = norm(cout if placement != Placement.preact else cin), norm(cout)
         # A bias right before a mean-subtracting norm is redundant (BN paper Sec. 3.2); in preact every conv
         # reaches the next norm through additions only, so the same holds there.
         bias_placement = Placement.pre if placement == Placement.preact else placement
-        conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=needs_bias(norm1 if placement != Placement.preact else norm2, bias_placement))
-        conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=needs_bias(norm2, bias_placement))
+        conv1 = conv(cin, cout, 3, stride, 1, bias=needs_bias(norm1 if placement != Placement.preact else norm2, bias_placement))
+        conv2 = conv(cout, cout, 3, 1, 1, bias=needs_bias(norm2, bias_placement))
         named = {"conv1": conv1, "norm1": norm1, "noise1": noise(), "act1": act(), "conv2": conv2, "norm2": norm2, "noise2": noise(),
                  "act2": act()}
         # (applied to x before the branch and read by it, the branch, after the addition); None norms (none) and
@@ -93,7 +113,7 @@ class BasicBlock(nn.Module):
         lead, branch, after = ([k for k in part.split() if named[k] is not None] for part in parts)
         for k in lead + branch:
             self.add_module(k, named[k])
-        self.shortcut = self._shortcut(cin, cout, stride, shortcut, norm if placement == Placement.pre else None, noise)
+        self.shortcut = self._shortcut(cin, cout, stride, shortcut, norm if placement == Placement.pre else None, noise, conv)
         for k in after:
             self.add_module(k, named[k])
         # Plain tuples of the modules registered above: forward iterates them without attribute lookups.
@@ -103,13 +123,13 @@ class BasicBlock(nn.Module):
 
     @staticmethod
     def _shortcut(cin: int, cout: int, stride: int, kind: Shortcut, norm: Callable[[int], nn.Module | None] | None,
-                  noise: Callable[[], nn.Module | None]) -> nn.Module:
+                  noise: Callable[[], nn.Module | None], conv: Callable[..., nn.Module]) -> nn.Module:
         if stride == 1 and cin == cout:
             return nn.Identity()
         if kind == Shortcut.identity:
             return ZeroPadShortcut(stride, cout - cin)
         # No bias: the branch's own bias or the norm after the addition makes one redundant.
-        parts: list[tuple[str, nn.Module]] = [("conv", nn.Conv2d(cin, cout, 1, stride, bias=False))]
+        parts: list[tuple[str, nn.Module]] = [("conv", conv(cin, cout, 1, stride, bias=False))]
         shortcut_norm = norm(cout) if norm is not None else None
         if shortcut_norm is not None:  # placement pre: the projection is normalized like the branch it is added to
             parts += [(k, m) for k, m in (("norm", shortcut_norm), ("noise", noise())) if m is not None]
@@ -154,20 +174,21 @@ def build(cfg: ResNetConfig, norm_cfg: NormConfig, input_shape: tuple[int, ...],
     def noise() -> nn.Module | None:  # norm.noise (Santurkar et al. 2018, Algorithm 1): after every norm
         return make_noise(norm_cfg)
 
+    conv = partial(layers.conv, cfg=norm_cfg)
+
     n = (cfg.depth - 2) // 6
     widths = [scaled(c, cfg.width) for c in STAGE_CHANNELS]
     stem_norm = norm(widths[0])
     if placement == Placement.preact:  # the first block's norm1 follows, through no addition
-        stem: nn.Module = nn.Sequential(OrderedDict([("conv", nn.Conv2d(input_shape[0], widths[0], 3, 1, 1, bias=needs_bias(stem_norm, Placement.pre)))]))
+        stem: nn.Module = nn.Sequential(OrderedDict([("conv", conv(input_shape[0], widths[0], 3, 1, 1, bias=needs_bias(stem_norm, Placement.pre)))]))
     else:
-        conv = nn.Conv2d(input_shape[0], widths[0], 3, 1, 1, bias=needs_bias(stem_norm, placement))
-        stem = hidden_block("conv", conv, stem_norm, act(), placement, noise())
+        stem = hidden_block("conv", conv(input_shape[0], widths[0], 3, 1, 1, bias=needs_bias(stem_norm, placement)), stem_norm, act(), placement, noise())
     stages, cin = [], widths[0]
     for s, cout in enumerate(widths):
         blocks = []
         for b in range(n):
             stride = 2 if s > 0 and b == 0 else 1
-            blocks.append((f"block{b}", BasicBlock(cin, cout, stride, placement, norm, act, Shortcut(cfg.shortcut), noise)))
+            blocks.append((f"block{b}", BasicBlock(cin, cout, stride, placement, norm, act, Shortcut(cfg.shortcut), noise, conv)))
             cin = cout
         stages.append(nn.Sequential(OrderedDict(blocks)))
     final_parts = [(k, m) for k, m in (("norm", norm(cin)), ("noise", noise()), ("act", act())) if m is not None]
@@ -193,3 +214,21 @@ def zero_init_residual(net: ResNet) -> None:
             if getattr(layer, "bias", None) is not None:
                 nn.init.zeros_(layer.bias)
 
+
+def check(cfg: DictConfig) -> None:
+    check_images(cfg)
+    m, n = cfg.model, cfg.norm
+    if m.depth < 8 or (m.depth - 2) % 6:
+        raise ConfigError("model.depth", f"got {m.depth}; allowed: 6n+2 with n >= 1 (8, 14, 20, 32, 44, 56, 110, ...)")
+    if not m.width > 0:
+        raise ConfigError("model.width", f"got {m.width}; allowed: a multiplier > 0 of the 16/32/64 stage channels")
+    if n.layers != "all":
+        raise ConfigError("norm.layers", f"got {n.layers}; model=resnet normalizes every conv of its blocks; allowed: all (or norm.placement=none)")
+    placement = Placement(n.placement)
+    if n.zero_init_residual and placement == Placement.pre and not n.scale:
+        raise ConfigError("norm.zero_init_residual", "with norm.placement=pre it zeroes each block's last gamma, which norm.scale=false removes; "
+                                                     "allowed: false, or norm.scale=true")
+    check_norm_widths(n, {f"stage{i}": scaled(c, m.width) for i, c in enumerate(STAGE_CHANNELS, start=1)})
+
+
+register("resnet", ResNetConfig, build, check)

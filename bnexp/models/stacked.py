@@ -8,9 +8,10 @@ R of them:
 - Linear: a batched matmul, W [R, out, in] @ x [R, in, B] (feature-major
   layout, so that batch norm after it needs no copy: see :func:`_convert`);
 - Conv: ``groups=R`` over [B, R*C, ...] ("folded" layout), pooling alike;
-- BatchNorm (and ghost BN, batch renorm): over R*C channels, so each channel
-  of each replica has its own batch and running statistics;
-- GroupNorm: R*G groups; layer norm: GroupNorm with one group per replica.
+- Norms: as their registry entry's fold rule says (bnexp.norms, matched by
+  exact type): BN, ghost BN and batch renorm over R*C channels, so each channel
+  of each replica has its own batch and running statistics; group norm R*G
+  groups; layer norm GroupNorm with one group per replica.
 
 Why folding and not ``torch.func`` (``stack_module_state`` + ``functional_call``
 + ``vmap``): on the 2-core CPU, for the BN-paper MLP at R=8, a vmapped
@@ -46,12 +47,14 @@ from bnexp.models.blocks import ACTIVATIONS, Net
 _ELEMENTWISE = tuple(set(ACTIVATIONS.values()))
 _PER_CHANNEL = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
 _PER_EXAMPLE = (nn.Identity, nn.Flatten, nn.Unflatten)
-# torch's batch norm, with running_var per norm.running_var.
-_BATCH_NORMS = (norms.BatchNorm1d, norms.BatchNorm2d, norms.BiasedBatchNorm1d, norms.BiasedBatchNorm2d)
+# Modules other than norms fold by their exact type: a subclass (a Conv2d with
+# its own forward, such as weight standardization) has no fold rule of its own.
+_FOLDS = frozenset((nn.Sequential, nn.Linear, nn.Conv1d, nn.Conv2d, *_ELEMENTWISE, *_PER_CHANNEL, *_PER_EXAMPLE))
 
 
 class NotStackable(ValueError):
-    """The network has a part the stacked model does not fold (the launcher runs such jobs one by one)."""
+    """The network has a part the stacked model does not fold; its words name the part
+    (the vectorized launcher then trains such jobs one by one: bnexp.replicas.stacks_of)."""
 
 
 @dataclass
@@ -83,47 +86,27 @@ def _leaf(tensors: list[torch.Tensor], requires_grad: bool, cat: bool) -> torch.
 
 
 def _norm_scalars(m: nn.Module) -> tuple:
-    return (float(m.eps), None if getattr(m, "momentum", None) is None else float(m.momentum))
+    return (getattr(m, "eps", None), getattr(m, "momentum", None))
 
 
 def _folded_norm(parts: list[nn.Module]) -> nn.Module:
     """One norm layer over the channels of ``parts`` (consecutive replicas with the
-    same eps and momentum), of the same bnexp.norms class where the standalone
-    one normalizes per channel (so fp32-under-autocast and the algorithm are its own)."""
-    t, n = parts[0], len(parts)
-    if isinstance(t, norms.LayerNorm):  # per example over C: one group of C channels per replica
-        if len(t.normalized_shape) != 1:
-            raise NotStackable(f"layer norm over {tuple(t.normalized_shape)}")
-        folded: nn.Module = norms.GroupNorm(n, n * t.normalized_shape[0], eps=t.eps)
-    elif isinstance(t, norms.GroupNorm):
-        folded = norms.GroupNorm(n * t.num_groups, n * t.num_channels, eps=t.eps)
-    elif isinstance(t, _BATCH_NORMS):  # the biased ones too: their n/(n-1) is over one channel's values, as alone
-        folded = type(t)(n * t.num_features, eps=t.eps, momentum=t.momentum, track_running_stats=t.track_running_stats)
-    elif isinstance(t, norms.GhostBatchNorm):
-        folded = norms.GhostBatchNorm(n * t.num_features, t.virtual_batch_size, eps=t.eps, momentum=t.momentum,
-                                      track_running_stats=t.track_running_stats, unbiased=t.unbiased)
-    elif isinstance(t, norms.BatchRenorm):
-        folded = norms.BatchRenorm(n * t.num_features, rmax=t.rmax, dmax=t.dmax, eps=t.eps, momentum=t.momentum,
-                                   track_running_stats=t.track_running_stats)
-    else:
-        raise NotStackable(f"norm layer {type(t).__name__}")
-    for name in ("weight", "bias"):
-        p = getattr(t, name)
-        if p is None:
-            folded.register_parameter(name, None)
-        else:
-            folded.register_parameter(name, nn.Parameter(_leaf([getattr(m, name) for m in parts], p.requires_grad, cat=True)))
+    same eps and momentum), as the fold rule of the norm's registry entry makes it
+    (the same bnexp.norms class where the standalone one normalizes per channel,
+    so fp32-under-autocast and the algorithm are its own)."""
+    t = parts[0]
+    entry = norms.entry_of(t)
+    if entry is None or entry.fold is None:
+        raise NotStackable(f"norm layer {type(t).__name__}" + (f": norm={entry.name} has no fold rule" if entry else ""))
+    try:
+        folded = entry.fold.join(parts)
+    except norms.NotFoldable as e:
+        raise NotStackable(str(e)) from None
     # Every buffer the standalone layer has (running_mean and running_var, or
     # batch renorm's running_std), so a resumed replica keeps its restored statistics.
     own = dict(t.named_buffers())
     if own.keys() != dict(folded.named_buffers()).keys():
         raise NotStackable(f"norm layer {type(t).__name__}: buffers {sorted(own)}")
-    with torch.no_grad():
-        for name, buf in folded.named_buffers():
-            if name == "num_batches_tracked":  # one count: the replicas of a stack are at the same step
-                buf.copy_(own[name])
-            else:
-                buf.copy_(torch.cat([getattr(m, name) for m in parts]))
     return folded
 
 
@@ -134,8 +117,8 @@ class StackedNet(nn.Module):
 
     def __init__(self, models: list[Net]):
         super().__init__()
-        if not models or not all(isinstance(m, Net) for m in models):
-            raise NotStackable("only bnexp.models Net families stack")
+        if not models or not all(type(m) is Net for m in models):
+            raise NotStackable(f"{type(models[0]).__name__ if models else 'no network'} (only bnexp.models.blocks.Net networks fold)")
         self.R = len(models)
         self.slots: list[Slot] = []
         self.plan: list[tuple[str, object]] = []  # (layout an op needs, the op) in forward order
@@ -154,6 +137,8 @@ class StackedNet(nn.Module):
         t = mods[0]
         if any(type(m) is not type(t) for m in mods):
             raise NotStackable(f"{name}: the replicas differ in structure")
+        if type(t) not in _FOLDS and not norms.is_norm(t):  # a norm folds by its registry entry's rule
+            raise NotStackable(f"{name} ({type(t).__name__})")
         if isinstance(t, nn.Sequential):
             for child in t._modules:
                 self._plan_module(f"{name}.{child}", [getattr(m, child) for m in mods])
@@ -168,11 +153,10 @@ class StackedNet(nn.Module):
             b = None if t.bias is None else self._param(f"{name}.bias", [m.bias for m in mods], cat=True)
             conv = F.conv1d if isinstance(t, nn.Conv1d) else F.conv2d
             self.plan.append(("folded", ("conv", conv, w, b, t.stride, t.padding, t.dilation)))
-        elif isinstance(t, norms.NORM_TYPES):
-            # Batch statistics per channel over the batch (and length): in [R, C, B] too,
-            # as [1, R*C, B]; the others need examples in dim 0.
-            per_channel = isinstance(t, (norms.BatchNorm1d, norms.BiasedBatchNorm1d, norms.BatchRenorm))
-            self.plan.append(("rcb|folded" if per_channel else "folded", ("norm", self._norm_ranges(name, mods))))
+        elif norms.is_norm(t):
+            # Per channel over every other dim alike: in [R, C, B] too, as [1, R*C, B]; the others need examples in dim 0.
+            fold = norms.entry_of(t).fold
+            self.plan.append(("folded" if fold is None or fold.examples_first else "rcb|folded", ("norm", self._norm_ranges(name, mods))))
         elif isinstance(t, _ELEMENTWISE):
             self.plan.append(("any", ("module", t)))
         elif isinstance(t, _PER_CHANNEL):
@@ -186,7 +170,7 @@ class StackedNet(nn.Module):
             raise NotStackable(f"{name}: {type(t).__name__}")
 
     def _param(self, name: str, params: list[torch.Tensor], cat: bool) -> nn.Parameter:
-        leaf = nn.Parameter(_leaf(params, params[0].requires_grad, cat))
+        leaf = nn.Parameter(_leaf(params, params[0].requires_grad, cat), requires_grad=params[0].requires_grad)  # optim.train_only
         self.register_parameter(name.replace(".", "__"), leaf)
         self.slots.append(Slot(name, leaf, 0, self.R, tuple(params[0].shape)))
         return leaf
@@ -199,7 +183,7 @@ class StackedNet(nn.Module):
                 n = r - r0
                 for key, t in list(folded.named_parameters()) + list(folded.named_buffers()):
                     shape = tuple(getattr(mods[r0], key).shape)
-                    self.slots.append(Slot(f"{name}.{key}", t, r0, n, shape, shared=key == "num_batches_tracked"))
+                    self.slots.append(Slot(f"{name}.{key}", t, r0, n, shape, shared=t.dim() == 0))  # num_batches_tracked
                 ranges.append((r0, r, folded))
                 r0 = r
         return ranges

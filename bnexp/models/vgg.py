@@ -23,14 +23,34 @@ Module names: ``stage1.block0.conv``, ``stage1.block0.norm``,
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 
+from omegaconf import DictConfig
 from torch import nn
 
-from bnexp.config import NormConfig, Placement
-from bnexp.models.blocks import StagedNet, activation, block_noise, hidden_block, init_weights, needs_bias
-# The schema and its checks (torch-free), registered there.
-from bnexp.models.schemas import VGGConfig, normed_indices, vgg_conv_widths as conv_widths
+from bnexp.config import ConfigError, ModelConfig, NormConfig, Placement
+from bnexp.models.blocks import (
+    StagedNet, activation, block_noise, check_norm_widths, check_images, check_plain_norm, hidden_block, init_weights, needs_bias, normed_indices, scaled,
+)
+from bnexp.models.layers import conv
+from bnexp.models.registry import register
 from bnexp.norms import make_norm
+
+# Convs per stage of VGG-11 (A), -13 (B), -16 (D); Simonyan & Zisserman 2015, Table 1.
+STAGES = {11: (1, 1, 2, 2, 2), 13: (2, 2, 2, 2, 2), 16: (2, 2, 3, 3, 3)}
+STAGE_CHANNELS = (64, 128, 256, 512, 512)
+
+
+@dataclass
+class VGGConfig(ModelConfig):
+    kind: str = "vgg"
+    variant: int = 11  # 11, 13 or 16
+    width: float = 1.0  # multiplies the 64..512 channels
+
+
+def conv_widths(variant: int, width: float) -> list[list[int]]:
+    """Output channels of each conv, stage by stage."""
+    return [[scaled(c, width)] * k for k, c in zip(STAGES[variant], STAGE_CHANNELS)]
 
 
 def build(cfg: VGGConfig, norm_cfg: NormConfig, input_shape: tuple[int, ...], num_classes: int) -> StagedNet:
@@ -45,8 +65,8 @@ def build(cfg: VGGConfig, norm_cfg: NormConfig, input_shape: tuple[int, ...], nu
         parts: list[tuple[str, nn.Module]] = []
         for b, out in enumerate(stage_widths):
             norm = make_norm(norm_cfg, out, spatial_dims=2) if i in normed else None
-            conv = nn.Conv2d(channels, out, 3, padding=1, bias=needs_bias(norm, placement))
-            block = hidden_block("conv", conv, norm, activation(cfg), placement, block_noise(norm_cfg, i, n_convs))
+            layer = conv(channels, out, 3, padding=1, bias=needs_bias(norm, placement), cfg=norm_cfg)
+            block = hidden_block("conv", layer, norm, activation(cfg), placement, block_noise(norm_cfg, i, n_convs))
             parts.append((f"block{b}", block))
             channels, i = out, i + 1
         if size >= 2:
@@ -57,3 +77,18 @@ def build(cfg: VGGConfig, norm_cfg: NormConfig, input_shape: tuple[int, ...], nu
     init_weights(net, cfg)
     return net
 
+
+def check(cfg: DictConfig) -> None:
+    check_images(cfg)
+    check_plain_norm(cfg)
+    m = cfg.model
+    if m.variant not in STAGES:
+        raise ConfigError("model.variant", f"got {m.variant}; allowed: {', '.join(map(str, STAGES))} (VGG-11, -13, -16)")
+    if not m.width > 0:
+        raise ConfigError("model.width", f"got {m.width}; allowed: a multiplier > 0 of the 64..512 channels")
+    flat = [w for stage in conv_widths(m.variant, m.width) for w in stage]
+    normed = normed_indices(cfg.norm, len(flat))
+    check_norm_widths(cfg.norm, {f"conv block {i}": flat[i] for i in normed})
+
+
+register("vgg", VGGConfig, build, check)

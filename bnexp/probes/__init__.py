@@ -13,30 +13,20 @@ Hessian-vector product, a forward pass in train mode) declares
 parameters, buffers (BN running statistics, num_batches_tracked), gradients,
 the optimizer's state, the train/eval mode and the RNG states exactly.
 
-A new probe is its schema (a dataclass with an ``every`` field; it appears as
-``probes.<name>`` in the config) and checks in :mod:`bnexp.probes.schemas`, one
-:func:`register` line there naming its factory, and its module in this package
-with the factory. A user's probe calls :func:`register` with a callable factory.
-
-Importing this package loads no torch (the registry and the schemas are all
-that composing and validating a config need); the protocol's names below come
-from :mod:`bnexp.probes.base` on first use.
+A new probe is one module in this package that calls :func:`register` with its
+name, its config schema (a dataclass with an ``every`` field; it appears as
+``probes.<name>`` in the config) and its factory.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+import pkgutil
 
-from bnexp.probes import schemas  # noqa: F401  registers every probe
-from bnexp.probes.registry import PROBES, register
+from bnexp.probes.base import PROBES, Probe, ProbeContext, ProbeSet, ProbeSetup, build_probes, preserved, register
 
 __all__ = ["PROBES", "Probe", "ProbeContext", "ProbeSet", "ProbeSetup", "build_probes", "preserved", "register"]
 
-_FROM_BASE = ("Probe", "ProbeContext", "ProbeSet", "ProbeSetup", "build_probes", "preserved")
-
-
-def __getattr__(name: str) -> Any:  # PEP 562: torch comes in with the first of these
-    if name in _FROM_BASE:
-        return getattr(importlib.import_module("bnexp.probes.base"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name != "base":
+        importlib.import_module(f"{__name__}.{_module.name}")

@@ -4,11 +4,13 @@ evaluation (``train.eval_every``)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import numpy as np
 import torch
 
-from bnexp.probes.base import ProbeContext, ProbeSetup
-from bnexp.probes.schemas import ActivationsConfig  # its schema, registered there
+from bnexp.probes.base import ProbeContext, ProbeSetup, register
 
 PERCENTILES = (15, 50, 85)  # Ioffe & Szegedy 2015, Fig. 1(b, c)
 # Percentiles are exact over up to this many values, else taken on a fixed
@@ -17,6 +19,11 @@ PERCENTILES = (15, 50, 85)  # Ioffe & Szegedy 2015, Fig. 1(b, c)
 # 256-image probe batch has ~8M values, and sorting them cost ~1 s on CPU at
 # every eval; an MLP's (256 x 100) is below the limit and stays exact.
 MAX_VALUES = 1 << 16
+
+
+@dataclass
+class ActivationsConfig:
+    every: Optional[int] = None  # steps; null: at every evaluation (train.eval_every); 0: off
 
 
 class ActivationPercentiles:
@@ -89,3 +96,5 @@ def build(setup: ProbeSetup, cfg: ActivationsConfig | None) -> ActivationPercent
     every = setup.eval_every if cfg is None or cfg.every is None else cfg.every
     return ActivationPercentiles(setup.model, every) if every else None
 
+
+register("activations", ActivationsConfig, build)

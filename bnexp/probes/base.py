@@ -1,5 +1,4 @@
-"""The probe protocol, :func:`preserved` and the per-run :class:`ProbeSet` (see :mod:`bnexp.probes`;
-the registry, torch-free, is :mod:`bnexp.probes.registry`)."""
+"""The probe protocol, the registry, :func:`preserved` and the per-run :class:`ProbeSet` (see :mod:`bnexp.probes`)."""
 
 from __future__ import annotations
 
@@ -12,8 +11,6 @@ from typing import Any, Callable, Iterator, Protocol
 import numpy as np
 import torch
 from torch import nn
-
-from bnexp.probes.registry import PROBES, ProbeKind, register  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -47,6 +44,23 @@ class ProbeSetup:
     x: torch.Tensor  # the fixed probe batch
     y: torch.Tensor
     data: Any  # bnexp.data.Splits
+
+
+@dataclass(frozen=True)
+class ProbeKind:
+    name: str
+    schema: type | None  # a dataclass with an `every` field, composed as probes.<name>; None: no keys
+    factory: Callable[[ProbeSetup, Any], Probe | None]  # (setup, its config node or None) -> probe, or None when off
+    # (the whole config) -> None or ConfigError, for what its keys' types cannot say; run by schema.validate
+    check: Callable[[Any], None] | None = None
+
+
+PROBES: dict[str, ProbeKind] = {}
+
+
+def register(name: str, schema: type | None, factory: Callable[[ProbeSetup, Any], Probe | None],
+             check: Callable[[Any], None] | None = None) -> None:
+    PROBES[name] = ProbeKind(name, schema, factory, check)
 
 
 @contextmanager
@@ -108,5 +122,5 @@ class ProbeSet:
 def build_probes(setup: ProbeSetup) -> ProbeSet:
     """Every registered probe, configured from ``setup.cfg.probes.<name>`` (off ones left out)."""
     nodes = setup.cfg.get("probes") or {}
-    return ProbeSet({name: kind.make(setup, nodes.get(name)) for name, kind in PROBES.items()})
+    return ProbeSet({name: kind.factory(setup, nodes.get(name)) for name, kind in PROBES.items()})
 

@@ -22,14 +22,15 @@ Regression runs log the losses only. A network without running statistics
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torch import nn
 
 from bnexp.config import ConfigError
-from bnexp.norms import _BatchRenorm, running_stat_norms, tracks_unbiased_var, use_batch_statistics
-from bnexp.probes.base import ProbeContext, ProbeSetup
-from bnexp.probes.schemas import BN_GAP_NEEDS_VALIDATION as NEEDS_VALIDATION, BNGapConfig  # its schema and check, registered there
+from bnexp.norms import entry_of, running_stat_norms, running_stats, use_batch_statistics
+from bnexp.probes.base import ProbeContext, ProbeSetup, register
 from bnexp.step import evaluate
 
 
@@ -49,10 +50,14 @@ def recompute_bn_stats(model: nn.Module, x: torch.Tensor, batches: int, batch_si
     """Set each running mean / variance to the pooled statistics of its layer's
     inputs over ``batches`` batches of ``x`` (as fvcore's _PopulationVarianceEstimator:
     the mean and the variance over every value a channel saw, H and W counting as
-    batch). The variance follows the norm's own running rule (norm.running_var):
-    unbiased, n/(n-1) over the n values pooled (torch's convention, which fvcore's
-    estimator keeps), or biased; batch renorm gets its running sigma,
-    sqrt(variance + eps). Returns the number of norms recomputed.
+    batch). The spread buffer gets what the norm's registry entry makes of the
+    pooled variance (``Norm.spread_of``): a variance by the norm's own running rule (norm.running_var):
+    ``biased`` is exactly fvcore's (its estimator undoes torch's Bessel correction
+    per batch and keeps the biased variance of all values pooled); ``unbiased``
+    (the default, torch's rule for its EMA) is n/(n-1) times fvcore's, n the values
+    a channel pooled (batches x batch size x positions: 32/31 at 4 batches of 8).
+    Batch renorm gets its running sigma, sqrt(variance + eps). Returns the number
+    of norms recomputed.
 
     Written here rather than taken from fvcore: fvcore is not a dependency, its
     BN_MODULE_TYPES miss bnexp's ghost BN and batch renorm, and it rebinds the
@@ -69,8 +74,7 @@ def recompute_bn_stats(model: nn.Module, x: torch.Tensor, batches: int, batch_si
     kept = [(m, m.momentum, getattr(m, "num_batches_tracked", None)) for m in norms]
     kept = [(m, momentum, None if tracked is None else tracked.clone()) for m, momentum, tracked in kept]
     # Per channel, in float64: the count, the sum, the sum of squares (from each batch's stable var_mean).
-    sums = {m: [0, torch.zeros(m.num_features, dtype=torch.float64, device=x.device),
-                torch.zeros(m.num_features, dtype=torch.float64, device=x.device)] for m in norms}
+    sums = {m: [0, *(torch.zeros_like(running_stats(m)[0], dtype=torch.float64) for _ in range(2))] for m in norms}
 
     def collect(m: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
         a = inputs[0].float()
@@ -101,12 +105,19 @@ def recompute_bn_stats(model: nn.Module, x: torch.Tensor, batches: int, batch_si
         count, s1, s2 = sums[m]
         mean = s1 / count
         var = s2 / count - mean**2  # biased, over every value pooled
-        m.running_mean.copy_(mean)
-        if isinstance(m, _BatchRenorm):
-            m.running_std.copy_(torch.sqrt(var + m.eps))  # its sigma (Ioffe 2017, Algorithm 1): eps inside
-        else:
-            m.running_var.copy_(var * count / max(count - 1, 1) if tracks_unbiased_var(m) else var)
+        running_mean, spread = running_stats(m)
+        running_mean.copy_(mean)
+        spread.copy_(entry_of(m).spread_of(m, var, count))  # a variance by its running rule, batch renorm's sigma
     return len(norms)
+
+
+NEEDS_VALIDATION = "needs a validation split; allowed: data.val_size > 0, or probes.bn_gap.every=0"
+
+
+@dataclass
+class BNGapConfig:
+    every: int = 0  # steps; 0: off. Costs three validation passes and `batches` training forwards.
+    batches: int = 200  # training batches (of train.batch_size) for the precise statistics; fvcore's default
 
 
 class BNGap:
@@ -132,3 +143,13 @@ def build(setup: ProbeSetup, cfg: BNGapConfig | None) -> BNGap | None:
         raise ConfigError("probes.bn_gap.every", NEEDS_VALIDATION)
     t = setup.cfg.train
     return BNGap(cfg.every, int(cfg.batches), int(t.batch_size), int(t.eval_batch_size), int(setup.cfg.seed), setup.data)
+
+
+def check(cfg) -> None:
+    if cfg.probes.bn_gap.batches < 1:
+        raise ConfigError("probes.bn_gap.batches", f"got {cfg.probes.bn_gap.batches}; allowed: a whole number >= 1")
+    if cfg.probes.bn_gap.every and cfg.data.val_size == 0:
+        raise ConfigError("probes.bn_gap.every", NEEDS_VALIDATION)
+
+
+register("bn_gap", BNGapConfig, build, check)

@@ -14,11 +14,28 @@ Also logged: ``hessian/iterations``, the power iterations it took.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from enum import Enum
+
 import torch
 
+from bnexp.config import ConfigError
 from bnexp.probes import grads
-from bnexp.probes.base import ProbeContext, ProbeSetup
-from bnexp.probes.schemas import HessianConfig, HessianMode  # its schema and check, registered there
+from bnexp.probes.base import ProbeContext, ProbeSetup, register
+
+
+class HessianMode(str, Enum):
+    train = "train"
+    eval = "eval"
+
+
+@dataclass
+class HessianConfig:
+    every: int = 0  # steps; 0: off. Costs ~2 backward passes per iteration.
+    iterations: int = 100
+    tolerance: float = 1e-3
+    batch_size: int = 200
+    mode: HessianMode = HessianMode.train
 
 
 class TopEigenvalue:
@@ -43,9 +60,15 @@ class TopEigenvalue:
         v = [u / v_norm for u in v]
         eig, done = None, 0
         for done in range(1, self.iterations + 1):
-            hv = torch.autograd.grad(g, params, grad_outputs=v, retain_graph=True)
+            if not any(t.requires_grad for t in g):  # a gradient constant in the parameters: H = 0
+                eig = 0.0
+                break
+            hv = torch.autograd.grad(g, params, grad_outputs=v, retain_graph=True, allow_unused=True, materialize_grads=True)
             new = grads.dot(hv, v).item()
             hv_norm = grads.norm(hv)
+            if hv_norm == 0:  # H v = 0: v is in the Hessian's null space, the estimate 0, and no next direction
+                eig = new
+                break
             v = [h / hv_norm for h in hv]
             if eig is not None and abs(new - eig) / (abs(eig) + 1e-6) < self.tolerance:
                 eig = new
@@ -61,3 +84,15 @@ def build(setup: ProbeSetup, cfg: HessianConfig | None) -> TopEigenvalue | None:
     n = min(int(cfg.batch_size), len(setup.data.x_train))
     return TopEigenvalue(setup.model, cfg.every, setup.data.x_train[:n], setup.data.y_train[:n], int(cfg.iterations),
                          float(cfg.tolerance), HessianMode(cfg.mode))
+
+
+def check(cfg) -> None:
+    h = cfg.probes.hessian
+    for key in ("iterations", "batch_size"):
+        if h[key] < 1:
+            raise ConfigError(f"probes.hessian.{key}", f"got {h[key]}; allowed: a whole number >= 1")
+    if not h.tolerance > 0:
+        raise ConfigError("probes.hessian.tolerance", f"got {h.tolerance}; allowed: a number > 0")
+
+
+register("hessian", HessianConfig, build, check)

@@ -13,13 +13,19 @@ weight decay), undone afterwards with everything else by ``preserved()``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from bnexp.models.blocks import parameterized_layers
-from bnexp.norms import NORM_TYPES
+from bnexp.norms import is_norm
 from bnexp.probes import grads
-from bnexp.probes.base import ProbeContext, ProbeSetup
-from bnexp.probes.schemas import ICSConfig  # its schema, registered there
+from bnexp.probes.base import ProbeContext, ProbeSetup, register
+
+
+@dataclass
+class ICSConfig:
+    every: int = 0  # steps; 0: off. Costs one forward + backward per weight layer.
 
 
 class InternalCovariateShift:
@@ -33,7 +39,7 @@ class InternalCovariateShift:
         # and beta count among "the layers before" a later one. BN-only training
         # (optim.train_only=norm) leaves only norms trainable: then they are the layers.
         kinds = {name: module for name, module in model.named_modules() if name in named}
-        weight_layers = [n for n in named if not isinstance(kinds[n], NORM_TYPES)] or list(named)
+        weight_layers = [n for n in named if not is_norm(kinds[n])] or list(named)
         # Per measured layer: its slice of self.params, and where the parameters before it end.
         self.layers: list[tuple[str, slice]] = []
         start = 0
@@ -57,10 +63,12 @@ class InternalCovariateShift:
             g_own = g[own]
             diff = [a - b for a, b in zip(g_own, g_shifted)]
             out[f"ics/{name}/l2"] = grads.norm(diff)
-            out[f"ics/{name}/cos"] = grads.dot(g_own, g_shifted) / (grads.norm(g_own) * grads.norm(g_shifted))
+            out[f"ics/{name}/cos"] = grads.cosine(g_own, g_shifted)
         return out
 
 
 def build(setup: ProbeSetup, cfg: ICSConfig | None) -> InternalCovariateShift | None:
     return InternalCovariateShift(setup.model, cfg.every) if cfg is not None and cfg.every else None
 
+
+register("ics", ICSConfig, build)

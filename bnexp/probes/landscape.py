@@ -17,11 +17,21 @@ running statistics and RNG come back afterwards (``preserved()``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
+from bnexp.config import ConfigError
 from bnexp.probes import grads
-from bnexp.probes.base import ProbeContext, ProbeSetup
-from bnexp.probes.schemas import LandscapeConfig  # its schema and check, registered there
+from bnexp.probes.base import ProbeContext, ProbeSetup, register
+
+
+@dataclass
+class LandscapeConfig:
+    every: int = 0  # steps; 0: off. Costs one forward + backward per eta, plus one.
+    # Step sizes as multiples of the current lr: the paper's VGG range [1/2, 4] x lr
+    # (its deep linear net uses [1/100, 30]; preset santurkar_dln).
+    etas: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])
 
 
 class Landscape:
@@ -52,3 +62,12 @@ class Landscape:
 
 def build(setup: ProbeSetup, cfg: LandscapeConfig | None) -> Landscape | None:
     return Landscape(setup.model, cfg.every, list(cfg.etas)) if cfg is not None and cfg.every else None
+
+
+def check(cfg) -> None:
+    etas = list(cfg.probes.landscape.etas)
+    if not etas or any(not e > 0 for e in etas):
+        raise ConfigError("probes.landscape.etas", f"got {etas}; allowed: a non-empty list of positive multiples of the lr, e.g. [0.5,1,2,4]")
+
+
+register("landscape", LandscapeConfig, build, check)

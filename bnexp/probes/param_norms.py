@@ -5,11 +5,18 @@ also uses ``grad_norm/total`` to detect divergence."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 
 from bnexp.models.blocks import parameterized_layers
-from bnexp.probes.base import ProbeContext, ProbeSetup
-from bnexp.probes.schemas import ParamNormsConfig  # its schema, registered there
+from bnexp.probes.base import ProbeContext, ProbeSetup, register
+
+
+@dataclass
+class ParamNormsConfig:
+    every: Optional[int] = None  # steps; null: every train.log_every; 0: off (divergence is then told by the loss alone)
 
 
 class ParamNorms:
@@ -55,3 +62,5 @@ def build(setup: ProbeSetup, cfg: ParamNormsConfig | None) -> ParamNorms | None:
     every = setup.log_every if cfg is None or cfg.every is None else cfg.every
     return ParamNorms(setup.model, every) if every else None
 
+
+register("param_norms", ParamNormsConfig, build)
