@@ -105,13 +105,14 @@ def resnet(root: Path, out: Path) -> None:
         layers = [k for k in ("stem", "stage1.block0", "stage2.block0", "stage3.block0") if curves.get(f"signal/{k}/var")]
         for what, style in (("var", "-"), ("mean_sq", ":")):
             means = [sum(c[0][1] for c in curves[f"signal/{k}/{what}"]) / len(curves[f"signal/{k}/{what}"]) for k in layers]
-            axes[2].plot(range(len(layers)), means, style, marker="o", color=axes[0].lines[-1].get_color(),
-                         label=f"{label}, {'channel variance' if what == 'var' else 'channel mean²'}")
+            # The agc arm is the none network until its first clipped step: its markers sit on none's.
+            axes[2].plot(range(len(layers)), means, style, marker="o" if label != "agc" else "x", color=axes[0].lines[-1].get_color(),
+                         label=(label if label != "agc" else "agc (= none at init)") if what == "var" else None)
             print(f"{label} signal/*/{what} at step 0 by block: " + " ".join(f"{m:.3g}" for m in means))
     axes[0].set(title="validation accuracy", xlabel="step")
     axes[1].set(title="training loss (window mean)", xlabel="step", yscale="log")
-    axes[2].set(title="signal propagation at init (step 0, probe batch)", xticks=range(len(layers)), xticklabels=layers,
-                yscale="log", ylabel="averaged over channels")
+    axes[2].set(title="each block's output at init: channel variance (solid), mean² (dotted)", xticks=range(len(layers)),
+                xticklabels=layers, yscale="log", ylabel="averaged over channels", ylim=(1e-3, None))  # room for the legend
     finish(fig, axes, "normfree_resnet: ResNet-8 (half width), Fashion-MNIST, mean ± std over seeds", out)
 
 
