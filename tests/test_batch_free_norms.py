@@ -174,6 +174,11 @@ def test_frns_tlu_and_the_evonorms_replace_the_activation_that_takes_their_outpu
     for evonorm in ("evonorm_s0", "evonorm_b0"):  # a normalization-activation layer: nothing after it but where post puts the act
         assert modules([f"norm={evonorm}", "norm.groups=4", "model.hidden=[8]"])["hidden0.act"] is nn.Identity
         assert modules([f"norm={evonorm}", "norm.groups=4", "model.hidden=[8]", "norm.placement=post"])["hidden0.act"] is nn.ReLU
+    # norm.layers: an unnormalized layer keeps the model's activation
+    some = modules(["norm=frn", "model.hidden=[8,8,8]", "norm.layers=[1]"])
+    assert "hidden0.norm" not in some and some["hidden0.act"] is nn.ReLU and some["hidden1.act"] is TLU and some["hidden2.act"] is nn.ReLU
+    cnn = modules(["model=cnn", "model.hidden=[8,8]", "norm=evonorm_b0", "norm.groups=4", "norm.layers=[0]"])
+    assert cnn["hidden0.norm"] is EvoNormB0 and cnn["hidden0.act"] is nn.Identity and cnn["hidden1.act"] is nn.ReLU
 
 
 def test_batch_free_norms_keep_the_bias_of_the_layer_before_them():
