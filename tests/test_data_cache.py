@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from bnexp import data, data_cache
-from bnexp.datasets import DataError
+from bnexp.config import ConfigError
 from bnexp.schema import compose
 from tests.conftest import REPO, _cli_env, mnist_root
 
@@ -171,6 +171,6 @@ def test_mnist_from_the_cache_is_bit_identical_and_a_changed_file_is_refused_not
     assert_same(first, uncached(monkeypatch, *over))
     labels = root / "t10k-labels-idx1-ubyte.gz"
     labels.write_bytes(labels.read_bytes()[:-10])  # the published file no longer
-    with pytest.raises(DataError, match="MD5"):
+    with pytest.raises(ConfigError, match=r"^data.root: .*has MD5"):  # said to the user as a bad data.root
         load(*over)
     assert len(entries(cache)) == 1
