@@ -50,6 +50,7 @@ from bnexp.models.stacked import NotStackable, Slot, StackedNet
 from bnexp.rundir import ReplicasInterrupted, run_lock  # noqa: F401  (ReplicasInterrupted: raised from here)
 from bnexp.runtime import recorded_threads, set_threads
 from bnexp.step import LogWindow, LrSchedule, TrainStep
+from bnexp.tracking import print_summary
 from bnexp.train import Run, end, loop, setup
 
 log = logging.getLogger("bnexp")
@@ -335,14 +336,13 @@ class StackedStepper:
                                     per_replica(first.loss_fn))
         w = first.window
         self.window = LogWindow(w.log_every, first.total, w.batch_size, first.data.num_classes, first.device, w.accuracy, replicas=R)
-        self.window.buf = torch.stack([run.window.buf for run in runs], -1)
+        self.window.buf = torch.stack([run.window.buf for run in runs])
         self.last = first.state.step  # the last step trained
         self.augmenting = not isinstance(first.augment, NoAugment)
-        # train.threads for the stack's step, R replicas' work in one process (auto:
-        # the rule sees R times a replica's FLOPs); each replica records the count.
-        threads = set_threads(cfg.train.threads, first.model, first.data.x_train[:1], R * cfg.train.batch_size, first.device)
+        # train.threads for the stack's step (auto on a CPU: one); each replica records the count.
+        threads = set_threads(cfg.train.threads, first.model, first.data.x_train[:1], R * cfg.train.batch_size, first.device, stack=True)
         for r, run in enumerate(runs):
-            run.window.buf = self.window.buf[..., r]  # its column: read and checkpointed by the standalone code
+            run.window.buf = self.window.buf[r]  # its rows: read and checkpointed by the standalone code
             run.tracker.record.data["replica"] = {"index": r, "of": R}
             run.tracker.record.data["env"]["threads"] = threads
             if r and first.tracker.console.progress is not None:  # in a terminal: one bar for the stack; else each logs its evals
@@ -420,6 +420,33 @@ def train_replicas(jobs: list[ReplicaJob]) -> list[dict[str, Any] | ConfigError]
             if interrupted is not None:
                 raise interrupted
     return out
+
+
+def train_alone(cfg: DictConfig, run_dir: Path, resume: bool = False, extra_record: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One replica of a stack trained again on its own (``bnexp resume``, ``bnexp
+    reproduce``) as a stack of one, which computes it as its stack did: a batched
+    matmul per replica, norms over its own channels, a convolution per replica on
+    the CPU, its own window rows, one thread (train.threads=auto). On the CPU its
+    numbers are then the stack's, bit for bit (:func:`replica_caveat` says where
+    not). Returns its metrics.json record; raises ConfigError as :func:`bnexp.train.train`."""
+    [out] = train_replicas([ReplicaJob(cfg, Path(run_dir), resume, extra_record)])
+    if isinstance(out, ConfigError):
+        raise out
+    print_summary(out, Path(run_dir))
+    return out
+
+
+def replica_caveat(record: dict[str, Any]) -> str | None:
+    """Why a stack of one cannot give the numbers that the replica of ``record``
+    (its metrics.json) had in its stack, in one line; None: it gives them exactly."""
+    replica, env = record.get("replica") or {}, record.get("env") or {}
+    where = f"replica {replica.get('index')} of a stack of {replica.get('of')}"
+    if not str(env.get("device", "cpu")).startswith("cpu"):
+        return f"{where} on {env.get('device')}: its kernels need not add one replica's products in the order they add R replicas' (bit-identical on the CPU only)"
+    threads = env.get("threads")
+    if isinstance(threads, int) and threads > 1:
+        return f"{where} with {threads} threads: a batched matmul splits one replica's work over threads otherwise than R replicas' (bit-identical with train.threads=1 or auto)"
+    return None
 
 
 def _stepper(runs: list[Run], rngs: list[dict[str, Any]]) -> StackedStepper:

@@ -128,7 +128,21 @@ def _resume(run_dir: Path) -> dict[str, Any]:
             cfg, record, checkpoint = check_resumable(run_dir)
         log_to(run_dir)
         with recorded_threads(cfg, record):  # results depend on the thread count
-            return train(cfg, run_dir, resume=True, extra_record={"overrides": record.get("overrides", [])}, checkpoint=checkpoint)
+            return _train(cfg, run_dir, record, resume=True, extra_record={"overrides": record.get("overrides", [])}, checkpoint=checkpoint)
+
+
+def _train(cfg: DictConfig, run_dir: Path, record: dict[str, Any], resume: bool = False, extra_record: dict[str, Any] | None = None,
+           checkpoint: dict[str, Any] | None = None) -> dict[str, Any]:
+    """train() for a run trained alone; a replica of a stack (its ``record`` says
+    so) as a stack of one, which computes it as its stack did."""
+    if not record.get("replica"):
+        return train(cfg, run_dir, resume=resume, extra_record=extra_record, checkpoint=checkpoint)
+    from bnexp.replicas import replica_caveat, train_alone
+
+    caveat = replica_caveat(record)
+    if caveat:
+        log.warning("trained alone, %s will not give its stack's numbers exactly: %s", run_dir, caveat)
+    return train_alone(cfg, run_dir, resume, extra_record)
 
 
 # --------------------------------------------------------------------------- reproduce
@@ -179,7 +193,8 @@ def _reproduce(run_dir: Path, out_dir: Path | None, overrides: list[str] | None)
             log_to(out)
             original = read_run(run_dir)
             with recorded_threads(cfg, original.metrics):  # results depend on the thread count
-                record = train(cfg, out, extra_record={"overrides": original.overrides + list(overrides or []), "reproduce_of": str(run_dir.resolve())})
+                record = _train(cfg, out, original.metrics or {},
+                                extra_record={"overrides": original.overrides + list(overrides or []), "reproduce_of": str(run_dir.resolve())})
         except ConfigError:
             guard.undo()
             raise

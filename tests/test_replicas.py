@@ -303,3 +303,35 @@ def test_a_probe_that_meddles_with_its_replica_leaves_the_stack_training_bit_ide
         assert all(torch.equal(meddled["model"][k], v) for k, v in quiet["model"].items())
         a, b = load_scalars(tmp_path / f"quiet{r}"), load_scalars(tmp_path / f"meddled{r}")
         assert b["train/loss"] == a["train/loss"] and b["grad_norm/total"] == a["grad_norm/total"] and len(b["meddler/loss"]) == 6
+
+
+def assert_same_run(got_dir: Path, want_dir: Path, what: str) -> None:
+    """Bit for bit: weights, buffers, optimizer state, status and every logged value but timing."""
+    got, want = checkpoint(got_dir), checkpoint(want_dir)
+    assert got["model"].keys() == want["model"].keys()
+    for k in want["model"]:
+        assert torch.equal(got["model"][k], want["model"][k]), f"{what}: {k}"
+    for i, st in want["optimizer"]["state"].items():
+        for k, v in st.items():
+            assert torch.equal(got["optimizer"]["state"][i][k], v), f"{what}: optimizer state {i} {k}"
+    a, b = load_scalars(want_dir), load_scalars(got_dir)
+    tags = {t for t in a if not t.startswith("time/")}
+    assert tags == {t for t in b if not t.startswith("time/")} and "train/loss" in tags
+    for tag in tags:
+        assert b[tag] == a[tag], f"{what}: {tag}"
+    final = lambda d: {k: v for k, v in json.loads((d / "metrics.json").read_text())["final"].items() if not k.startswith("time/")}  # noqa: E731
+    assert final(got_dir) == final(want_dir), what
+
+
+@pytest.mark.parametrize("family", [[], CNN], ids=["mlp", "cnn"])
+def test_a_replicas_numbers_are_bit_identical_in_any_stack_and_in_a_stack_of_one(tmp_path, family):
+    # ReLU, where fp32 differences grow instead of fading; distinct lrs, so the replicas are not alike.
+    cfgs = configs([*family, "model.activation=relu", "train.deterministic=true"], [[f"optim.lr={lr}"] for lr in (0.05, 0.1, 0.2, 0.4)])
+    quietly(train_replicas, [ReplicaJob(cfg, tmp_path / f"stack{r}") for r, cfg in enumerate(cfgs)])
+    quietly(train_replicas, [ReplicaJob(cfgs[r], tmp_path / f"pair{r}") for r in (1, 3)])
+    for r in (0, 3):
+        quietly(train_replicas, [ReplicaJob(cfgs[r], tmp_path / f"one{r}")])
+    for r in (1, 3):
+        assert_same_run(tmp_path / f"pair{r}", tmp_path / f"stack{r}", f"replica {r} in a stack of 2")
+    for r in (0, 3):
+        assert_same_run(tmp_path / f"one{r}", tmp_path / f"stack{r}", f"replica {r} alone")
