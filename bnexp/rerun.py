@@ -131,17 +131,27 @@ def _resume(run_dir: Path) -> dict[str, Any]:
             return _train(cfg, run_dir, record, resume=True, extra_record={"overrides": record.get("overrides", [])}, checkpoint=checkpoint)
 
 
+def caveat(record: dict[str, Any]) -> str | None:
+    """Why rerunning the run of ``record`` (its metrics.json) alone cannot give its
+    numbers exactly, in words (None: no reason known)."""
+    if not record.get("replica"):
+        return None
+    from bnexp.replicas import replica_caveat
+
+    return replica_caveat(record)
+
+
 def _train(cfg: DictConfig, run_dir: Path, record: dict[str, Any], resume: bool = False, extra_record: dict[str, Any] | None = None,
            checkpoint: dict[str, Any] | None = None) -> dict[str, Any]:
     """train() for a run trained alone; a replica of a stack (its ``record`` says
     so) as a stack of one, which computes it as its stack did."""
     if not record.get("replica"):
         return train(cfg, run_dir, resume=resume, extra_record=extra_record, checkpoint=checkpoint)
-    from bnexp.replicas import replica_caveat, train_alone
+    from bnexp.replicas import train_alone
 
-    caveat = replica_caveat(record)
-    if caveat:
-        log.warning("trained alone, %s will not give its stack's numbers exactly: %s", run_dir, caveat)
+    why = caveat(record)
+    if why:
+        log.warning("trained alone, %s will not give its stack's numbers exactly: %s", run_dir, why)
     return train_alone(cfg, run_dir, resume, extra_record)
 
 

@@ -335,3 +335,37 @@ def test_a_replicas_numbers_are_bit_identical_in_any_stack_and_in_a_stack_of_one
         assert_same_run(tmp_path / f"pair{r}", tmp_path / f"stack{r}", f"replica {r} in a stack of 2")
     for r in (0, 3):
         assert_same_run(tmp_path / f"one{r}", tmp_path / f"stack{r}", f"replica {r} alone")
+
+
+def test_a_replica_resumed_alone_or_restacked_after_a_neighbour_diverged_ends_bit_identical_to_the_uninterrupted_stack(
+        tmp_path, register_probe):
+    from bnexp.rerun import resume
+
+    class CtrlC:  # the first replica's report at step 20 sends one SIGINT, as a Ctrl-C would
+        every, read_only, armed = 20, True, [False]
+
+        def __call__(self, ctx):
+            if ctx.step == 20 and self.armed[0]:
+                self.armed[0] = False
+                os.kill(os.getpid(), signal.SIGINT)
+            return {}
+
+    probe = CtrlC()
+    register_probe("ctrl_c", lambda setup, cfg: probe)
+    # Replica 1 diverges at once (no norm, a huge lr); the others train on.
+    cfgs = configs(["train.steps=40", "norm.placement=none", "model.activation=relu", "train.deterministic=true"],
+                   [[], ["optim.lr=1e30"], ["optim.lr=0.2"], ["optim.lr=0.05"]])
+    quietly(train_replicas, [ReplicaJob(cfg, tmp_path / f"whole{r}") for r, cfg in enumerate(cfgs)])
+    probe.armed[0] = True
+    with pytest.raises(ReplicasInterrupted):
+        quietly(train_replicas, [ReplicaJob(cfg, tmp_path / f"cut{r}") for r, cfg in enumerate(cfgs)])
+    assert json.loads((tmp_path / "cut1" / "metrics.json").read_text())["status"] == "diverged"
+    for r, cfg in enumerate(cfgs):  # what Hydra writes into a sweep job's run dir, which bnexp resume reads
+        (tmp_path / f"cut{r}" / ".hydra").mkdir()
+        OmegaConf.save(cfg, tmp_path / f"cut{r}" / ".hydra" / "config.yaml")
+    assert quietly(resume, tmp_path / "cut0")["steps"] == 40  # alone, by bnexp resume
+    # The rerun of the sweep skips the diverged replica and stacks the two left as a stack of 2.
+    records = quietly(train_replicas, [ReplicaJob(cfgs[r], tmp_path / f"cut{r}", resume=True) for r in (2, 3)])
+    assert sorted((rec["resumed_from"], rec["replica"]["index"], rec["replica"]["of"]) for rec in records) == [(20, 0, 2), (20, 1, 2)]
+    for r in (0, 2, 3):
+        assert_same_run(tmp_path / f"cut{r}", tmp_path / f"whole{r}", f"replica {r}")

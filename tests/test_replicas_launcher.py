@@ -221,3 +221,18 @@ def test_a_built_wheel_installs_the_plugin_where_hydra_finds_it(tmp_path):
     bnexp_file, plugin_file, discovered = found.stdout.split()
     assert bnexp_file.startswith(str(site)) and plugin_file.startswith(str(site / "hydra_plugins")) and discovered == "True"
     shutil.rmtree(site)
+
+
+@pytest.mark.parametrize("family", [[], ["model=cnn", "model.hidden=[8,8]", "data.shape=[3,8,8]"]], ids=["mlp", "cnn"])
+def test_bnexp_reproduce_of_a_stacked_replica_gives_its_numbers_exactly_on_cpu(tmp_path, family):
+    # ReLU: a replica that a stack of one computed otherwise than its stack would drift visibly.
+    sweep = ["sweep", *TINY, "train.steps=20", *family, "model.activation=relu", "train.deterministic=true", "seed=0,1,2",
+             VECTORIZED, "hydra.sweep.dir=sw"]
+    assert run_inprocess(sweep, tmp_path).returncode == 0
+    replica = job_dirs(tmp_path / "sw")[1]
+    assert record(replica)["replica"] == {"index": 1, "of": 3}
+    r = run_inprocess(["reproduce", str(replica), "--out", "again"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "identical: every metric matches exactly" in r.stdout
+    final = lambda d: {k: v for k, v in record(d)["final"].items() if not k.startswith("time/")}  # noqa: E731
+    assert final(tmp_path / "again") == final(replica) and len(final(replica)) > 10
