@@ -139,6 +139,9 @@ class RunInterrupted(KeyboardInterrupt):
         super().__init__(f"{run_dir} interrupted after step {step}; checkpoint saved" if step is not None else f"{run_dir} interrupted")
         self.run_dir, self.step, self.signum = Path(run_dir), step, signum  # signum: the signal that stopped the loop
 
+    def __reduce__(self) -> tuple:  # from a launcher's worker process to the CLI (bnexp.workers)
+        return type(self), (self.run_dir, self.step, self.signum)
+
     @property
     def resumable(self) -> bool:
         """Whether `bnexp resume` can continue it: a bnexp record and a checkpoint are there."""
@@ -152,6 +155,22 @@ class ReplicasInterrupted(RunInterrupted):
         super().__init__(run_dirs[0], step)
         self.run_dirs = run_dirs
         self.args = (f"{len(run_dirs)} replicas ({run_dirs[0]} ...) interrupted after step {step}; checkpoints saved",)
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.run_dirs, self.step)
+
+    @classmethod
+    def joined(cls, stops: list[RunInterrupted]) -> RunInterrupted:
+        """The interruptions of stacks or runs that trained side by side (the vectorized
+        launcher's worker processes), as one."""
+        if len(stops) == 1:
+            return stops[0]
+        dirs = [d for e in stops for d in (e.run_dirs if isinstance(e, ReplicasInterrupted) else [e.run_dir])]
+        steps = sorted({e.step for e in stops if e.step is not None})
+        out = cls(dirs, steps[0])
+        out.args = (f"{len(dirs)} jobs ({dirs[0]} ...) interrupted after step{'s' if len(steps) > 1 else ''} "
+                    f"{', '.join(map(str, steps))}; checkpoints saved",)
+        return out
 
     @property
     def resumable(self) -> bool:

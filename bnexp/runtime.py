@@ -128,6 +128,15 @@ def _cpus() -> set[int]:
         return set(range(os.cpu_count() or 1))
 
 
+def share_cores(workers: int) -> None:
+    """This process is one of ``workers`` that share the cores (the vectorized
+    launcher's worker processes): its budget is its share, as joblib gives each
+    worker cpu_count // n_jobs threads."""
+    global _DEFAULT_THREADS
+    _DEFAULT_THREADS = max(1, thread_budget() // workers)
+    torch.set_num_threads(_DEFAULT_THREADS)
+
+
 def thread_budget() -> int:
     """The most intra-op threads a run may use: the process's default count,
     capped by the CPUs it may run on (taskset, cgroup cpusets)."""

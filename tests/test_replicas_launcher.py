@@ -236,3 +236,51 @@ def test_bnexp_reproduce_of_a_stacked_replica_gives_its_numbers_exactly_on_cpu(t
     assert "identical: every metric matches exactly" in r.stdout
     final = lambda d: {k: v for k, v in record(d)["final"].items() if not k.startswith("time/")}  # noqa: E731
     assert final(tmp_path / "again") == final(replica) and len(final(replica)) > 10
+
+
+def test_a_sweep_on_two_worker_processes_gives_each_job_the_numbers_of_the_sweep_in_one_process(tmp_path):
+    sweep = ["sweep", *TINY, "train.steps=20", "model.activation=relu", "train.deterministic=true", "seed=0,1,2",
+             "norm.placement=pre,none", VECTORIZED]
+    one = bnexp(*sweep, "hydra.launcher.workers=1", "hydra.sweep.dir=one", cwd=tmp_path)
+    two = bnexp(*sweep, "hydra.launcher.workers=2", "hydra.sweep.dir=two", cwd=tmp_path)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr
+    assert "Launching 6 jobs: 2 stacks of replicas (3, 3), 0 alone" in one.stdout
+    assert "Launching 6 jobs: 2 stacks of replicas (3, 3), 0 alone on 2 worker processes" in two.stdout
+    assert "6 jobs: 6 completed" in two.stdout
+    final = lambda d: {k: v for k, v in record(d)["final"].items() if not k.startswith("time/")}  # noqa: E731
+    pids = set()
+    for a, b in zip(job_dirs(tmp_path / "one"), job_dirs(tmp_path / "two")):
+        assert a.name == b.name and final(b) == final(a) and record(b)["env"]["threads"] == 1
+        pids.add(record(b)["process"]["pid"])
+    assert len(pids) == 2  # one process per stack
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_sweep_on_two_workers_saves_every_replica_and_the_rerun_ends_where_an_uninterrupted_sweep_does(tmp_path):
+    args = ["seed=0,1,2,3", "data=synthetic", "model.hidden=[16,16]", "train.steps=3000", "train.log_every=10", "model.activation=relu",
+            "train.eval_every=500", "train.progress=false", "train.deterministic=true", VECTORIZED, "hydra.launcher.workers=2"]
+    proc = start_cli(["sweep", *args, "hydra.sweep.dir=sw"], tmp_path, env=ENV)
+    dirs = lambda: sorted((tmp_path / "sw").glob("*seed=*"))  # noqa: E731
+    evaluated = lambda d: (d / "bnexp.log").is_file() and "step 500/3000" in (d / "bnexp.log").read_text()  # noqa: E731
+    _wait_for(lambda: len(dirs()) == 4 and all(evaluated(d) for d in dirs()), proc, "every replica's first eval", timeout=240)
+    proc.send_signal(signal.SIGINT)  # the parent alone, as `kill -INT` does: it hands the signal on to its workers
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "4 jobs (" in err and "checkpoints saved" in err
+    for d in dirs():
+        rec = record(d)
+        assert rec["status"] == "interrupted" and torch_step(d) == rec["steps"] > 500
+    rerun = bnexp("sweep", *args, "hydra.sweep.dir=sw", cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr
+    whole = bnexp("sweep", *args, "hydra.sweep.dir=whole", cwd=tmp_path)
+    assert whole.returncode == 0, whole.stderr
+    final = lambda d: {k: v for k, v in record(d)["final"].items() if not k.startswith("time/")}  # noqa: E731
+    for a, b in zip(dirs(), job_dirs(tmp_path / "whole")):
+        assert record(a)["status"] == "completed" and final(a) == final(b), a.name
+
+
+def torch_step(run_dir: Path) -> int:
+    """The step a checkpoint holds, read as bnexp resume reads it."""
+    import torch
+
+    return torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)["state"]["step"]
