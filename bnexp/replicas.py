@@ -48,7 +48,7 @@ from bnexp.config import Amp, ConfigError, flatten, launch_world_size, plain
 from bnexp.models import build_model
 from bnexp.models.stacked import NotStackable, Slot, StackedNet
 from bnexp.rundir import ReplicasInterrupted, run_lock  # noqa: F401  (ReplicasInterrupted: raised from here)
-from bnexp.runtime import recorded_threads, set_threads
+from bnexp.runtime import recorded_threads, set_threads, step_flops
 from bnexp.step import LogWindow, LrSchedule, TrainStep
 from bnexp.tracking import print_summary
 from bnexp.train import Run, end, loop, setup
@@ -78,7 +78,7 @@ SCALAR_KEYS = ("optim.lr", "optim.momentum", "optim.weight_decay", "norm.momentu
 
 def alone_reason(cfg: DictConfig) -> str | None:
     """Why a job cannot be a replica of a stack, from its config alone (None:
-    it can, if its network folds: :func:`fold_reason`)."""
+    it can, if its network folds and stacking pays: :func:`stack_reason`)."""
     try:
         flat = flatten(plain(cfg))
     except Exception:  # noqa: BLE001
@@ -103,18 +103,35 @@ def stack_key(cfg: DictConfig) -> str | None:
     return json.dumps(flat, sort_keys=True, default=str)
 
 
-def fold_reason(cfg: DictConfig) -> str | None:
-    """Why the network of ``cfg`` does not fold into a stacked model, found by
-    folding it (as a stack of one, on the CPU), or None: it folds. The data is
-    loaded for its shapes as the job loads it, so the job's own load finds it
+# On the CPU, a replica whose training step has more matmul/conv work than this
+# trains alone: stacking saves per-op overhead (Python, dispatch, small kernels),
+# which such a step hardly has. Measured (one thread, CPU time, R=4 stacked vs 4
+# steps alone, shared 2-core box at load 8): the BN-paper MLP (36 MFLOP) 1.58x,
+# 784-256x3 at batch 128 (257 MFLOP) 1.23x, 784-512x3 (715 MFLOP) 0.92x; a CNN
+# 8-16 (108 MFLOP) 1.03x, 32-64-128 (2862 MFLOP) 0.91x (convolutions run one per
+# replica on the CPU: bnexp.models.stacked). On a GPU every stack pays (launches).
+STACK_MAX_FLOPS = 2e8
+
+
+def stack_reason(cfg: DictConfig) -> str | None:
+    """Why jobs of ``cfg`` train one by one rather than stacked, or None: they
+    stack. Found by folding the network (as a stack of one): a part without a
+    fold rule; on the CPU, a step too large to gain (STACK_MAX_FLOPS). The data
+    is loaded for its shapes as the job loads it, so the job's own load finds it
     cached (bnexp.data.load)."""
     try:
-        data = data_mod.load(cfg.data, distributed.current().device(cfg.train.device))
-        StackedNet([build_model(cfg.model, cfg.norm, data.input_shape, data.num_classes)])
+        device = distributed.current().device(cfg.train.device)
+        data = data_mod.load(cfg.data, device)
+        model = build_model(cfg.model, cfg.norm, data.input_shape, data.num_classes)
+        StackedNet([model])
     except NotStackable as e:
         return f"the stacked model has no fold rule for {e}"
     except Exception as e:  # noqa: BLE001  a config that does not build: each job says why
         return f"its network does not build ({type(e).__name__})"
+    if device.type == "cpu":
+        flops = step_flops(model, data.x_train[:1].cpu(), int(cfg.train.batch_size))
+        if flops > STACK_MAX_FLOPS:
+            return f"a step of {flops / 1e6:.0f} MFLOP keeps a CPU core busy alone: stacking gains nothing above {STACK_MAX_FLOPS / 1e6:.0f}"
     return None
 
 
@@ -139,7 +156,7 @@ def stacks_of(cfgs: list[DictConfig | None], max_replicas: int) -> tuple[list[li
             order.append(groups[key])
     stacks: list[list[int]] = []
     for group in order:
-        why = fold_reason(cfgs[group[0]]) if len(group) > 1 else None  # type: ignore[arg-type]
+        why = stack_reason(cfgs[group[0]]) if len(group) > 1 else None  # type: ignore[arg-type]
         if why is not None:  # decided by trying: job by job
             reasons[why] += len(group)
             stacks += [[i] for i in group]

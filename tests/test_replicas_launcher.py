@@ -134,11 +134,11 @@ def test_rerunning_a_vectorized_sweep_skips_every_finished_replica(two_sweeps):
 
 
 @pytest.mark.slow
-def test_a_mixed_sweep_stacks_what_it_can_runs_the_rest_alone_and_a_stack_picks_threads_for_its_whole_step(tmp_path):
+def test_a_mixed_sweep_stacks_what_it_can_runs_the_rest_alone_and_a_stack_trains_on_one_thread(tmp_path):
     # norm.noise=true: noisy BN draws its noise in the forward pass, a part the stacked model has no fold rule for
     # (found by folding it), so those 3 jobs run as the basic launcher runs them; the other 3 are split by
-    # max_replicas=2 into a stack and a lone job. Each replica's step is 131 MFLOP, under train.threads=auto's
-    # 200 MFLOP line; the stack's (2 replicas in one process) is 261 MFLOP, over it.
+    # max_replicas=2 into a stack and a lone job. Each replica's step is 131 MFLOP, under the 200 MFLOP up to
+    # which a CPU stack pays and under train.threads=auto's line: one thread each, the stack's too.
     r = bnexp("sweep", "seed=0,1,2", "norm.noise=false,true", "train.steps=8", "train.log_every=4", "train.eval_every=8",
               "train.batch_size=32", "train.progress=false", "model.hidden=[800,800]", VECTORIZED, "hydra.launcher.max_replicas=2",
               "hydra.sweep.dir=sw", cwd=tmp_path)
@@ -153,9 +153,18 @@ def test_a_mixed_sweep_stacks_what_it_can_runs_the_rest_alone_and_a_stack_picks_
     for d in dirs:
         log = (d / "bnexp.log").read_text()
         if record(d).get("replica"):
-            assert "auto: 261 MFLOP a step;" in log and f"torch threads: {record(d)['env']['threads']} (auto: 261" in log
+            assert "torch threads: 1 (auto: a stack of replicas, one thread" in log and record(d)["env"]["threads"] == 1
         else:
             assert "torch threads: 1 (auto: 131 MFLOP a step, under 200)" in log and record(d)["env"]["threads"] == 1
+
+
+def test_a_cnn_whose_step_is_too_large_to_gain_from_stacking_on_the_cpu_trains_job_by_job(tmp_path):
+    r = run_inprocess(["sweep", *TINY, "train.steps=2", "model=cnn", "model.hidden=[32,64]", "data.shape=[1,28,28]",
+                       "train.batch_size=64", "seed=0,1", VECTORIZED, "hydra.sweep.dir=sw"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "Launching 2 jobs: no stack of replicas, 2 alone" in r.stdout
+    assert "2 jobs one by one, as the basic launcher runs them (a step of " in r.stdout and "stacking gains nothing above 200" in r.stdout
+    assert all("replica" not in record(d) for d in job_dirs(tmp_path / "sw"))
 
 
 @pytest.mark.slow
