@@ -293,3 +293,30 @@ def torch_step(run_dir: Path) -> int:
     import torch
 
     return torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)["state"]["step"]
+
+
+def test_the_vectorized_launcher_composes_each_jobs_config_once_and_it_equals_hydras_own(tmp_path, monkeypatch):
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra.types import RunMode
+
+    composed = []
+    load = ConfigLoaderImpl.load_configuration
+
+    def counting(self, config_name, overrides, run_mode, *args, **kwargs):
+        composed.append(run_mode)
+        return load(self, config_name, overrides, run_mode, *args, **kwargs)
+
+    monkeypatch.setattr(ConfigLoaderImpl, "load_configuration", counting)
+    sweep = ["sweep", *TINY, "train.steps=2", "seed=0,1,2", "norm.placement=pre,none"]
+    assert run_inprocess([*sweep, VECTORIZED, "hydra.sweep.dir=vec"], tmp_path).returncode == 0
+    assert composed.count(RunMode.RUN) == 6  # one per job (the sweeper's validation and the launch share it)
+    assert run_inprocess([*sweep, "hydra.sweep.dir=basic"], tmp_path).returncode == 0
+    for b, v in zip(job_dirs(tmp_path / "basic"), job_dirs(tmp_path / "vec")):
+        for name in ("config.yaml", "overrides.yaml"):
+            assert (v / ".hydra" / name).read_text() == (b / ".hydra" / name).read_text()
+        hb, hv = (yaml.safe_load((d / ".hydra" / "hydra.yaml").read_text())["hydra"] for d in (b, v))
+        for h in (hb, hv):
+            h.pop("launcher"), h.pop("runtime"), h["job"].pop("id")
+            h["overrides"]["hydra"] = [o for o in h["overrides"]["hydra"] if "launcher" not in o and "sweep.dir" not in o]
+            h["sweep"].pop("dir")
+        assert hv == hb
