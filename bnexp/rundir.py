@@ -279,6 +279,27 @@ def _lock_path(run_dir: Path) -> str:
     return os.path.join(os.path.realpath(run_dir), LOCK_FILE)
 
 
+def live_holder(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The live process on this host that the run dir's lock file names (the last
+    to take its lock), or None: none, another host's, or gone. For a run dir
+    without metrics.json yet: its holder is setting it up (a vectorized sweep
+    sets up every replica of a stack before any writes)."""
+    try:
+        fd = os.open(os.path.join(run_dir, LOCK_FILE), os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return None
+    try:
+        info = json.loads(os.read(fd, 4096) or b"null")
+    except (OSError, ValueError):
+        return None
+    finally:
+        os.close(fd)
+    if not isinstance(info, dict) or info.get("host") != socket.gethostname() or not isinstance(info.get("pid"), int):
+        return None
+    start = info.get("start_ticks")
+    return info if _process_alive(info["pid"], start if isinstance(start, int) else None) else None
+
+
 def holds_lock(run_dir: str | os.PathLike) -> bool:
     return _lock_path(Path(run_dir)) in _HELD
 

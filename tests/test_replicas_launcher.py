@@ -248,20 +248,27 @@ def test_bnexp_reproduce_of_a_stacked_replica_gives_its_numbers_exactly_on_cpu(t
 
 
 def test_a_sweep_on_two_worker_processes_gives_each_job_the_numbers_of_the_sweep_in_one_process(tmp_path):
-    sweep = ["sweep", *TINY, "train.steps=20", "model.activation=relu", "train.deterministic=true", "seed=0,1,2",
-             "norm.placement=pre,none", VECTORIZED]
-    one = bnexp(*sweep, "hydra.launcher.workers=1", "hydra.sweep.dir=one", cwd=tmp_path)
-    two = bnexp(*sweep, "hydra.launcher.workers=2", "hydra.sweep.dir=two", cwd=tmp_path)
-    assert one.returncode == 0 and two.returncode == 0, two.stderr
-    assert "Launching 6 jobs: 2 stacks of replicas (3, 3), 0 alone" in one.stdout
-    assert "Launching 6 jobs: 2 stacks of replicas (3, 3), 0 alone on 2 worker processes" in two.stdout
-    assert "6 jobs: 6 completed" in two.stdout
+    # Two groups of 3 seeds and a third of 3 (one stack each in one process); on two workers the third
+    # group's stack waits for the first free worker. Then one group alone: split into stacks of 2 and 1.
+    sweep = ["sweep", *TINY, "train.steps=20", "model.activation=relu", "train.deterministic=true", "seed=0,1,2", VECTORIZED]
+    placements = "norm.placement=pre,post,none"
+    one = bnexp(*sweep, placements, "hydra.launcher.workers=1", "hydra.sweep.dir=one", cwd=tmp_path)
+    two = bnexp(*sweep, placements, "hydra.launcher.workers=2", "hydra.sweep.dir=two", cwd=tmp_path)
+    split = bnexp(*sweep, "norm.placement=post", "hydra.launcher.workers=2", "hydra.sweep.dir=split", cwd=tmp_path)
+    assert one.returncode == 0 and two.returncode == 0 and split.returncode == 0, two.stderr + split.stderr
+    assert "Launching 9 jobs: 3 stacks of replicas (3, 3, 3), 0 alone" in one.stdout
+    assert "Launching 9 jobs: 3 stacks of replicas (3, 3, 3), 0 alone on 2 worker processes" in two.stdout
+    assert "Launching 3 jobs: 2 stacks of replicas (2, 1), 0 alone on 2 worker processes" in split.stdout
+    assert "9 jobs: 9 completed" in two.stdout and "3 jobs: 3 completed" in split.stdout
     final = lambda d: {k: v for k, v in record(d)["final"].items() if not k.startswith("time/")}  # noqa: E731
     pids = set()
     for a, b in zip(job_dirs(tmp_path / "one"), job_dirs(tmp_path / "two")):
         assert a.name == b.name and final(b) == final(a) and record(b)["env"]["threads"] == 1
         pids.add(record(b)["process"]["pid"])
-    assert len(pids) == 2  # one process per stack
+    assert len(pids) == 2  # two worker processes
+    post = [d for d in job_dirs(tmp_path / "one") if "placement=post" in d.name]
+    for a, b in zip(post, job_dirs(tmp_path / "split")):
+        assert a.name.endswith(b.name) and final(b) == final(a) and record(b)["replica"]["of"] in (1, 2)
 
 
 @pytest.mark.slow
@@ -320,3 +327,19 @@ def test_the_vectorized_launcher_composes_each_jobs_config_once_and_it_equals_hy
             h["overrides"]["hydra"] = [o for o in h["overrides"]["hydra"] if "launcher" not in o and "sweep.dir" not in o]
             h["sweep"].pop("dir")
         assert hv == hb
+
+
+def test_a_job_another_sweep_is_setting_up_is_left_to_it_and_does_not_fail_the_sweep(tmp_path):
+    # Another process (a second sweep into the same dir) holds seed=1's lock and has not written its metrics.json yet.
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from bnexp.rundir import acquire_run_lock; "
+                               "acquire_run_lock(sys.argv[1]); print('held', flush=True); time.sleep(600)", str(tmp_path / "sw" / "seed=1")],
+                              stdout=subprocess.PIPE, text=True, env={**ENV, "PYTHONPATH": str(REPO)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        r = run_inprocess(["sweep", *TINY, "train.steps=4", "seed=0,1,2", VECTORIZED, "hydra.sweep.dir=sw"], tmp_path)
+        assert r.returncode == 0, r.stdout
+        assert "3 jobs: 2 completed, 1 running" in r.stdout and "unreadable" not in r.stdout
+        assert not (tmp_path / "sw" / "seed=1" / "metrics.json").exists()  # left to its holder
+    finally:
+        holder.kill()
+        holder.wait()

@@ -88,16 +88,16 @@ class VectorizedLauncher(Launcher):
         stacks, reasons = stacks_of(tasks, self.max_replicas)
         workers = self._workers(configs, len(job_overrides))
         units = _split(stacks, workers)
-        sizes = sorted((len(s) for s in units if len(s) > 1), reverse=True)
+        sizes = sorted((len(s) for s, stacked in units if stacked), reverse=True)
         stacked = f"{len(sizes)} stack{'' if len(sizes) == 1 else 's'} of replicas ({', '.join(map(str, sizes))})" if sizes else "no stack of replicas"
         on = f" on {min(workers, len(units))} worker processes" if min(workers, len(units)) > 1 else ""
-        log.info(f"Launching {len(configs)} jobs: {stacked}, {sum(len(s) == 1 for s in units)} alone{on}")
+        log.info(f"Launching {len(configs)} jobs: {stacked}, {sum(not stacked for _, stacked in units)} alone{on}")
         for why, n in reasons.items():
             log.info(f"{n} job{'' if n == 1 else 's'} one by one, as the basic launcher runs them ({why})")
-        for i in (i for unit in units for i in unit):
+        for i in (i for unit, _ in units for i in unit):
             log.info(f"\t#{initial_job_idx + i} : {' '.join(filter_overrides(job_overrides[i]))}")
         returns: list[JobReturn | None] = [None] * len(configs)
-        for unit, rets in zip(units, self._run_units([[configs[i] for i in unit] for unit in units], workers)):
+        for (unit, _), rets in zip(units, self._run_units([([configs[i] for i in unit], stacked) for unit, stacked in units], workers)):
             for i, ret in zip(unit, rets):
                 returns[i] = ret
         assert all(r is not None for r in returns)
@@ -120,16 +120,16 @@ class VectorizedLauncher(Launcher):
 
         return max(1, min(thread_budget(), jobs))
 
-    def _run_units(self, units: list[list[DictConfig]], workers: int) -> list[list[JobReturn]]:
+    def _run_units(self, units: list[tuple[list[DictConfig], bool]], workers: int) -> list[list[JobReturn]]:
         """Each unit's returns: a stack's or a lone job's, in-process one after
         another, or on ``workers`` forked processes (bnexp.workers), largest first."""
         from bnexp import workers as pool
 
         if min(workers, len(units)) <= 1:
-            return [self._run_unit(unit) for unit in units]
-        order = sorted(range(len(units)), key=lambda u: -len(units[u]))
+            return [self._run_unit(*unit) for unit in units]
+        order = sorted(range(len(units)), key=lambda u: -len(units[u][0]))
         n = min(workers, len(units))
-        results = pool.run([(lambda u=u: self._run_unit(units[u])) for u in order], n, lambda w: _in_worker(w, n))
+        results = pool.run([(lambda u=u: self._run_unit(*units[u])) for u in order], n, lambda w: _in_worker(w, n))
         out: list[list[JobReturn]] = [[] for _ in units]
         stops: list[KeyboardInterrupt] = []
         for u, result in zip(order, results):
@@ -141,7 +141,7 @@ class VectorizedLauncher(Launcher):
                 stops.append(result.error)
             elif isinstance(result, pool.Lost) or result is None:
                 why = "never started: the sweep was interrupted" if result is None else f"its worker process died (exit code {result.exitcode})"
-                out[u] = [_failed(config, RuntimeError(why)) for config in units[u]]
+                out[u] = [_failed(config, RuntimeError(why)) for config in units[u][0]]
             else:
                 out[u] = result
         if stops:
@@ -151,10 +151,11 @@ class VectorizedLauncher(Launcher):
             raise ReplicasInterrupted.joined(saved) if len(saved) == len(stops) else next(e for e in stops if e not in saved)
         return out
 
-    def _run_unit(self, configs: list[DictConfig]) -> list[JobReturn]:
+    def _run_unit(self, configs: list[DictConfig], stacked: bool) -> list[JobReturn]:
+        """A stack's jobs (a part of one split for the workers may hold a single replica), or a job alone."""
         assert self.task_function is not None and self.config is not None
         try:
-            return [self._run_job(configs[0], self.task_function)] if len(configs) == 1 else self._launch_stack(configs)
+            return self._launch_stack(configs) if stacked else [self._run_job(configs[0], self.task_function)]
         finally:
             configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
 
@@ -268,20 +269,21 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _split(stacks: list[list[int]], workers: int) -> list[list[int]]:
-    """The units of work: ``stacks``, the largest split in halves while there are
-    fewer units than ``workers`` (so that none idles at the start). A replica's
+def _split(stacks: list[list[int]], workers: int) -> list[tuple[list[int], bool]]:
+    """The units of work, each with whether it is a stack: ``stacks``, the largest
+    split in halves while there are fewer units than ``workers`` (so that none
+    idles at the start); a part of a stack is a stack, even of one. A replica's
     numbers do not depend on the stack it trains in (bnexp.replicas), so splitting
     changes only the speed."""
-    units = [list(s) for s in stacks]
+    units = [(list(s), len(s) > 1) for s in stacks]
     while len(units) < workers:
-        largest = max(units, key=len, default=[])
-        if len(largest) < 2:
+        largest = max(units, key=lambda u: len(u[0]), default=([], False))
+        if len(largest[0]) < 2:
             break
         units.remove(largest)
-        half = (len(largest) + 1) // 2
-        units += [largest[:half], largest[half:]]
-    return sorted(units, key=lambda u: u[0])
+        half = (len(largest[0]) + 1) // 2
+        units += [(largest[0][:half], True), (largest[0][half:], True)]
+    return sorted(units, key=lambda u: u[0][0])
 
 
 def _in_worker(w: int, workers: int) -> None:
