@@ -369,3 +369,34 @@ def test_a_replica_resumed_alone_or_restacked_after_a_neighbour_diverged_ends_bi
     assert sorted((rec["resumed_from"], rec["replica"]["index"], rec["replica"]["of"]) for rec in records) == [(20, 0, 2), (20, 1, 2)]
     for r in (0, 2, 3):
         assert_same_run(tmp_path / f"cut{r}", tmp_path / f"whole{r}", f"replica {r}")
+
+
+def test_a_second_ctrl_c_while_a_stack_saves_its_checkpoints_leaves_no_metrics_json_ahead_of_its_checkpoint(tmp_path, monkeypatch,
+                                                                                                          register_probe):
+    import bnexp.checkpoint
+
+    class CtrlC:  # the first Ctrl-C, at the first replica's report of step 20
+        every, read_only, sent = 20, True, []
+
+        def __call__(self, ctx):
+            if ctx.step == 20 and not self.sent:
+                self.sent.append(os.kill(os.getpid(), signal.SIGINT))
+            return {}
+
+    register_probe("ctrl_c", lambda setup, cfg: CtrlC())
+    save, saved = bnexp.checkpoint.save, []
+
+    def second_ctrl_c(path, parts, state, *args):  # lands while the second replica writes its step-20 checkpoint
+        if state.step == 20 and len([s for s in saved if s == 20]) == 1:
+            raise KeyboardInterrupt
+        saved.append(state.step)
+        return save(path, parts, state, *args)
+
+    monkeypatch.setattr(bnexp.checkpoint, "save", second_ctrl_c)
+    cfgs = configs(["train.steps=40", "train.checkpoint_every=15"])
+    with pytest.raises(KeyboardInterrupt):
+        quietly(train_replicas, [ReplicaJob(cfg, tmp_path / f"replica{r}") for r, cfg in enumerate(cfgs)])
+    steps = [(json.loads((tmp_path / f"replica{r}" / "metrics.json").read_text())["steps"], checkpoint(tmp_path / f"replica{r}")["state"]["step"])
+             for r in range(R)]
+    assert steps == [(20, 20), (15, 15), (15, 15), (15, 15)]
+    assert all(json.loads((tmp_path / f"replica{r}" / "metrics.json").read_text())["status"] == "interrupted" for r in range(R))
