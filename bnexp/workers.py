@@ -33,6 +33,7 @@ import os
 import pickle
 import signal
 import sys
+import threading
 import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -85,7 +86,8 @@ def run(units: Sequence[Callable[[], Any]], workers: int, init: Callable[[int], 
             if p.pid is not None and p.exitcode is None:
                 os.kill(p.pid, signal.SIGTERM)
 
-    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    main = threading.current_thread() is threading.main_thread()  # only the main thread may set handlers
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
     try:
         for p in procs:
             p.start()

@@ -112,10 +112,12 @@ class VectorizedLauncher(Launcher):
 
         if not workers.can_fork():
             return 1
+        if any(str(OmegaConf.select(c, "train.device", default="auto")) != "cpu" and _cuda() for c in configs):
+            if (self.workers or 1) > 1:
+                log.info(f"hydra.launcher.workers={self.workers}: one process, as a job trains on a GPU")
+            return 1
         if self.workers is not None:
             return self.workers
-        if any(str(OmegaConf.select(c, "train.device", default="auto")) != "cpu" and _cuda() for c in configs):
-            return 1
         from bnexp.runtime import thread_budget
 
         return max(1, min(thread_budget(), jobs))
