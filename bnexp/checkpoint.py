@@ -10,7 +10,9 @@ checkpoint holds tensors and plain containers, never code.
 from __future__ import annotations
 
 import copy
+import json
 import random
+import zipfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,6 +22,7 @@ import torch
 
 from bnexp.config import ConfigError
 from bnexp.io import atomic_write
+from bnexp.rundir import OWNER_ENTRY
 
 FORMAT = 1
 # The stateful parts a run checkpoints, by key (format 1's keys; see Run.parts in bnexp.train).
@@ -88,14 +91,53 @@ def _compact(obj: Any) -> Any:
     return obj
 
 
-def save(path: Path, parts: dict[str, Stateful], state: LoopState, final: dict[str, float], best: dict[str, float]) -> None:
+def owner(record: dict[str, Any], seed: int) -> dict[str, Any]:
+    """The run a checkpoint belongs to, from its metrics.json record: config hash,
+    seed, and replica index in a stack (None alone). See bnexp.rundir.foreign_checkpoint."""
+    replica = record.get("replica")
+    return {"config_hash": record.get("config_hash"), "seed": int(seed),
+            "replica": replica.get("index") if isinstance(replica, dict) else None}
+
+
+def save(path: Path, parts: dict[str, Stateful], state: LoopState, final: dict[str, float], best: dict[str, float],
+         run: dict[str, Any] | None = None) -> None:
+    """``run``: :func:`owner`, written beside the pickle as a small JSON entry of
+    the checkpoint's zip archive, so that deciding whether to resume reads it
+    without loading the checkpoint (or torch)."""
     ckpt = {"format": FORMAT, **{k: _compact(parts[k].state_dict()) for k in (*PARTS, *LATER_PARTS)}, "rng": rng_state(),
             "state": asdict(state), "final": dict(final), "best": dict(best)}
-    atomic_write(path, lambda f: torch.save(ckpt, f), mode="wb")
+
+    def write(f: Any) -> None:
+        torch.save(ckpt, f)
+        if run is not None:
+            with zipfile.ZipFile(f, "a") as z:  # torch.load reads records by name and ignores this one
+                z.writestr(f"{z.namelist()[0].split('/')[0]}/{OWNER_ENTRY}", json.dumps(run))
+
+    atomic_write(path, write, mode="w+b")
+
+
+def _check_archive(path: Path) -> None:
+    """What the checkpoint's zip archive claims to hold, from its directory, before
+    torch inflates anything: torch.save stores its entries uncompressed, so a
+    checkpoint holds no more than its size on disk. An archive that claims more
+    is compressed (a zip bomb inflates kilobytes to gigabytes): refused unread."""
+    try:
+        size = path.stat().st_size
+        with zipfile.ZipFile(path) as z:
+            claimed = sum(i.file_size for i in z.infolist())
+    except (OSError, zipfile.BadZipFile, ValueError) as e:
+        raise ConfigError("checkpoint", f"{path} is not a readable bnexp checkpoint ({type(e).__name__}); delete it to start over") from None
+    if claimed > size + _ARCHIVE_SLACK:
+        raise ConfigError("checkpoint", f"{path} claims {claimed / 2**20:.1f} MiB in a file of {size / 2**20:.2f} MiB (compressed: "
+                                        "bnexp writes checkpoints uncompressed), refused before loading; delete it to start over")
+
+
+_ARCHIVE_SLACK = 1 << 20  # bytes: more than the zip directory's own size, far less than any bomb
 
 
 def load(path: Path) -> dict[str, Any]:
     """weights_only=True: a pickle that would import or call anything is refused, not run."""
+    _check_archive(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  torch raises many types for a bad file

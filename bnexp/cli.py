@@ -89,8 +89,9 @@ def _sigterm_interrupts() -> None:
     def handler(signum, frame):
         raise KeyboardInterrupt
 
-    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, handler)
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):  # SIGHUP: a closed terminal, unless nohup ignores it
+        if sig is not None and signal.getsignal(sig) is signal.SIG_DFL:
+            signal.signal(sig, handler)
 
 
 def _interrupted(e: KeyboardInterrupt, again: str | None = None) -> typer.Exit:
@@ -178,6 +179,7 @@ def sweep(ctx: typer.Context) -> None:
         _run_hydra(args)  # Hydra's inspection flags exclude --multirun
         return
     before = len(sweep_mod.STARTED)
+    refused_before = len(_refused())
     _sigterm_interrupts()
     try:
         with _signals_received() as received:
@@ -204,8 +206,17 @@ def sweep(ctx: typer.Context) -> None:
     except KeyboardInterrupt as e:  # Ctrl-C during the summary of a finished sweep
         raise _interrupted(e, f"every job ended; `bnexp report {sweep_mod.STARTED[-1].dir} --tensorboard` "
                               "prints the summary and writes the sweep's dashboards") from None
-    if any(j.status in ("failed", "unreadable", "dead") for j in jobs):
+    refused = _refused()[refused_before:]
+    for run_dir, reason in refused:  # untouched, so the table shows what they held before
+        typer.echo(f"not run: {run_dir.name}: {reason}", err=True)
+    if refused or any(j.status in ("failed", "unreadable", "dead") for j in jobs):
         raise typer.Exit(EXIT_FAILED)
+
+
+def _refused() -> list:
+    from bnexp import hydra_app
+
+    return hydra_app.REFUSED
 
 
 @contextmanager
@@ -428,6 +439,7 @@ def report(
     metrics = list(metric) if metric else [m for m in headline(usable) if m in rep.available_metrics(usable)]
     options = rep.Options(aggregate=aggregate.value, ci=ci.value, correct=correct.value)
     result = rep.Report.build(groups, metrics, base, options, unreadable)
+    written = _report_files(result, plot, html, overwrite, metric or [], paths)  # before printing: a file that cannot be written is one line, exit 2
     console = rep.console()
     notes = [f"unreadable: {r.path}: {r.problem}" for r in unreadable] + [line for line in [rep.duplicates_text(groups)] if line]
     if format == Format.table:
@@ -444,7 +456,8 @@ def report(
         if format != Format.json:
             for line in notes:
                 typer.echo(line, err=True)
-    _report_files(result, plot, html, overwrite, metric or [], paths, err=format != Format.table)
+    for line in written:
+        typer.echo(line, err=format != Format.table)
     if tensorboard:
         from bnexp.sweep import write_tensorboard_extras
 
@@ -459,27 +472,31 @@ def _check_html_file(path: Path, overwrite: bool) -> Path:
 
 
 def _report_files(result, plot: Path | None, html: Path | None, overwrite: bool, probe_metrics: list[str],
-                  paths: list[Path], err: bool) -> None:
-    """`bnexp report --plot` and `--html`: write them and name what was written."""
+                  paths: list[Path]) -> list[str]:
+    """`bnexp report --plot` and `--html`, written before the report is printed (so a
+    place that cannot be written is one line and exit 2, not a traceback after the
+    tables); returns the lines that name what was written."""
     from bnexp import report as rep
 
-    if plot is not None:
+    said: list[str] = []
+    for flag, target in (("--plot", plot), ("--html", html)):
+        if target is None:
+            continue
         try:
-            written = rep.plot(result.groups, plot, overwrite, probe_metrics)
-        except rep.PlotError as e:
-            raise fail(f"--plot {e}") from None
-        except ValueError as e:
-            raise fail(f"--plot: {e}") from None
-        said = f" (PNG: {plot} has no extension)" if written != plot else ""
-        typer.echo(f"plot: {written}{said}", err=err)
-    if html is not None:
-        from bnexp.report_html import write_page
+            if flag == "--plot":
+                written = rep.plot(result.groups, target, overwrite, probe_metrics)
+                said.append(f"plot: {written}" + (f" (PNG: {target} has no extension)" if written != target else ""))
+            else:
+                from bnexp.report_html import write_page
 
-        try:
-            written = write_page(result, html, overwrite, title=", ".join(map(str, paths)))
+                said.append(f"html: {write_page(result, target, overwrite, title=', '.join(map(str, paths)))}")
         except rep.PlotError as e:
-            raise fail(f"--html {e}") from None
-        typer.echo(f"html: {written}", err=err)
+            raise fail(f"{flag} {e}") from None
+        except ValueError as e:
+            raise fail(f"{flag}: {e}") from None
+        except OSError as e:
+            raise fail(f"{flag} {target}: cannot write there ({e.strerror or e}); allowed: a file in a directory you can write to") from None
+    return said
 
 
 @app.command()
@@ -593,6 +610,7 @@ def tb(
     if not _has_event_files(logdir):
         raise fail(f"{logdir} holds no TensorBoard event files (events.out.tfevents.*); allowed: a run or sweep "
                    "directory, or a folder of them (default: runs/)")
+    _check_bind(host, port)
     from tensorboard import program
 
     board = program.TensorBoard()
@@ -605,6 +623,34 @@ def tb(
         lines = [line for line in said.getvalue().splitlines() if line.strip()]
         raise fail(lines[-1] if lines else f"tensorboard: {e}") from None
     raise typer.Exit(board.main() or 0)
+
+
+def _check_bind(host: str, port: int) -> None:
+    """``bnexp tb``'s address, tried before TensorBoard starts (which says a bad one
+    with a traceback or its own exit 255): a port outside 0..65535, a host that is
+    no address of this machine, a port in use are each one line and exit 2."""
+    import errno
+    import socket
+
+    if not 0 <= port <= 65535:
+        raise fail(f"--port {port}: allowed: 1 to 65535, or 0 for a free one")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise fail(f"--host {host}: not an address or a name this machine resolves ({e.strerror if hasattr(e, 'strerror') else e}); "
+                   "allowed: 127.0.0.1 (this machine only, the default), 0.0.0.0 (every interface), or this machine's name") from None
+    if port == 0:
+        return
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as TensorBoard's server binds
+        try:
+            probe.bind(address)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise fail(f"--port {port} is in use on {host} (another TensorBoard?); allowed: a free port, or --port 0 to "
+                           "pick one") from None
+            raise fail(f"--host {host} --port {port}: cannot listen there ({e.strerror or e}); allowed: an address of this "
+                       "machine and a port you may bind, or --port 0") from None
 
 
 def _has_event_files(logdir: Path) -> bool:

@@ -256,6 +256,10 @@ class TrainConfig:
     # the running statistics are recomputed over this many training batches as
     # pooled population statistics (fvcore's update_bn_stats); 0: off (the EMA).
     precise_bn: int = 0
+    # Seconds a data-parallel rank waits in a collective for the others (gloo's and
+    # NCCL's own defaults are 30 and 10 minutes): a rank that is stuck (SIGSTOP, a hung
+    # device) then ends the run as failed, resumable, instead of blocking its peers.
+    dist_timeout: float = 300.0
 
 
 @dataclass
@@ -301,7 +305,7 @@ def plain(cfg: DictConfig) -> dict:
 # (Not train.log_every, whose window makes the final train/loss, nor
 # train.eval_every, which makes best val/acc and steps_to_target; checkpoints
 # are resumed bit-identically, so checkpoint_every is one; probes only read.)
-NON_RESULT_KEYS = ("notes", "train.progress", "train.checkpoint_every", "probes")
+NON_RESULT_KEYS = ("notes", "train.progress", "train.checkpoint_every", "probes", "train.dist_timeout")
 
 # Keys added after runs were first recorded, with their defaults: at its
 # default a key is left out of config_hash, so that a run recorded before the

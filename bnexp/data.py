@@ -174,7 +174,16 @@ def load(cfg: DictConfig, device: torch.device) -> Splits:
     if _last is not None and _last[0] == key:
         return _last[1]
     _last = None  # let the previous job's tensors go before loading the next
-    splits = _load(cfg, device)
+    try:
+        splits = _load(cfg, device)
+    except MemoryError as e:  # numpy refuses an array larger than the machine before touching it
+        raise ConfigError("data", f"the data does not fit in memory ({e}); allowed: fewer or smaller examples") from None
+    except Exception as e:  # a failed download, a file replaced since the check: bad input, not a failed run
+        from bnexp.datasets import DataError
+
+        if isinstance(e, DataError):
+            raise ConfigError("data.root", str(e)) from None
+        raise
     _last = (key, splits)
     return splits
 

@@ -116,9 +116,20 @@ def check_available(name: str, root: str, download: bool) -> None:
     missing = [f for f in files if not (folder / f).is_file()]
     if missing and not download:
         raise DataError(_missing_message(name, folder, missing))
+    if missing:
+        _check_folder(folder)
     for f in files:
         if f not in missing:
             _verify(name, folder / f)
+
+
+def _check_folder(folder: Path) -> None:
+    """A folder the download can write into: one that is a directory, or can be made."""
+    nearest = next((p for p in [folder, *folder.parents] if p.exists()), None)
+    if nearest is None or not nearest.is_dir():
+        raise DataError(f"cannot download into {folder}: {nearest} is not a directory; set data.root to a folder")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise DataError(f"cannot download into {folder}: {nearest} is not writable by this user; set data.root to a folder you can write to")
 
 
 def load_arrays(name: str, root: str, download: bool) -> dict:
@@ -252,19 +263,30 @@ def _download(name: str, folder: Path, fname: str) -> None:
     MD5 differs, so an interrupted or corrupt download never looks like a real file and
     parallel runs (Hydra multirun) downloading the same file do not clobber each other.
     """
+    expected = CHECKSUMS[name][fname]
+    mirrors = MIRRORS.get(name) or []
+    if not mirrors:
+        raise DataError(f"no download mirror configured for {_DISPLAY[name]}; put {fname} in {folder} yourself")
+    made = [p for p in [folder, *folder.parents] if not p.exists()]  # deepest first: taken back if the download fails
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        _fetch(name, folder, fname, expected, mirrors)
+    except BaseException as e:
+        for d in made:
+            try:
+                d.rmdir()  # only if empty: a parallel run's file stays
+            except OSError:
+                break
+        if isinstance(e, OSError) and not isinstance(e, DataError):
+            raise DataError(f"cannot create data folder {folder}: {e.strerror or e}") from None
+        raise
+
+
+def _fetch(name: str, folder: Path, fname: str, expected: str, mirrors: list[str]) -> None:
     import hashlib
     import urllib.request
 
     from bnexp.io import atomic_write
-
-    expected = CHECKSUMS[name][fname]
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DataError(f"cannot create data folder {folder}: {e.strerror or e}") from None
-    mirrors = MIRRORS.get(name) or []
-    if not mirrors:
-        raise DataError(f"no download mirror configured for {_DISPLAY[name]}; put {fname} in {folder} yourself")
 
     failures = []
     for base in mirrors:

@@ -32,6 +32,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -40,7 +41,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from bnexp.config import ConfigError, launch_world_size
+from bnexp.config import ConfigError, TrainConfig, launch_world_size
 from bnexp.rundir import RunRecord, run_lock
 from bnexp.runtime import pick_device
 from bnexp.step import LogWindow, Sampler
@@ -89,6 +90,16 @@ class Ranks:
         backend = None if self.world_size == 1 else ("nccl" if device.type == "cuda" else "gloo")
         return {"world_size": self.world_size, "backend": backend}
 
+    def set_timeout(self, seconds: float) -> None:
+        """How long this rank waits in a collective for the others (train.dist_timeout):
+        then the collective raises, and the run ends as failed (resumable) instead
+        of waiting on a stuck peer for the backend's default (gloo: 30 minutes).
+        Through torch's ``_set_pg_timeout`` (private, there since torch 2.3): the
+        public way, a timeout given to ``init_process_group``, comes before the
+        config is known (a resume's followers learn it from rank 0)."""
+        if self.world_size > 1 and hasattr(dist.distributed_c10d, "_set_pg_timeout"):
+            dist.distributed_c10d._set_pg_timeout(timedelta(seconds=float(seconds)))
+
     def any(self, flag: bool) -> bool:
         """Whether ``flag`` holds on any rank (a CPU all-reduce: through gloo, no GPU sync)."""
         if self.world_size == 1:
@@ -97,27 +108,14 @@ class Ranks:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
-    def stop_vote(self) -> Callable[[bool], bool]:
+    def stop_vote(self) -> "StopVote":
         """One run's per-step vote on stopping (a signal reaches the ranks at
         different steps): ``vote(asked)`` is whether any rank was asked to stop
         by the step before, the same answer on every rank. Each step starts the
         all-reduce of its own flag and reads the previous step's, so no step
-        waits for a round trip (the stop comes one step after the signal)."""
-        if self.world_size == 1:
-            return lambda asked: asked
-        pending: list[tuple[Any, torch.Tensor]] = []
-        _VOTES.append(pending)
-
-        def vote(asked: bool) -> bool:
-            flag = torch.tensor([int(asked)])
-            pending.append((dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True), flag))
-            if len(pending) == 1:
-                return False
-            work, previous = pending.pop(0)
-            work.wait()
-            return bool(previous.item())
-
-        return vote
+        waits for a round trip (the stop comes one step after the signal).
+        ``vote.settle()`` after the loop waits for the last one."""
+        return StopVote(self.world_size)
 
     def _send(self, message: tuple) -> None:
         dist.broadcast_object_list([message], src=0, device=torch.device("cpu"))
@@ -166,6 +164,36 @@ class Ranks:
         return cls(run_dir, hparams, total_steps, progress, base_record, purge_step=purge_step)
 
 
+class StopVote:
+    """See :meth:`Ranks.stop_vote`."""
+
+    def __init__(self, world_size: int):
+        self.world_size = world_size
+        self.pending: list[tuple[Any, torch.Tensor]] = []  # (the all-reduce in flight, its flag)
+
+    def __call__(self, asked: bool) -> bool:
+        if self.world_size == 1:
+            return asked
+        flag = torch.tensor([int(asked)])
+        self.pending.append((dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True), flag))
+        if len(self.pending) == 1:
+            return False
+        work, previous = self.pending.pop(0)
+        work.wait()
+        return bool(previous.item())
+
+    def settle(self) -> None:
+        """Wait for the vote still in flight (every rank leaves the loop after the
+        same step, so every rank started it). Left in flight, it completes on a
+        gloo worker thread, which then frees the flag tensor and needs the GIL:
+        if the interpreter is finalizing by then (a follower exits before rank 0
+        has voted), the thread is killed inside a C++ destructor and the rank
+        dies of SIGABRT ("terminate called without an active exception")."""
+        while self.pending:
+            work, _ = self.pending.pop(0)
+            work.wait()
+
+
 # DDP need not send rank 0's buffers before each forward (they are the same
 # everywhere); torch 2.13 renamed broadcast_buffers (now deprecated) to forward_sync_buffers.
 _NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
@@ -186,19 +214,6 @@ def _average(tensors: list[torch.Tensor], world: int) -> None:
 
 
 _RANKS: Ranks | None = None
-# Each run's stop votes in flight (Ranks.stop_vote): its last step's is never read.
-_VOTES: list[list[tuple[Any, torch.Tensor]]] = []
-
-
-def _leave() -> None:
-    """At exit: wait for the votes in flight, then leave the process group (as
-    nanoGPT does at its end; NCCL warns of a leak otherwise). Torn down under a
-    pending all-reduce, a gloo group aborted the follower rank of a resumed run
-    ("terminate called without an active exception") in 4 of 10 tries on a loaded machine."""
-    for work, _ in (vote for pending in _VOTES for vote in pending):
-        work.wait()
-    _VOTES.clear()
-    dist.destroy_process_group()
 
 
 def current() -> Ranks:
@@ -212,14 +227,16 @@ def current() -> Ranks:
         else:
             local = int(os.environ.get("LOCAL_RANK", "0"))
             if not dist.is_initialized():
+                # Until a run sets its own (train.dist_timeout), the default's.
+                timeout = timedelta(seconds=TrainConfig.dist_timeout)
                 if torch.cuda.is_available():
                     torch.cuda.set_device(local)
                     # One group for both: object messages and votes are CPU
                     # tensors (gloo, no GPU sync); gradients are CUDA tensors (NCCL).
-                    dist.init_process_group("cpu:gloo,cuda:nccl")
+                    dist.init_process_group("cpu:gloo,cuda:nccl", timeout=timeout)
                 else:
-                    dist.init_process_group("gloo")
-                atexit.register(_leave)
+                    dist.init_process_group("gloo", timeout=timeout)
+                atexit.register(dist.destroy_process_group)  # as nanoGPT does at its end; NCCL warns of a leak otherwise
             _RANKS = Ranks(dist.get_world_size(), dist.get_rank(), local)
     return _RANKS
 

@@ -45,6 +45,10 @@ log = logging.getLogger("bnexp")
 # `bnexp train` run dirs whose callback has checked them and taken their lock
 # and guard, waiting for the task (Hydra gives callbacks no channel to the task).
 _PENDING: dict[Path, RunDirGuard] = {}
+# Sweep jobs this process refused to touch (another config's run, another run's
+# checkpoint): their run dirs keep what they held, so only this says they did not
+# run; `bnexp sweep` names them after its summary and exits 1.
+REFUSED: list[tuple[Path, str]] = []
 
 
 class RejectedConfig(BaseException):
@@ -125,6 +129,8 @@ class ValidateCallback(Callback):
             _PENDING[run_dir] = RunDirGuard(run_dir, writes)
             return
         _check_run_dir(run_dir)
+        if decision.record is None:
+            _check_not_foreign(run_dir)
         before = before_writing(run_dir, (LOCK_FILE,))
         try:
             # Taken before Hydra writes .hydra/ and its log: a second `bnexp train`
@@ -164,6 +170,20 @@ def _check_run_dir(run_dir: Path) -> None:
         raise ConfigError("hydra.run.dir", f"{existing} is a file, not a directory; allowed: a directory path")
     if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError("hydra.run.dir", f"{existing} is not writable by this user; allowed: a directory you can write to")
+
+
+def _check_not_foreign(run_dir: Path) -> None:
+    """A folder that holds files but no bnexp run (no record, no lock file: another
+    Hydra application's outputs, a project folder) is not trained into: Hydra would
+    overwrite its .hydra/*.yaml and log, and the run's files would mix with its own."""
+    try:
+        names = sorted(os.listdir(run_dir))
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    if names and LOCK_FILE not in names:
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        raise ConfigError("hydra.run.dir", f"{run_dir} is not empty ({shown}) and was not made by bnexp; bnexp trains only "
+                                           "into a new or empty directory or one of its own runs; allowed: another directory")
 
 
 def take_back_pending() -> None:
@@ -226,6 +246,7 @@ def _not_trained(decision: Decision, run_dir: Path, overrides: list[str]) -> dic
     if decision.live:  # live elsewhere: leave it to that process, touch nothing
         return _skipped(run_dir, decision.record or {}, decision.reason)
     log.error("not run: %s", decision.reason)  # someone else's run lives here: report, touch nothing
+    REFUSED.append((run_dir, decision.reason))
     return {"status": "failed", "error": decision.reason, "steps": 0, "final": {}, "best": {}, "overrides": overrides, "run_dir": str(run_dir)}
 
 

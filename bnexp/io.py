@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -70,10 +71,47 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
     atomic_write(path, lambda f: json.dump(data, f, indent=2, sort_keys=False, default=str))
 
 
-def read_json(path: str | os.PathLike) -> Any | None:
-    """The parsed file, or None if it is missing or unreadable."""
+# The most bytes a reader of a run dir takes from one record (metrics.json, a
+# .hydra/*.yaml): far above what bnexp writes (a ResNet's metrics.json is ~100 KB),
+# far below what would stall a listing of many runs.
+READ_LIMIT = 4 << 20
+
+
+class Unreadable(OSError):
+    """A file that a reader of run dirs does not read: not a regular file, or too large."""
+
+
+def read_bounded(path: str | os.PathLike, limit: int = READ_LIMIT) -> bytes:
+    """The bytes of ``path`` if it is a regular file of at most ``limit`` bytes.
+
+    Opened non-blocking: a FIFO, socket or device where a record should be (in a
+    runs tree anyone can write into) is refused at once, where ``open()`` on a
+    FIFO would wait forever for a writer. Raises :class:`Unreadable` (or the
+    OSError of the open) saying why."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise Unreadable(errno.EINVAL, "not a regular file", str(path))
+        if st.st_size > limit:
+            raise Unreadable(errno.EFBIG, f"{st.st_size} bytes, more than the {limit} a record may have", str(path))
+        chunks, left = [], limit + 1
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        if left <= 0:  # grew while read
+            raise Unreadable(errno.EFBIG, f"more than the {limit} bytes a record may have", str(path))
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def read_json(path: str | os.PathLike) -> Any | None:
+    """The parsed file, or None if it is missing or unreadable (see :func:`read_bounded`)."""
+    try:
+        return json.loads(read_bounded(path))
+    except (OSError, ValueError, RecursionError):  # RecursionError: nesting deeper than Python's stack
         return None

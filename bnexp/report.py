@@ -291,8 +291,12 @@ def duplicates_text(groups: list[Group]) -> str | None:
     pairs = [pair for g in groups for pair in g.duplicates]
     if not pairs:
         return None
-    return (f"left out {len(pairs)} run{'s' * (len(pairs) > 1)} of a config and seed already counted: "
-            + "; ".join(f"{r.path} (same as {kept.path})" for r, kept in pairs))
+    shown = "; ".join(f"{r.path} (same as {kept.path})" for r, kept in pairs[:SHOWN_DUPLICATES])
+    more = f"; and {len(pairs) - SHOWN_DUPLICATES} more (--format json lists every one)" if len(pairs) > SHOWN_DUPLICATES else ""
+    return f"left out {len(pairs)} run{'s' * (len(pairs) > 1)} of a config and seed already counted: {shown}{more}"
+
+
+SHOWN_DUPLICATES = 3  # a tree holding a sweep twice would otherwise print one line of thousands of characters
 
 
 def has_best(metric: str) -> bool:
@@ -1001,6 +1005,8 @@ def check_plot_file(path: Path, overwrite: bool) -> Path:
     matplotlib does not know, or a file that exists and ``overwrite`` is off."""
     from matplotlib.backend_bases import FigureCanvasBase
 
+    if not path.name or str(path).endswith(os.sep) or (path.exists() and not path.is_file()):
+        raise PlotError(f"{path}: not a file name (a directory, a device, or empty); allowed: an image file name, e.g. curves.png")
     path = plot_file(path)
     formats = FigureCanvasBase.get_supported_filetypes()
     if path.suffix[1:].lower() not in formats:

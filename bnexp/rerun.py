@@ -18,21 +18,23 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from bnexp import checkpoint as ckpt_mod
-from bnexp.config import ConfigError, hash_matches
-from bnexp.io import atomic_write
+from bnexp.config import LATER_KEYS, ConfigError, config_hash, flatten, hash_matches, is_non_result_key, plain
+from bnexp.io import atomic_write, read_bounded
 from bnexp.rundir import (
     CHECKPOINT, LOCK_FILE, Action, RunDirGuard, RunLocked, acquire_run_lock, before_writing, policy, read_record, release_run_lock,
     run_lock, world_mismatch,
 )
-from bnexp.runs import CONFIG, read_run
+from bnexp.runs import CONFIG, load_yaml, read_run, resolver_calls
 from bnexp.runtime import recorded_threads
 from bnexp.schema import typed, validate
 from bnexp.train import led, train
@@ -46,20 +48,72 @@ def _one_line(e: Exception) -> str:
     return " ".join(str(e).split("\n")[0].split())
 
 
-def load_saved_config(run_dir: Path, overrides: list[str] | None = None) -> DictConfig:
-    """The run's saved config on the schema, with ``overrides`` (key=value) applied and validated."""
-    if not (run_dir / CONFIG).is_file():
+def load_saved_config(run_dir: Path, overrides: list[str] | None = None, record: dict[str, Any] | None = None) -> DictConfig:
+    """The run's saved config on the schema, with ``overrides`` (key=value) applied and validated.
+
+    Refused (ConfigError, one line): a file that is not a whole config as bnexp
+    saved it (keys missing: cut short or edited), one that does not match the
+    config hash in ``record`` (metrics.json), a value that calls a resolver
+    (``${oc.env:...}``, ``${hydra:...}``: a rerun resolves nothing from its own
+    environment), and interpolations that do not resolve (recursive, dangling)."""
+    path = run_dir / CONFIG
+    if not path.is_file():
         raise ConfigError("RUN_DIR", f"{run_dir} is not a run directory (no {CONFIG}); `bnexp runs` lists run directories")
     try:
-        cfg = typed(OmegaConf.load(run_dir / CONFIG))
+        saved = load_yaml(path)
+        cfg = typed(saved)
     except Exception as e:  # noqa: BLE001  OmegaConf's validation and YAML errors
-        raise ConfigError(getattr(e, "full_key", None) or str(run_dir / CONFIG), f"saved config does not fit the schema: {_one_line(e)}") from None
+        raise ConfigError(getattr(e, "full_key", None) or str(path), f"saved config does not fit the schema: {_one_line(e)}") from None
+    missing = missing_keys(saved)
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise ConfigError(str(path), f"misses {', '.join(missing[:5])}{more}: cut short or edited (a run's saved config holds every key); "
+                                     "allowed: the file as the run saved it")
+    if record is not None and record.get("config_hash") is not None and not _hash_matches(record, cfg):
+        raise ConfigError("RUN_DIR", f"{path} no longer matches the run in metrics.json (config hash {record['config_hash']})")
     try:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides or [])))
     except Exception as e:  # noqa: BLE001
         raise ConfigError(getattr(e, "full_key", None) or " ".join(overrides or []), _one_line(e)) from None
+    _check_resolvable(cfg, path)
     validate(cfg)
     return cfg
+
+
+def missing_keys(saved: Any) -> list[str]:
+    """Keys of the schema (for the saved model family) that ``saved`` lacks, other
+    than keys added after runs were first recorded (LATER_KEYS) and keys that change
+    no result (probes.*, ...): those a config saved by an earlier version lacks."""
+    if not isinstance(saved, DictConfig):
+        return ["(the whole config)"]
+    kind = OmegaConf.select(saved, "model.kind", default="mlp")
+    expected = flatten(plain(typed({"model": {"kind": kind}})))
+    present = flatten(OmegaConf.to_container(saved, resolve=False))
+    return [k for k in expected if k not in present and k not in LATER_KEYS and not is_non_result_key(k)]
+
+
+def _hash_matches(record: dict[str, Any], cfg: DictConfig) -> bool:
+    """Whether ``cfg`` is the config of the run ``record`` describes (hashed with the run's own number of processes)."""
+    try:
+        recorded = record["config_hash"]
+        return recorded == config_hash(cfg, world_size=record.get("world_size") or 1) or hash_matches(recorded, cfg)
+    except Exception:  # noqa: BLE001  a value that does not resolve: said by _check_resolvable
+        return True
+
+
+def _check_resolvable(cfg: DictConfig, path: Path) -> None:
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    calls = resolver_calls(raw)
+    if calls:
+        value = flatten(raw)[calls[0]]
+        raise ConfigError(calls[0], f"{value} in {path} calls a resolver, which a rerun never resolves (its value would come from "
+                                    "this process's environment, not from the run); allowed: plain values and ${key} references "
+                                    "(bnexp reproduce: give the value as KEY=VALUE)")
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except Exception as e:  # noqa: BLE001  recursive or dangling interpolations
+        key = getattr(e, "full_key", None) or str(path)
+        raise ConfigError(key, f"saved config does not resolve: {_one_line(e)}") from None
 
 
 def log_to(run_dir: Path) -> None:
@@ -175,7 +229,11 @@ def reproduce(run_dir: Path, out_dir: Path | None = None, overrides: list[str] |
 
 
 def _reproduce(run_dir: Path, out_dir: Path | None, overrides: list[str] | None) -> tuple[Path, dict[str, Any]]:
-    cfg = load_saved_config(run_dir, overrides)
+    # Everything read from RUN_DIR is read and checked before --out is touched.
+    cfg = load_saved_config(run_dir, overrides, record=read_record(run_dir))
+    original = read_run(run_dir, with_config=False)
+    saved_overrides = _saved_overrides(run_dir)  # a record only, but a file PyYAML refuses is refused here, not halfway
+    records = _hydra_records(run_dir)
     out = out_dir or default_out_dir(run_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError("--out", f"{out} exists and is not a directory; allowed: a new directory")
@@ -193,28 +251,50 @@ def _reproduce(run_dir: Path, out_dir: Path | None, overrides: list[str] | None)
             if policy(cfg, out).action != Action.train or any(p.name != LOCK_FILE for p in out.iterdir()):
                 raise ConfigError("--out", f"{out} was written to by another process meanwhile; allowed: a new directory")
             (out / ".hydra").mkdir(parents=True, exist_ok=True)
-            for name in HYDRA_FILES:
-                if (run_dir / name).exists():
-                    shutil.copy2(run_dir / name, out / name)
+            for name, content in records.items():
+                (out / name).write_bytes(content)
+                shutil.copystat(run_dir / name, out / name)
             if overrides:  # the config that actually ran, and how it came to differ
-                saved = OmegaConf.load(out / ".hydra" / "overrides.yaml") if (out / ".hydra" / "overrides.yaml").exists() else []
                 atomic_write(out / ".hydra" / "config.yaml", lambda f: OmegaConf.save(cfg, f))
-                atomic_write(out / ".hydra" / "overrides.yaml", lambda f: OmegaConf.save(OmegaConf.create([*saved, *overrides]), f))
+                atomic_write(out / ".hydra" / "overrides.yaml", lambda f: OmegaConf.save(OmegaConf.create([*saved_overrides, *overrides]), f))
             log_to(out)
-            original = read_run(run_dir)
             with recorded_threads(cfg, original.metrics):  # results depend on the thread count
                 record = _train(cfg, out, original.metrics or {},
                                 extra_record={"overrides": original.overrides + list(overrides or []), "reproduce_of": str(run_dir.resolve())})
-        except ConfigError:
-            guard.undo()
-            raise
-        except KeyboardInterrupt:
-            if read_record(out) is None:  # stopped before training began: nothing of the new run to keep
+        except BaseException as e:
+            if isinstance(e, ConfigError) or read_record(out) is None:  # training never began: nothing of the new run to keep
                 guard.undo()
             raise
     finally:
         release_run_lock(out)
     return out, record
+
+
+def _hydra_records(run_dir: Path) -> dict[str, bytes]:
+    """RUN_DIR's .hydra/*.yaml, which the new run dir gets copies of: regular files
+    of at most 1 MiB (a FIFO there would block a copy forever), or a ConfigError."""
+    out = {}
+    for name in HYDRA_FILES:
+        if os.path.lexists(run_dir / name):
+            try:
+                out[name] = read_bounded(run_dir / name, 1 << 20)
+            except OSError as e:
+                raise ConfigError(str(run_dir / name), f"cannot be copied: {e.strerror or e}; allowed: the file Hydra saved") from None
+    return out
+
+
+def _saved_overrides(run_dir: Path) -> list[str]:
+    """RUN_DIR's .hydra/overrides.yaml: a list of strings, or a ConfigError."""
+    path = run_dir / ".hydra" / "overrides.yaml"
+    if not path.exists():
+        return []
+    try:
+        saved = OmegaConf.to_container(load_yaml(path), resolve=False)
+    except Exception as e:  # noqa: BLE001  YAML errors, tags PyYAML's safe loader refuses
+        raise ConfigError(str(path), f"is not readable: {_one_line(e)}; allowed: the list of overrides Hydra saved") from None
+    if not isinstance(saved, list) or not all(isinstance(o, str) for o in saved):
+        raise ConfigError(str(path), "is not a list of override strings; allowed: the list of overrides Hydra saved")
+    return saved
 
 
 def differences(original: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any, float | None]]:
@@ -252,15 +332,17 @@ def differences_table(rows: list[tuple[str, Any, Any, float | None]], title: str
     for name, justify in (("metric", "left"), ("original", "right"), ("reproduced", "right"), ("difference", "right")):
         table.add_column(name, justify=justify)
     fmt = lambda v: f"{v:.6g}" if isinstance(v, float) else ("-" if v is None else str(v))  # noqa: E731
-    hidden = 0
+    hidden: list[str] = []
     for tag, x, y, diff in rows:
         headline = "/" not in tag or tag.split("/")[0] in ("train", "val", "test")
         if not headline and x == y:
-            hidden += 1  # probes and norms: listed only when they differ
+            hidden.append(tag)  # probes and norms: listed only when they differ
             continue
         mark = "" if x == y else "[yellow]"
         same = "0" if isinstance(x, (int, float)) else "same"
         table.add_row(tag, fmt(x), fmt(y), mark + (same if x == y else (f"{diff:+.3g}" if diff is not None else "differs")))
     if hidden:
-        table.caption = f"identical, not listed: {hidden} more (act/*, grad_norm/*, weight_norm/*, optim/*)"
+        families = Counter(t.split("/")[0] for t in hidden)
+        what = ", ".join(hidden) if len(hidden) <= 3 else ", ".join(f"{f}/* {n}" for f, n in families.items())
+        table.caption = f"identical, not listed: {len(hidden)} more ({what})"
     return table

@@ -17,6 +17,7 @@ import os
 import re
 import socket
 import time
+import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from bnexp.config import ConfigError, hash_matches, launch_world_size
-from bnexp.io import TEMP_SUFFIX, read_json, write_json
+from bnexp.io import TEMP_SUFFIX, read_bounded, read_json, write_json
 
 try:
     import fcntl
@@ -36,6 +37,7 @@ METRICS = "metrics.json"
 CHECKPOINT = "checkpoint.pt"  # written by bnexp.checkpoint; named here so that torch-free code can look for it
 LOCK_FILE = ".bnexp.lock"  # inside the run dir; never deleted while in use (see run_lock)
 WRITER = "bnexp"  # every metrics.json bnexp writes says so under "writer"
+OWNER_ENTRY = "bnexp_run.json"  # the run a checkpoint belongs to: an entry of its zip archive (bnexp.checkpoint.save)
 
 log = logging.getLogger("bnexp")
 
@@ -371,6 +373,7 @@ class Before:
 
     missing: list[Path]
     dir_times: dict[Path, tuple[set[str], tuple[int, int]]]
+    kept: dict[Path, tuple[bytes, tuple[int, int]]] | None = None  # ``names`` that existed: bytes and times, to give back
 
 
 def before_writing(run_dir: Path, names: tuple[str, ...] = ()) -> Before:
@@ -383,7 +386,15 @@ def before_writing(run_dir: Path, names: tuple[str, ...] = ()) -> Before:
         if nearest is not None and nearest.is_dir() and nearest not in times:
             st = nearest.stat()
             times[nearest] = (set(os.listdir(nearest)), (st.st_atime_ns, st.st_mtime_ns))
-    return Before(missing, times)
+    kept = {}
+    for p in (run_dir / n for n in names):
+        try:
+            if p.is_file() and not p.is_symlink():
+                st = p.stat()
+                kept[p] = (read_bounded(p, 1 << 16), (st.st_atime_ns, st.st_mtime_ns))
+        except OSError:  # not a lock file bnexp wrote: locking it says why
+            pass
+    return Before(missing, times, kept)
 
 
 class RunDirGuard:
@@ -406,7 +417,7 @@ class RunDirGuard:
         self.created_files = [p for p in before.missing if p.parent == self.run_dir and p.name == LOCK_FILE]
         dirs = {p for p in before.missing if p not in self.created_files} | {d for d in subdirs if not d.exists()}
         self.created_dirs = sorted(dirs, key=lambda p: len(p.parts), reverse=True)  # deepest first
-        self.files: dict[Path, tuple[bytes, tuple[int, int]] | None] = {}
+        self.files: dict[Path, tuple[bytes, tuple[int, int]] | None] = dict(before.kept or {})  # a lock file that was there
         for name in files:
             p = self.run_dir / name
             if p.is_file() and not p.is_symlink():
@@ -478,6 +489,39 @@ def world_mismatch(record: dict[str, Any], run_dir: Path) -> str | None:
             f"continue it as it began (`{again} {run_dir}`) or choose another directory")
 
 
+def checkpoint_owner(path: Path) -> dict[str, Any] | None:
+    """The run a checkpoint names (bnexp.checkpoint.owner), read from its zip
+    archive's directory and one small entry, without torch; None where it names
+    none (written before checkpoints did, or not a zip: loading it says why)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            entry = next((i for i in z.infolist() if i.filename.rsplit("/", 1)[-1] == OWNER_ENTRY), None)
+            if entry is None or entry.file_size > 4096:
+                return None
+            owner = json.loads(z.read(entry))
+    except (OSError, ValueError, zipfile.BadZipFile, RuntimeError):
+        return None
+    return owner if isinstance(owner, dict) else None
+
+
+def foreign_checkpoint(run_dir: Path, record: dict[str, Any], cfg: Any) -> str | None:
+    """Why ``run_dir``'s checkpoint belongs to another run than its record and
+    config (another config hash or seed: copied from another run dir); None if
+    it is this run's, or names no run. The replica index is named, not compared:
+    a rerun may stack the same run at another index."""
+    ckpt = checkpoint_owner(run_dir / CHECKPOINT)
+    if ckpt is None:
+        return None
+    seed = cfg.get("seed") if hasattr(cfg, "get") else None
+    mine = {"config_hash": record.get("config_hash"), "seed": seed}
+    if all(ckpt.get(k) == v for k, v in mine.items() if v is not None):
+        return None
+    name = lambda o: f"seed {o.get('seed')}, config hash {o.get('config_hash')}" + (  # noqa: E731
+        f", replica {o['replica']}" if o.get("replica") is not None else "")
+    return (f"{run_dir / CHECKPOINT} belongs to another run ({name(ckpt)}; this run: {name(mine)}); resuming from it would "
+            f"continue that run here. Put this run's checkpoint back, or delete it to train from scratch")
+
+
 def is_finished(record: dict[str, Any] | None, cfg: Any) -> bool:
     """Whether ``record`` (a metrics.json) is a finished run of ``cfg``: a rerun skips it."""
     if record is None or record.get("status") not in ("completed", "diverged"):
@@ -515,5 +559,8 @@ def policy(cfg: Any, run_dir: str | os.PathLike) -> Decision:
     if is_finished(record, cfg):
         return Decision(Action.skip, f"{run_dir}: {record['status']} earlier with the same config", record)
     if record.get("config_hash") is not None and ckpt.is_file() and record.get("status") in ("running", "interrupted", "failed"):
+        foreign = foreign_checkpoint(run_dir, record, cfg)
+        if foreign:
+            return Decision(Action.refuse, foreign, record)
         return Decision(Action.resume, f"{run_dir}: {record.get('status')} at step {record.get('steps')}; resuming from its checkpoint", record)
     return Decision(Action.train, "", record)

@@ -8,10 +8,12 @@ with ``problem`` set, so a listing can show it instead of crashing on it.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -19,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from bnexp.config import flatten, normalized
-from bnexp.io import read_json
+from bnexp.io import Unreadable, read_bounded, read_json
 
 METRICS = "metrics.json"
 CONFIG = Path(".hydra") / "config.yaml"
@@ -141,18 +143,61 @@ def find_run_dirs(paths: Iterable[str | os.PathLike]) -> list[Path]:
     return sorted(found)
 
 
+# ${name:...}: a call of a resolver (oc.env, hydra, now, ...); ${a.b} refers to another key.
+_RESOLVER_CALL = re.compile(r"\$\{\s*[A-Za-z_][\w.\-]*\s*:")
+
+
+def resolver_calls(container: Any) -> list[str]:
+    """The dotted keys of a saved config (as a container, unresolved) whose values
+    call a resolver: what they give depends on the environment or Hydra's runtime
+    of the process reading them, not on the run (and ${oc.env:...} may be a secret)."""
+    return [k for k, v in flatten(container).items() if _RESOLVER_CALL.search(str(v))] if isinstance(container, dict) else []
+
+
+def load_yaml(path: Path, limit: int = 1 << 20) -> Any:
+    """A record of a run dir (.hydra/*.yaml) through OmegaConf: read with
+    :func:`bnexp.io.read_bounded` (never blocks, at most ``limit`` bytes), and
+    refused when it uses YAML aliases, which Hydra never writes and which can
+    expand a small file into a huge tree (a "billion laughs")."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    text = read_bounded(path, limit).decode("utf-8")
+    if "*" in text:  # an alias needs one; a full parse only then
+        loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+        if any(isinstance(e, yaml.AliasEvent) for e in yaml.parse(text, Loader=loader)):
+            raise ValueError(f"{path} uses YAML aliases (*name), which no saved record holds")
+    return OmegaConf.load(io.StringIO(text))
+
+
+def _unreadable(path: Path) -> str:
+    """Why :func:`bnexp.io.read_json` gave nothing for ``path``."""
+    try:
+        read_bounded(path)
+    except OSError as e:
+        return f"{path.name} is unreadable ({e.strerror or e})"
+    return f"{path.name} is unreadable"
+
+
 def _read_config(path: Path, problems: list[str]) -> dict[str, Any] | None:
-    """.hydra/config.yaml flattened, or None with the reason added to ``problems``."""
+    """.hydra/config.yaml flattened, or None with the reason added to ``problems``.
+    References between keys are resolved; resolver calls are shown as written,
+    never resolved in this process (an ${oc.env:...} would print its value)."""
     try:
         from omegaconf import OmegaConf
 
-        saved = OmegaConf.load(path / CONFIG)
-        try:
-            container = OmegaConf.to_container(saved, resolve=True)
-        except Exception:  # noqa: BLE001  an interpolation that no longer resolves
-            container = OmegaConf.to_container(saved, resolve=False)
+        saved = load_yaml(path / CONFIG)
+        container = OmegaConf.to_container(saved, resolve=False)
+        if not resolver_calls(container):
+            try:
+                container = OmegaConf.to_container(saved, resolve=True)
+            except Exception:  # noqa: BLE001  an interpolation that no longer resolves
+                pass
     except FileNotFoundError:
         problems.append("no .hydra/config.yaml")
+        return None
+    except Unreadable as e:
+        problems.append(f".hydra/config.yaml is unreadable ({e.strerror})")
         return None
     except Exception as e:  # noqa: BLE001  a half-written or hand-edited file
         problems.append(f".hydra/config.yaml is unreadable ({type(e).__name__})")
@@ -170,7 +215,7 @@ def read_run(path: Path, with_config: bool = True) -> Run:
     problems: list[str] = []
     if (path / METRICS).exists():
         run.metrics = read_json(path / METRICS)
-        shape = "metrics.json is unreadable" if run.metrics is None else record_problem(run.metrics)
+        shape = _unreadable(path / METRICS) if run.metrics is None else record_problem(run.metrics)
         if shape:  # valid JSON of another shape is as unusable as a torn file: listed, never a crash
             run.metrics = None
             problems.append(shape)
@@ -189,7 +234,7 @@ def read_run(path: Path, with_config: bool = True) -> Run:
         try:
             from omegaconf import OmegaConf
 
-            run.overrides = [str(o) for o in OmegaConf.load(path / OVERRIDES)]
+            run.overrides = [str(o) for o in load_yaml(path / OVERRIDES)]
         except Exception:  # noqa: BLE001
             pass
     run.problem = "; ".join(problems) or None
@@ -200,9 +245,9 @@ def _read_job_num(run_dir: Path) -> int:
     import yaml
 
     try:
-        with open(run_dir / ".hydra" / "hydra.yaml") as f:
-            # libyaml's loader where PyYAML has it: ~10x faster on Hydra's long record (~4 ms a job otherwise).
-            return int(yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))["hydra"]["job"]["num"])
+        text = read_bounded(run_dir / ".hydra" / "hydra.yaml", 1 << 20)
+        # libyaml's loader where PyYAML has it: ~10x faster on Hydra's long record (~4 ms a job otherwise).
+        return int(yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))["hydra"]["job"]["num"])
     except Exception:  # noqa: BLE001
         return 1 << 30
 
@@ -225,6 +270,8 @@ def load_scalars(run_dir: Path, tags: Iterable[str] | None = None) -> dict[str, 
     # run read; under Hydra's logging setup that reaches the console.
     tb_logging.get_logger().setLevel(logging.WARNING)
     try:
+        if any(not p.is_file() for p in run_dir.glob("events.out.tfevents.*")):
+            return {}  # a FIFO or device there: TensorBoard's reader would wait on it forever
         acc = EventAccumulator(str(run_dir), size_guidance={SCALARS: 0})
         acc.Reload()
         wanted = acc.Tags().get("scalars", [])

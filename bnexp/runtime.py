@@ -46,8 +46,8 @@ PREEMPT_SIGNAL = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL
 
 @contextmanager
 def stop_on_signal() -> Iterator[threading.Event]:
-    """SIGINT, SIGTERM and PREEMPT_SIGNAL ask the loop to stop after the current
-    step (the event's ``signum`` says which came); a second SIGINT stops at once."""
+    """SIGINT, SIGTERM, SIGHUP and PREEMPT_SIGNAL ask the loop to stop after the
+    current step (the event's ``signum`` says which came); a second SIGINT stops at once."""
     stop = threading.Event()
     stop.signum = None  # type: ignore[attr-defined]
     if threading.current_thread() is not threading.main_thread():
@@ -59,7 +59,11 @@ def stop_on_signal() -> Iterator[threading.Event]:
         stop.set()
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM, PREEMPT_SIGNAL) if s is not None}
+    # SIGHUP (the terminal closed, an ssh session dropped) too, unless the process
+    # was told to ignore it (nohup): it would otherwise kill the run mid-step, unsaved.
+    hangup = getattr(signal, "SIGHUP", None)
+    hangup = hangup if hangup is not None and signal.getsignal(hangup) is signal.SIG_DFL else None
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM, PREEMPT_SIGNAL, hangup) if s is not None}
     try:
         yield stop
     finally:
@@ -137,6 +141,15 @@ def share_cores(workers: int) -> None:
     torch.set_num_threads(_DEFAULT_THREADS)
 
 
+def machine_cpus() -> int:
+    """The machine's CPUs, which an explicit train.threads is capped at."""
+    return os.cpu_count() or 1
+
+
+# A recorded count above this is no count a run trained with (OpenMP crashes near 100000).
+MAX_RECORDED_THREADS = 1024
+
+
 def thread_budget() -> int:
     """The most intra-op threads a run may use: the process's default count,
     capped by the CPUs it may run on (taskset, cgroup cpusets)."""
@@ -207,6 +220,9 @@ def set_threads(setting: Any, model: torch.nn.Module, example: torch.Tensor, bat
     """
     if setting != "auto":
         n, why = int(setting), "train.threads"
+        if n > machine_cpus():  # 100000 threads crash OpenMP (SIGSEGV); more than the CPUs gains nothing
+            log.warning("train.threads=%d is more than this machine's %d CPUs: capped at %d", n, machine_cpus(), machine_cpus())
+            n, why = machine_cpus(), f"train.threads={n}, capped at the machine's CPUs"
     elif _recorded_count is not None:
         n, why = _recorded_count, "as recorded in the run's metrics.json"
     elif device.type != "cpu":
@@ -227,8 +243,39 @@ def set_threads(setting: Any, model: torch.nn.Module, example: torch.Tensor, bat
             why = f"auto: {flops / 1e6:.3g} MFLOP a step; {idle:.1f} of {len(_cpus())} CPUs idle, budget {thread_budget()}"
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
-    log.info("torch threads: %d (%s)", torch.get_num_threads(), why)
+    _once_on_console()
+    log.info("torch threads: %d (%s)", torch.get_num_threads(), why, extra={"console_once": True})
     return torch.get_num_threads()
+
+
+class _OnceOnConsole(logging.Filter):
+    """Lets a record marked ``console_once`` through to the console once per
+    process: a sweep's jobs, or the replicas of a stack, each log their thread
+    count into their own log file, and the console would repeat it per job."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(record, "console_once", False):
+            return True
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
+_CONSOLE_ONCE = _OnceOnConsole()
+
+
+def _once_on_console() -> None:
+    """Install :class:`_OnceOnConsole` on the root logger's console handlers
+    (Hydra's, or bnexp resume's), not on its file handlers."""
+    for h in logging.getLogger().handlers:
+        if type(h) is logging.StreamHandler and _CONSOLE_ONCE not in h.filters:
+            h.addFilter(_CONSOLE_ONCE)
 
 
 @contextmanager
@@ -240,7 +287,7 @@ def recorded_threads(cfg: Any, record: dict[str, Any] | None) -> Iterator[None]:
     """
     global _recorded_count
     n = ((record or {}).get("env") or {}).get("threads")
-    if cfg.train.threads != "auto" or not isinstance(n, int) or isinstance(n, bool) or n < 1:
+    if cfg.train.threads != "auto" or not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_RECORDED_THREADS:
         yield
         return
     before = torch.get_num_threads()

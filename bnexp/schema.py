@@ -291,6 +291,7 @@ def validate(cfg: DictConfig) -> None:
         _positive(cfg, key)
     _positive(cfg, "train.eval_every", allow_none=True)
     _positive(cfg, "train.checkpoint_every", allow_zero=True)
+    _positive(cfg, "train.dist_timeout")
     for name, kind in PROBES.items():
         _positive(cfg, f"probes.{name}.every", allow_none=True, allow_zero=True)
         if kind.check is not None:

@@ -34,7 +34,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from bnexp.io import atomic_write
+from bnexp.io import atomic_write, read_bounded
 from bnexp.report import differing_keys, group_curves, group_runs, seed_band, status_text
 from bnexp.runs import AGGREGATE, METRICS, OVERRIDES, STATUS_STYLE, Run, find_run_dirs, headline, headline_cells, read_run, shown_overrides
 
@@ -174,8 +174,8 @@ def sweep_overrides(sweep_dir: str | os.PathLike, params: Mapping[str, Any] | No
     import yaml
 
     try:
-        with open(Path(sweep_dir) / MULTIRUN) as f:
-            recorded = yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))["hydra"]["overrides"]["task"]
+        text = read_bounded(Path(sweep_dir) / MULTIRUN, 1 << 20)  # never blocks on a FIFO there
+        recorded = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))["hydra"]["overrides"]["task"]
     except (OSError, KeyError, TypeError, yaml.YAMLError):
         return None
     params = OmegaConf.to_container(params) if isinstance(params, DictConfig) else (params or {})

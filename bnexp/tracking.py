@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
+from rich.table import Column, Table
 from tensorboard.compat.proto.summary_pb2 import Summary
 from torch.utils.tensorboard import SummaryWriter
 
@@ -105,9 +105,15 @@ class Console_:
 
     def start(self, step: int) -> None:
         if self.rich:
+            # The metrics last and cut to what is left of the line: on an 80-column
+            # terminal Rich otherwise squeezes the bar to nothing and drops the ETA.
+            name, bar, count = 24, 12, 2 * len(str(self.total)) + 1
+            left = max(1, self.console.width - (name + bar + count + 7 + 4))  # 7: the ETA; 4: the spaces between columns
             self.progress = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=self.console, transient=False,
+                TextColumn("[bold]{task.description}", table_column=Column(max_width=name, no_wrap=True, overflow="ellipsis")),
+                BarColumn(bar_width=bar), MofNCompleteColumn(), TimeRemainingColumn(),
+                TextColumn("{task.fields[info]}", table_column=Column(max_width=left, no_wrap=True, overflow="ellipsis")),
+                console=self.console, transient=False,
             )
             self.progress.start()
             self.task = self.progress.add_task(self.title, total=self.total, completed=step, info="")
@@ -119,7 +125,10 @@ class Console_:
         if self.progress is not None:
             self.progress.update(self.task, completed=step, info="  ".join(parts))
         elif is_eval and parts:
-            log.info("step %d/%d  %s", step, self.total, "  ".join(parts))
+            # A sweep job's dir is named by its values (seed=1): the tag tells apart the
+            # lines of jobs that log side by side (a stack of replicas, joblib workers).
+            tag = f"[{self.title}] " if "=" in self.title else ""
+            log.info("%sstep %d/%d  %s", tag, step, self.total, "  ".join(parts))
 
     def stop(self) -> None:
         if self.progress is not None:

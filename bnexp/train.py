@@ -30,6 +30,7 @@ from bnexp import data as data_mod
 from bnexp import distributed
 from bnexp.augment import make_augment
 from bnexp.config import Amp, ConfigError, Loss, config_hash, flatten, plain, steps_per_epoch
+from bnexp.memory import check_batch_fits, check_params_fit
 from bnexp.models import build_model
 from bnexp.probes import ProbeContext, ProbeSetup, build_probes
 from bnexp.probes.bn_gap import recompute_bn_stats
@@ -114,6 +115,7 @@ def loop(stepper: "Stepper") -> RunInterrupted | None:
                     break
             else:
                 status = "completed"
+        first.stop_vote.settle()  # every rank left after the same step; nothing may stay in flight at exit
         for run in live:
             with stepper.own(run):
                 finish(run, status)
@@ -242,6 +244,7 @@ class Run:
         t = cfg.train
         self.cfg, self.run_dir, self.device, self.data, self.total = cfg, run_dir, device, data, total
         self.ranks = distributed.current()  # one process, or this rank's share of a data-parallel run
+        self.ranks.set_timeout(t.dist_timeout)  # a stuck peer fails the run after this long
         self.stop_vote = self.ranks.stop_vote()  # signals reach ranks at different steps: they agree on one
         # The step trains through the DDP wrapper (step_model); all else sees the raw model.
         self.model, step_model = self.ranks.models(build_run_model(cfg, data, device), cfg.norm, t.batch_size, device)
@@ -296,7 +299,9 @@ def setup(cfg: DictConfig, run_dir: Path, resume: bool, checkpoint: dict[str, An
     device = distributed.current().device(t.device)
     seed_everything(cfg.seed, t.deterministic)
     data = data_mod.load(cfg.data, device)
+    check_params_fit(cfg, data.input_shape, data.num_classes, device)  # before the model is allocated
     run = Run(cfg, run_dir, device, data, total_steps(cfg, len(data.x_train)))
+    check_batch_fits(run.model, data.x_train[:2], int(t.batch_size), device)  # before a batch's activations are
     set_threads(t.threads, run.model, data.x_train[:1], t.batch_size, device)  # train.threads; before env_info records them
     record = {
         "status": "running", "steps": 0, "total_steps": run.total, "final": {}, "best": {}, "steps_to_target": None,
@@ -333,7 +338,8 @@ def save(run: Run) -> None:
     tracker = run.tracker
     tracker.writer.flush()
     if run.ranks.is_master:
-        ckpt_mod.save(run.run_dir / CHECKPOINT, run.parts, run.state, tracker.final, tracker.best)
+        ckpt_mod.save(run.run_dir / CHECKPOINT, run.parts, run.state, tracker.final, tracker.best,
+                      run=ckpt_mod.owner(tracker.record.data, run.cfg.seed))
     run.saved_step = run.state.step
     tracker.record.write(steps=run.state.step, final=tracker.final, best=tracker.best, steps_to_target=run.state.steps_to_target)
 

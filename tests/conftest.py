@@ -130,3 +130,78 @@ def rich_tables(stdout: str) -> list[list[list[str]]]:
         elif line.startswith("│"):
             out[-1].append([c.strip() for c in line.split("│")[1:-1]])
     return out
+
+
+@pytest.fixture
+def drawn_figures(monkeypatch):
+    """The matplotlib figures `bnexp report --plot` saves in this process, kept
+    open for a test to read their lines and bands (what a reader of the image sees)."""
+    from bnexp import report
+
+    figures = []
+    save = report._save
+
+    def keep(fig, path, overwrite):
+        figures.append(fig)
+        save(fig, path, overwrite)
+
+    monkeypatch.setattr(report, "_save", keep)
+    return figures
+
+
+def event_scalars(run_dir: Path) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} of a run's event files, read with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+def seed_mean_and_std(run_dirs: list[Path], tag: str) -> tuple[list[int], "np.ndarray", "np.ndarray"]:
+    """Per step (every run has), the mean and the sample std (ddof 1) of ``tag`` over the runs, in float64 NumPy."""
+    import numpy as np
+
+    per_run = [event_scalars(d)[tag] for d in run_dirs]
+    steps = sorted(set.intersection(*(set(r) for r in per_run)))
+    values = np.array([[r[s] for s in steps] for r in per_run], dtype=np.float64)
+    return steps, values.mean(0), values.std(0, ddof=1)
+
+
+def panel(fig, title: str):
+    """The axes of ``fig`` titled ``title``."""
+    (ax,) = [a for a in fig.axes if a.get_title() == title]
+    return ax
+
+
+class Forwards:
+    """What modules computed while it was entered: every output dtype, and whether
+    any forward ran inside torch.compile's tracing (torch.compiler.is_compiling)."""
+
+    def __init__(self):
+        self.dtypes: set = set()
+        self.compiled = False
+
+    def __enter__(self):
+        import torch
+
+        def hook(module, inputs, output):
+            if isinstance(output, torch.Tensor):
+                self.dtypes.add(output.dtype)
+            self.compiled = self.compiled or torch.compiler.is_compiling()
+
+        self._handle = torch.nn.modules.module.register_module_forward_hook(hook)
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.remove()
+
+
+def one_line_exit_2(out, *words: str) -> str:
+    """Bad input's promise: exit 2, one line on stderr naming ``words``, no traceback; returns the line."""
+    err = out.stderr.strip()
+    assert out.returncode == 2, (out.returncode, out.stdout[-2000:], out.stderr[-2000:])
+    assert len(err.splitlines()) == 1 and "Traceback" not in out.stdout + out.stderr, err
+    for w in words:
+        assert w in err, (w, err)
+    return err

@@ -51,6 +51,13 @@ def test_subset_keeps_only_the_first_training_examples():
     cfg = compose(["data.subset=500"])
     splits = data.load(cfg.data, torch.device("cpu"))
     assert len(splits.x_train) == 500 and len(splits.x_val) == 400 and len(splits.x_test) == 1000
+    # Raw values: the first 500 of the full training part, the same validation part, and no example in both.
+    full = data.load(compose(["data.preprocess=none"]).data, torch.device("cpu"))
+    sub = data.load(compose(["data.preprocess=none", "data.subset=500"]).data, torch.device("cpu"))
+    assert torch.equal(sub.x_train, full.x_train[:500]) and torch.equal(sub.y_train, full.y_train[:500])
+    assert torch.equal(sub.x_val, full.x_val) and torch.equal(sub.x_test, full.x_test)
+    train_rows = {row.numpy().tobytes() for row in sub.x_train}
+    assert not any(row.numpy().tobytes() in train_rows for row in sub.x_val)  # no validation example leaked into training
 
 
 def test_real_mnist_images_keep_their_chw_shape_and_the_mlp_flattens_them():

@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from bnexp.config import ConfigError, config_hash
 from bnexp.runs import load_scalars
@@ -213,3 +215,67 @@ def test_a_sweep_under_torchrun_refuses_a_launcher_whose_workers_would_inherit_i
     assert out.stderr.strip().splitlines() == ["error: hydra/launcher: JoblibLauncher under torchrun; allowed: basic (every job of "
                                                "the sweep runs on all the processes, one job after another)"]
     assert not (tmp_path / "runs").exists()
+
+
+def _vote_rank(rank: int, port: int, out: str) -> None:
+    """Rank 0 casts its last stop vote 0.5 s late; rank 1 leaves its loop at once."""
+    from bnexp import distributed
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    vote = distributed.Ranks(2, rank).stop_vote()
+    for step in range(3):
+        if rank == 0 and step == 2:
+            time.sleep(0.5)
+        vote(False)
+    in_flight = [work for work, _ in vote.pending]
+    t0 = time.perf_counter()
+    vote.settle()  # train() calls it when its loop ends
+    waited = time.perf_counter() - t0
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"in_flight": len(in_flight), "waited": waited,
+                                                         "completed": all(w.is_completed() for w in in_flight),
+                                                         "left": len(vote.pending)}))
+    dist.destroy_process_group()
+
+
+def test_a_rank_leaving_its_loop_first_waits_for_the_last_stop_vote_so_no_collective_outlives_it(tmp_path):
+    # A vote still in flight at interpreter exit completes on a gloo worker thread,
+    # which then needs the GIL of a finalizing interpreter: SIGABRT, "terminate called
+    # without an active exception" (seen in 3 of 12 torchrun resumes before this).
+    import torch.multiprocessing as mp
+
+    from tests.test_distributed_norms import free_port
+
+    mp.start_processes(_vote_rank, args=(free_port(), str(tmp_path)), nprocs=2, start_method="fork")
+    fast = json.loads((tmp_path / "rank1.json").read_text())
+    assert fast["in_flight"] == 1 and fast["completed"] and fast["left"] == 0
+    assert fast["waited"] > 0.3  # it waited for rank 0's late vote instead of exiting with it in flight
+
+
+@pytest.mark.slow
+def test_a_stopped_rank_fails_the_run_after_train_dist_timeout_and_the_run_resumes(tmp_path):
+    run_dir = tmp_path / "stuck"
+    victim = start2("train", *LONG, "train.steps=200", "train.deterministic=false", "train.dist_timeout=3",
+                    f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    deadline = time.monotonic() + 240
+    while not (run_dir / "checkpoint.pt").exists():
+        assert victim.poll() is None, victim.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "no checkpoint"
+        time.sleep(0.02)
+    ranks = sorted(int(p) for p in subprocess.run(["pgrep", "-P", str(victim.pid)], capture_output=True, text=True).stdout.split())
+    os.kill(ranks[1], signal.SIGSTOP)  # rank 1 hangs (a stuck device, a debugger): rank 0 waits in its next collective
+    stopped = time.monotonic()
+    try:
+        while metrics(run_dir)["status"] != "failed":
+            assert time.monotonic() - stopped < 60, "rank 0 still waits for the stopped rank"
+            time.sleep(0.1)
+        assert time.monotonic() - stopped >= 2.5  # not before train.dist_timeout
+    finally:
+        os.kill(ranks[1], signal.SIGCONT)  # torchrun's SIGTERM then reaches it
+    victim.communicate(timeout=120)
+    assert victim.returncode == 1
+    m = metrics(run_dir)
+    # gloo words it "Timed out waiting 3000ms for recv ..." or "Application timeout caused pair closure"
+    assert re.search("timed out|timeout", m["error"], re.IGNORECASE) and 25 <= m["steps"] < 200, m["error"]
+    resumed = run2("resume", str(run_dir), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert metrics(run_dir)["status"] == "completed" and metrics(run_dir)["steps"] == 200

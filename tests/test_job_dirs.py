@@ -7,13 +7,16 @@ same overrides, and end to end with real `bnexp sweep` runs on tiny configs.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from bnexp.sweep import MAX_NAME_BYTES, job_dir_name
-from tests.conftest import TINY, mnist_root, run_cli, run_inprocess
+from tests.conftest import REPO, TINY, mnist_root, run_cli, run_inprocess
 
 
 def hydra_jobs(sweep: list[str]) -> list[list[str]]:
@@ -65,6 +68,14 @@ def test_a_sweep_with_many_long_overrides_gets_short_unique_stable_names():
     assert all(len(n.encode()) <= MAX_NAME_BYTES for n in got)
     assert all(n.startswith("+label='ééé") and n.endswith((",seed=0", ",seed=1")) for n in got)
     assert got == names([*constant, *swept])  # the same command names the same jobs: a rerun finds them
+    # ... in another process too (a rerun is one): Python's salted hash() would name them anew each time.
+    script = ("import json, sys; from tests.test_job_dirs import names; "
+              "print(json.dumps(names(json.loads(sys.argv[1]))))")
+    for salt in ("1", "2"):
+        out = subprocess.run([sys.executable, "-c", script, json.dumps([*constant, *swept])], capture_output=True, text=True,
+                             env={**os.environ, "PYTHONHASHSEED": salt, "PYTHONPATH": str(REPO)}, cwd=REPO, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert json.loads(out.stdout) == got, f"PYTHONHASHSEED={salt}"
 
 
 # ------------------------------------------------------------------ real sweeps

@@ -240,3 +240,36 @@ def test_probes_on_a_noisy_bn_net_compare_surfaces_under_one_noise_draw():
     out = ProbeSet({"l": Landscape(model, 1, [1e-7]), "i": InternalCovariateShift(model, 1)}).due(5, 10, lambda: ctx)
     assert float(out["landscape/grad_diff_max"]) < 1e-4 * float(out["landscape/grad_norm"])
     assert float(out["ics/hidden0.linear/l2"]) == 0.0
+
+
+def test_ics_cosine_is_computed_in_a_float64_models_dtype_and_never_exceeds_1():
+    model, x, y = dln_problem()
+    model, x, y = model.double(), x.double(), y.double()
+    ctx = ProbeContext(model, x, y, x, y, torch.optim.SGD(model.parameters(), lr=0.1), F.mse_loss, 0.1, 7)
+    out = ProbeSet({"p": InternalCovariateShift(model, 1)}).due(7, 100, lambda: ctx)
+    first = out["ics/hidden0/cos"]  # no layer before it: G' = G, cos 1 by definition
+    assert first.dtype == torch.float64 and first.item() == 1.0
+    assert all(v.item() <= 1.0 for k, v in out.items() if k.endswith("/cos"))
+    float32_model, x32, y32 = dln_problem()
+    out32 = call(InternalCovariateShift(float32_model, 1), float32_model, x32, y32, torch.optim.SGD(float32_model.parameters(), lr=0.1), 0.1)
+    assert all(v <= 1.0 for k, v in out32.items() if k.endswith("/cos"))
+
+
+def test_power_iteration_stops_at_0_where_the_hessian_vector_product_is_zero():
+    # a loss linear in the parameters: its Hessian is 0, and H v / ||H v|| would be 0/0
+    model = nn.Sequential(OrderedDict(output=nn.Linear(3, 1)))
+    x, y = torch.randn(8, 3), torch.zeros(8)
+    probe = TopEigenvalue(model, 1, x, y, iterations=10, tolerance=1e-3, mode=HessianMode.train)
+    ctx = ProbeContext(model, x, y, x, y, torch.optim.SGD(model.parameters(), lr=0.1), lambda out, _y: out.sum(), 0.1, 3)
+    out = ProbeSet({"p": probe}).due(3, 100, lambda: ctx)
+    assert out["hessian/top_eig"].item() == 0.0 and out["hessian/iterations"].item() == 1
+
+
+def test_power_iteration_stops_at_0_where_the_hessian_vector_product_is_zero_with_a_graph():
+    model = nn.Sequential(OrderedDict(output=nn.Linear(3, 1)))
+    x, y = torch.randn(8, 3), torch.zeros(8)
+    probe = TopEigenvalue(model, 1, x, y, iterations=10, tolerance=1e-3, mode=HessianMode.train)
+    flat = lambda out, _y: out.sum() + 0 * out.square().sum()  # noqa: E731  a graph through g, and still H = 0
+    ctx = ProbeContext(model, x, y, x, y, torch.optim.SGD(model.parameters(), lr=0.1), flat, 0.1, 3)
+    out = ProbeSet({"p": probe}).due(3, 100, lambda: ctx)
+    assert out["hessian/top_eig"].item() == 0.0 and out["hessian/iterations"].item() == 1

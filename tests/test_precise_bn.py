@@ -149,3 +149,36 @@ def test_bn_gap_batch_statistics_figure_is_the_train_mode_loss_over_chunks_of_th
     out = ProbeSet({"g": BNGap(1, 2, 32, 2048, 0, data)}).due(4, 10, lambda: ctx)
     assert float(out["bn_gap/val_loss_batch"]) == pytest.approx(expected, rel=1e-5)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # preserved() restored the running stats
+
+
+def fvcore_population_estimate(layer: torch.nn.BatchNorm1d, batches: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """fvcore.nn.precise_bn.update_bn_stats's arithmetic (its _PopulationVarianceEstimator),
+    written out as the reference: torch's BN at momentum 1 leaves each batch's mean and
+    Bessel-corrected variance in the buffers; fvcore undoes the correction per batch,
+    pools E[x] and E[x^2] weighted by batch size, and sets running_var = E[x^2] - E[x]^2."""
+    layer.momentum, tot = 1.0, 0
+    pop_mean = torch.zeros_like(layer.running_mean)
+    pop_square_mean = torch.zeros_like(layer.running_var)
+    for x in batches:
+        layer.train()(x)
+        n = x.shape[0]
+        tot += n
+        square_mean = layer.running_mean.square() + layer.running_var * ((n - 1) / n)
+        pop_mean += (layer.running_mean - pop_mean) * (n / tot)
+        pop_square_mean += (square_mean - pop_square_mean) * (n / tot)
+    return pop_mean, pop_square_mean - pop_mean.square()
+
+
+@pytest.mark.parametrize("running_var", ["biased", "unbiased"])
+def test_precise_bn_variance_is_fvcores_biased_pooled_variance_or_n_over_n_minus_1_times_it(running_var):
+    # batch 8 x 4 batches: n = 32 values a channel, so the unbiased rule is 32/31 (3.2%) above fvcore's
+    torch.manual_seed(0)
+    model = build_model(MLPConfig(hidden=[6]), NormConfig(kind=NormKind.batch, running_var=running_var), (4,), 3).double()
+    x = torch.randn(64, 4, dtype=torch.float64) * 3 + 1
+    recompute_bn_stats(model, x, batches=4, batch_size=8, seed=1, step=7)
+    inputs = [model.hidden0.linear(x[torch.from_numpy(b)]).detach() for b in batch_indices(64, 4, 8, seed=1, step=7)]
+    reference = torch.nn.BatchNorm1d(6).double()
+    mean, var = fvcore_population_estimate(reference, inputs)
+    torch.testing.assert_close(model.hidden0.norm.running_mean, mean)
+    factor = 32 / 31 if running_var == "unbiased" else 1.0
+    torch.testing.assert_close(model.hidden0.norm.running_var, var * factor)

@@ -12,13 +12,14 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.image  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from bnexp.report import draw_band, probe_panels  # noqa: E402
 from bnexp.schema import compose  # noqa: E402
 from bnexp.train import train  # noqa: E402
-from tests.conftest import run_inprocess  # noqa: E402
+from tests.conftest import panel, run_inprocess, seed_mean_and_std  # noqa: E402
 
 TINY = ["data=synthetic", "data.n_train=320", "data.n_test=64", "model.hidden=[8]", "train.steps=6", "train.log_every=2",
         "train.eval_every=3", "train.batch_size=32", "train.progress=false", "train.device=cpu",
@@ -61,7 +62,7 @@ def test_a_band_is_shaded_between_the_seed_means_of_the_min_and_the_max_curves()
 
 
 @pytest.mark.slow
-def test_report_plot_adds_a_band_panel_when_its_metric_is_asked_for(probed_runs, tmp_path):
+def test_report_plot_adds_a_band_panel_when_its_metric_is_asked_for(probed_runs, tmp_path, drawn_figures):
     plain = run_inprocess(["report", str(probed_runs), "--plot", str(tmp_path / "plain.png")], tmp_path)
     banded = run_inprocess(["report", str(probed_runs), "-m", "landscape/loss_max", "-m", "landscape/loss_min",
                             "-m", "hessian/top_eig", "--plot", str(tmp_path / "bands.png")], tmp_path)
@@ -74,3 +75,17 @@ def test_report_plot_adds_a_band_panel_when_its_metric_is_asked_for(probed_runs,
     assert w1 == w0 and h1 > 1.7 * h0
     row2 = img[int(h1 * 0.55) : int(h1 * 0.85)]
     assert (row2[:, : w1 // 2] < 0.9).mean() > 0.01 and (row2[:, w1 // 2 + 20 :] < 0.9).mean() == 0
+    # What is drawn: each group's band edges and curve are its seed means, read back from the event files.
+    fig = drawn_figures[-1]
+    band_ax, curve_ax = panel(fig, "landscape/loss: min..max band"), panel(fig, "hessian/top_eig")
+    for placement in ("pre", "none"):
+        runs = sorted(probed_runs.glob(f"norm.placement={placement},seed=*"))
+        (band,) = [c for c in band_ax.collections if c.get_label() == f"norm.placement={placement} (n=2)"]
+        ys = band.get_paths()[0].vertices[:, 1]
+        for edge in ("landscape/loss_min", "landscape/loss_max"):
+            _, mean, _ = seed_mean_and_std(runs, edge)
+            assert all(np.isclose(ys, v, rtol=1e-6).any() for v in mean), (placement, edge)
+        (line,) = [ln for ln in curve_ax.get_lines() if ln.get_label() == f"norm.placement={placement} (n=2)"]
+        steps, mean, _ = seed_mean_and_std(runs, "hessian/top_eig")
+        assert list(line.get_xdata()) == steps
+        np.testing.assert_allclose(line.get_ydata(), mean, rtol=1e-6)

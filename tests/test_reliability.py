@@ -292,8 +292,12 @@ def test_bad_input_exits_2_with_one_line_and_no_new_files(cluttered, args, names
                                          (["data=synthetic", "data.n_train=40", "train.batch_size=64"], ["train.batch_size"])],  # after
                          ids=["before setup", "during setup"])
 def test_bad_input_into_an_existing_directory_leaves_its_files_as_they_were(cluttered, args, names):
+    earlier = cluttered / "earlier"  # an earlier bnexp attempt there (its lock file) and a file of the user's
+    earlier.mkdir()
+    (earlier / ".bnexp.lock").write_text("")
+    (earlier / "keep.txt").write_text("keep me")
     before = snapshot(cluttered)
-    out = bnexp("train", *args, "hydra.run.dir=unrelated", "train.device=cpu", cwd=cluttered)
+    out = bnexp("train", *args, "hydra.run.dir=earlier", "train.device=cpu", cwd=cluttered)
     assert_one_line_exit_2(out, *names)
     assert snapshot(cluttered) == before
 

@@ -38,6 +38,7 @@ from bnexp.replicas import ReplicaJob, ReplicasInterrupted, stacks_of, train_rep
 from bnexp.runs import load_scalars
 from bnexp.schema import compose
 from bnexp.train import train
+from tests.conftest import Forwards
 
 TINY = ["data=synthetic", "data.n_train=640", "data.n_test=100", "model.hidden=[16,16]", "train.steps=50",
         "train.log_every=10", "train.eval_every=25", "train.batch_size=32", "train.progress=false", "train.device=cpu",
@@ -283,7 +284,15 @@ def test_compiled_replicas_train_like_their_compiled_standalone_runs(tmp_path):
 @pytest.mark.slow
 def test_bf16_replicas_stay_within_bf16_rounding_of_their_standalone_runs(tmp_path):
     # bf16 matmuls round to 8 bits of mantissa: a batched and a single one differ at that level.
-    train_both(tmp_path, configs(["train.amp=bf16"]))
+    cfgs = configs(["train.amp=bf16"])
+    for r, cfg in enumerate(cfgs):
+        quietly(train, cfg, tmp_path / f"alone{r}")
+    with Forwards() as stacked:
+        quietly(train_replicas, [ReplicaJob(cfg, tmp_path / f"replica{r}") for r, cfg in enumerate(cfgs)])
+    assert torch.bfloat16 in stacked.dtypes  # the stack really ran under autocast
+    fp32 = tmp_path / "fp32"
+    quietly(train, configs([])[0], fp32)  # replica 0's config without amp
+    assert load_scalars(fp32)["train/loss"] != load_scalars(tmp_path / "replica0")["train/loss"]  # bf16 shows in the losses
     for r in range(R):
         assert_close_tensors(checkpoint(tmp_path / f"replica{r}")["model"], checkpoint(tmp_path / f"alone{r}")["model"], 1e-2, f"replica {r}")
         a, b = load_scalars(tmp_path / f"alone{r}")["train/loss"], load_scalars(tmp_path / f"replica{r}")["train/loss"]
@@ -386,11 +395,11 @@ def test_a_second_ctrl_c_while_a_stack_saves_its_checkpoints_leaves_no_metrics_j
     register_probe("ctrl_c", lambda setup, cfg: CtrlC())
     save, saved = bnexp.checkpoint.save, []
 
-    def second_ctrl_c(path, parts, state, *args):  # lands while the second replica writes its step-20 checkpoint
+    def second_ctrl_c(path, parts, state, *args, **kwargs):  # lands while the second replica writes its step-20 checkpoint
         if state.step == 20 and len([s for s in saved if s == 20]) == 1:
             raise KeyboardInterrupt
         saved.append(state.step)
-        return save(path, parts, state, *args)
+        return save(path, parts, state, *args, **kwargs)
 
     monkeypatch.setattr(bnexp.checkpoint, "save", second_ctrl_c)
     cfgs = configs(["train.steps=40", "train.checkpoint_every=15"])

@@ -176,14 +176,38 @@ def test_report_lists_broken_and_half_written_runs_and_reports_the_rest(sweep, t
 
 
 @pytest.mark.slow
-def test_report_plot_draws_learning_curves_and_activation_percentiles(sweep, tmp_path):
+def test_report_plot_draws_learning_curves_and_activation_percentiles(sweep, tmp_path, drawn_figures):
     import matplotlib.image
+    import numpy as np
+
+    from tests.conftest import panel, seed_mean_and_std
 
     r = report(sweep, "--plot", tmp_path / "curves.png")
     assert r.returncode == 0, r.stdout + r.stderr
     height, width, _ = matplotlib.image.imread(tmp_path / "curves.png").shape
     # Four learning-curve panels in the first row, one act/<layer> panel per hidden layer (3) below.
     assert width > 1.5 * height and height > 500
+    (fig,) = drawn_figures
+    for placement in ("pre", "none"):
+        runs = sorted(sweep.glob(f"norm.placement={placement},seed=*"))
+        for tag in ("train/loss", "val/acc"):
+            ax = panel(fig, tag)
+            (line,) = [ln for ln in ax.get_lines() if ln.get_label() == f"norm.placement={placement} (n=2)"]
+            steps, mean, std = seed_mean_and_std(runs, tag)
+            assert list(line.get_xdata()) == steps
+            np.testing.assert_allclose(line.get_ydata(), mean, rtol=1e-6)
+            (band,) = [c for c in ax.collections if np.allclose(c.get_facecolor()[0][:3], matplotlib.colors.to_rgb(line.get_color()))]
+            ys = band.get_paths()[0].vertices[:, 1]
+            for edge in (mean - std, mean + std):  # the band is mean +- std at every step
+                assert all(np.isclose(ys, v, rtol=1e-6).any() for v in edge), (tag, placement)
+        (ax,) = [a for a in fig.axes if a.get_title().startswith("act/")][:1]
+        layer = ax.get_title().split("/")[1].split(":")[0]
+        color = [ln for ln in ax.get_lines() if ln.get_label() == f"norm.placement={placement}"][0].get_color()
+        drawn = sorted((ln for ln in ax.get_lines() if ln.get_color() == color), key=lambda ln: float(np.mean(ln.get_ydata())))
+        assert len(drawn) == 3
+        for line, pct in zip(drawn, ("p15", "p50", "p85")):
+            _, mean, _ = seed_mean_and_std(runs, f"act/{layer}/{pct}")
+            np.testing.assert_allclose(line.get_ydata(), mean, rtol=1e-6, err_msg=pct)
 
 
 @pytest.mark.slow

@@ -164,15 +164,23 @@ def test_every_norm_kind_trains_in_every_residual_placement(kind, placement):
 
 
 def assert_fits_a_batch(net: nn.Module, x: torch.Tensor, lr: float = 0.1) -> None:
-    """Five SGD steps on one batch lower its loss: every layer is wired into the graph and trains."""
+    """Five SGD steps on one batch lower its loss, and every parameter of every
+    layer gets a gradient and moves: every layer is wired into the graph and trains."""
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
     y = torch.randint(0, 10, (len(x),))
+    params = dict(net.named_parameters())
+    assert params and all(p.requires_grad for p in params.values())
+    start = {name: p.detach().clone() for name, p in params.items()}
     before = F.cross_entropy(net(x), y)
     for _ in range(5):
         opt.zero_grad()
         F.cross_entropy(net(x), y).backward()
+        missing = [name for name, p in params.items() if p.grad is None]
+        assert not missing, f"no gradient reaches {missing}"
         opt.step()
     assert F.cross_entropy(net(x), y) < before
+    frozen = [name for name, p in params.items() if torch.equal(p.detach(), start[name])]
+    assert not frozen, f"these did not train: {frozen}"
 
 
 REFUSED = {

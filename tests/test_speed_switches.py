@@ -23,6 +23,7 @@ from bnexp.runtime import seed_everything
 from bnexp.schema import compose, validate
 from bnexp.step import LogWindow, TrainStep, make_optimizer
 from bnexp.train import train
+from tests.conftest import Forwards
 
 # A small sigmoid MLP with BN before the activation (the BN paper's layout), logged every step.
 TINY = ["data=synthetic", "data.shape=[1,8,8]", "data.n_train=640", "data.n_test=100", "model.hidden=[16,16]",
@@ -48,8 +49,11 @@ def run(tmp_path: Path, overrides: list[str]) -> tuple[list[float], dict, dict[s
 @pytest.mark.slow
 def test_compile_gives_the_same_losses_as_eager(tmp_path):
     # torch.compile on CPU builds C++ with gcc: ~10-20 s here, the slowest test of the file.
-    eager, _, w_eager = run(tmp_path, ["train.device=cpu"])
-    compiled, record, w_compiled = run(tmp_path, ["train.device=cpu", "train.compile=true"])
+    with Forwards() as plain:
+        eager, _, w_eager = run(tmp_path, ["train.device=cpu"])
+    with Forwards() as traced:
+        compiled, record, w_compiled = run(tmp_path, ["train.device=cpu", "train.compile=true"])
+    assert traced.compiled and not plain.compiled  # train() really compiled the forward
     assert record["status"] == "completed" and len(compiled) == 6
     assert compiled == pytest.approx(eager, abs=1e-4)
     for k in w_eager:
@@ -57,10 +61,14 @@ def test_compile_gives_the_same_losses_as_eager(tmp_path):
 
 
 def test_bf16_autocast_on_cpu_stays_close_to_fp32(tmp_path):
-    fp32, _, _ = run(tmp_path, ["train.device=cpu"])
-    bf16, record, weights = run(tmp_path, ["train.device=cpu", "train.amp=bf16"])
+    with Forwards() as full:
+        fp32, _, _ = run(tmp_path, ["train.device=cpu"])
+    with Forwards() as half:
+        bf16, record, weights = run(tmp_path, ["train.device=cpu", "train.amp=bf16"])
+    assert torch.bfloat16 in half.dtypes and torch.bfloat16 not in full.dtypes  # train() really ran under autocast
     assert record["status"] == "completed"
-    assert bf16 == pytest.approx(fp32, rel=2e-2)  # bf16 keeps 8 bits of mantissa
+    assert bf16 != fp32  # and it shows in the losses ...
+    assert bf16 == pytest.approx(fp32, rel=2e-2)  # ... within what bf16's 8 bits of mantissa allow
     assert all(w.dtype == torch.float32 for w in weights.values() if w.is_floating_point())  # master weights stay fp32
 
 

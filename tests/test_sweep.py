@@ -272,14 +272,19 @@ def test_runs_lists_each_run_and_shows_a_running_run_without_heartbeat_as_dead(s
     src = job_dirs(sweep_dir)[0]
     shutil.copytree(src, tmp_path / "runs" / "crashed")
     record = json.loads((src / "metrics.json").read_text())
-    record["status"] = "running"
+    # Trained on another host (a shared file system): there only the heartbeat tells a live run from a dead one.
+    record.update(status="running", process={"host": "another-host", "pid": 4242, "start_ticks": None})
     record["time"]["heartbeat"] = time.time() - 3600
     (tmp_path / "runs" / "crashed" / "metrics.json").write_text(json.dumps(record))
+    shutil.copytree(src, tmp_path / "runs" / "live")
+    record["time"]["heartbeat"] = time.time() + 600  # beats for the next ten minutes
+    (tmp_path / "runs" / "live" / "metrics.json").write_text(json.dumps(record))
     shutil.copytree(src, tmp_path / "runs" / "fine")
     r = bnexp("runs", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     lines = {line.split()[1]: line for line in r.stdout.splitlines() if line.startswith("│")}
     assert "dead (no heartbeat)" in lines["crashed"]
+    assert "running" in lines["live"] and "dead" not in lines["live"]
     assert "completed" in lines["fine"] and "20/20" in lines["fine"]
 
 

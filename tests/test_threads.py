@@ -104,3 +104,24 @@ def test_resume_and_reproduce_under_another_thread_setting_end_where_the_two_thr
     assert "identical: every metric matches exactly" in again.stdout
     assert metrics(tmp_path / "again")["env"]["threads"] == 2
     assert again.stderr.count("the run was trained with 2 threads") == 1
+
+
+def test_a_thread_count_above_the_machines_cpus_is_capped_with_a_warning(tmp_path, caplog, monkeypatch):
+    from bnexp import runtime
+    from bnexp.train import train
+
+    monkeypatch.setattr(runtime, "machine_cpus", lambda: 2)
+    cfg = compose([*TINY, "train.steps=5", "train.log_every=5", "train.threads=100000"])  # OpenMP segfaulted on this
+    with caplog.at_level(logging.WARNING, logger="bnexp"):
+        record = train(cfg, tmp_path / "run", summary=False)
+    assert record["status"] == "completed" and record["env"]["threads"] == 2
+    assert "train.threads=100000 is more than this machine's 2 CPUs: capped at 2" in caplog.text
+
+
+def test_a_recorded_thread_count_no_run_had_is_ignored():
+    from bnexp.runtime import recorded_threads
+
+    cfg = compose(TINY)
+    before = torch.get_num_threads()
+    with recorded_threads(cfg, {"env": {"threads": 100000}}):  # a hostile or damaged metrics.json
+        assert torch.get_num_threads() == before

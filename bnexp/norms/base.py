@@ -31,7 +31,7 @@ class FP32Norm(nn.Module):
     keys stay those of the torch layer, and a deepcopy is a self-contained copy."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_autocast_enabled(x.device.type):
+        if not x.is_meta and torch.is_autocast_enabled(x.device.type):  # meta (bnexp.memory's estimate) has no autocast
             with torch.autocast(x.device.type, enabled=False):
                 return super().forward(x.float())
         return super().forward(x)

@@ -51,10 +51,13 @@ def recompute_bn_stats(model: nn.Module, x: torch.Tensor, batches: int, batch_si
     inputs over ``batches`` batches of ``x`` (as fvcore's _PopulationVarianceEstimator:
     the mean and the variance over every value a channel saw, H and W counting as
     batch). The spread buffer gets what the norm's registry entry makes of the
-    pooled variance (``Norm.spread_of``): a variance by the norm's own running rule
-    (norm.running_var): unbiased, n/(n-1) over the n values pooled (torch's
-    convention, which fvcore's estimator keeps), or biased; batch renorm's
-    running sigma, sqrt(variance + eps). Returns the number of norms recomputed.
+    pooled variance (``Norm.spread_of``): a variance by the norm's own running rule (norm.running_var):
+    ``biased`` is exactly fvcore's (its estimator undoes torch's Bessel correction
+    per batch and keeps the biased variance of all values pooled); ``unbiased``
+    (the default, torch's rule for its EMA) is n/(n-1) times fvcore's, n the values
+    a channel pooled (batches x batch size x positions: 32/31 at 4 batches of 8).
+    Batch renorm gets its running sigma, sqrt(variance + eps). Returns the number
+    of norms recomputed.
 
     Written here rather than taken from fvcore: fvcore is not a dependency, its
     BN_MODULE_TYPES miss bnexp's ghost BN and batch renorm, and it rebinds the

@@ -45,13 +45,27 @@ def here(ctx: ProbeContext, params: Sequence[nn.Parameter]) -> tuple[list[torch.
     return theta, on_step_batch(ctx, params)[1]
 
 
+def _wide(ts: Sequence[torch.Tensor]) -> torch.dtype:
+    """float32, or the model's dtype where it is wider (a float64 model's probes
+    keep float64: a cosine rounded to float32 reads 1.0000001)."""
+    return torch.promote_types(ts[0].dtype, torch.float32) if len(ts) else torch.float32
+
+
 def norm(ts: Sequence[torch.Tensor]) -> torch.Tensor:
     """The L2 norm of a list of tensors taken as one vector."""
-    return torch.stack(torch._foreach_norm(list(ts))).float().norm()
+    dt = _wide(ts)
+    return torch.stack(torch._foreach_norm([t.to(dt) for t in ts])).norm()
 
 
 def dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
-    return sum((u.float() * v.float()).sum() for u, v in zip(a, b))
+    dt = _wide(a)
+    return sum((u.to(dt) * v.to(dt)).sum() for u, v in zip(a, b))
+
+
+def cosine(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
+    """cos(a, b) of two lists taken as vectors, clamped to [-1, 1] (rounding can
+    step past 1 for parallel vectors); NaN where either is zero (no direction)."""
+    return (dot(a, b) / (norm(a) * norm(b))).clamp(-1.0, 1.0)
 
 
 @torch.no_grad()

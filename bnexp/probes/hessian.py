@@ -60,9 +60,15 @@ class TopEigenvalue:
         v = [u / v_norm for u in v]
         eig, done = None, 0
         for done in range(1, self.iterations + 1):
-            hv = torch.autograd.grad(g, params, grad_outputs=v, retain_graph=True)
+            if not any(t.requires_grad for t in g):  # a gradient constant in the parameters: H = 0
+                eig = 0.0
+                break
+            hv = torch.autograd.grad(g, params, grad_outputs=v, retain_graph=True, allow_unused=True, materialize_grads=True)
             new = grads.dot(hv, v).item()
             hv_norm = grads.norm(hv)
+            if hv_norm == 0:  # H v = 0: v is in the Hessian's null space, the estimate 0, and no next direction
+                eig = new
+                break
             v = [h / hv_norm for h in hv]
             if eig is not None and abs(new - eig) / (abs(eig) + 1e-6) < self.tolerance:
                 eig = new

@@ -63,7 +63,7 @@ class InternalCovariateShift:
             g_own = g[own]
             diff = [a - b for a, b in zip(g_own, g_shifted)]
             out[f"ics/{name}/l2"] = grads.norm(diff)
-            out[f"ics/{name}/cos"] = grads.dot(g_own, g_shifted) / (grads.norm(g_own) * grads.norm(g_shifted))
+            out[f"ics/{name}/cos"] = grads.cosine(g_own, g_shifted)
         return out
 
 
