@@ -113,7 +113,7 @@ def bench(which: str, args: argparse.Namespace, tmp: Path) -> list[dict]:
     overrides = overrides_for(which, args)
     for w in range(args.warmup):  # first use in this process: imports, Hydra's caches, torch's kernels
         for launcher in ("basic", "vectorized"):
-            sweep([*overrides, "train.steps=20"], launcher, 2, tmp / f"{which}-warmup{w}-{launcher}")
+            sweep([*overrides, "train.steps=20"], launcher, 2, tmp / f"{which}-warmup{w}-{launcher}-{args.condition}")
     rows = []
     for R in args.replicas:
         start_load = load()
@@ -125,7 +125,7 @@ def bench(which: str, args: argparse.Namespace, tmp: Path) -> list[dict]:
             order = ["basic", "vectorized"] if rnd % 2 == 0 else ["vectorized", "basic"]
             losses = {}
             for launcher in order:
-                wall, records = sweep(overrides, launcher, R, tmp / f"{which}-{R}-{launcher}-{rnd}")
+                wall, records = sweep(overrides, launcher, R, tmp / f"{which}-{R}-{launcher}-{rnd}-{args.condition}")
                 assert len(records) == R and all(r["status"] == "completed" for r in records), [r["status"] for r in records]
                 losses[launcher] = [r["final"]["train/loss"] for r in records]
                 threads[launcher].update(r["env"]["threads"] for r in records)
@@ -144,12 +144,14 @@ def bench(which: str, args: argparse.Namespace, tmp: Path) -> list[dict]:
         lb, lv = statistics.median(loops["basic"]), statistics.median(loops["vectorized"])
         row = {"model": which, "R": R, "steps": steps, "basic_wall_s": b, "vectorized_wall_s": v, "ratio": b / v,
                "basic_replica_steps_per_s": R * steps / b, "vectorized_replica_steps_per_s": R * steps / v,
-               "basic_loop_s": lb, "vectorized_loop_s": lv, "loop_ratio": lb / lv, "rounds": walls, "loop_rounds": loops,
+               "basic_loop_s": lb, "vectorized_loop_s": lv, "loop_ratio": lb / lv,
+               "basic_loop_replica_steps_per_s": R * steps / lb, "vectorized_loop_replica_steps_per_s": R * steps / lv, "rounds": walls, "loop_rounds": loops,
                "threads": {k: sorted(v) for k, v in threads.items()}, "max_final_loss_difference": drift,
                "condition": args.condition, "load": [start_load, end_load]}
         rows.append(row)
         print(f"[{args.condition}, load {start_load:.1f}->{end_load:.1f}] {which:3s} R={R:2d}  sweep: basic {b:7.2f} s  vectorized {v:7.2f} s  ratio {b / v:5.2f}x  "
               f"replica-steps/s {R * steps / b:6.0f} -> {R * steps / v:6.0f}   loops: {lb:6.2f} s -> {lv:6.2f} s  ratio {lb / lv:5.2f}x  "
+              f"loop replica-steps/s {R * steps / lb:6.0f} -> {R * steps / lv:6.0f}  "
               f"threads {row['threads']['basic']} -> {row['threads']['vectorized']}  final loss diff {drift:.1e}", flush=True)
     return rows
 
@@ -164,7 +166,7 @@ def readme_job(args: argparse.Namespace, tmp: Path) -> list[dict]:
     for rnd in range(args.warmup + args.rounds):
         for launcher in (["basic", "vectorized"] if rnd % 2 == 0 else ["vectorized", "basic"]):
             cmd = [sys.executable, "-m", "bnexp.cli", "sweep", "experiment=placement_ablation", f"hydra/launcher={launcher}",
-                   f"hydra.sweep.dir={tmp / f'placement-{launcher}-{rnd}'}", "train.progress=false", *args.overrides]
+                   f"hydra.sweep.dir={tmp / f'placement-{launcher}-{rnd}-{args.condition}'}", "train.progress=false", *args.overrides]
             t0 = time.perf_counter()
             subprocess.run(cmd, check=True, capture_output=True, env=env, cwd=tmp)
             if rnd >= args.warmup:
@@ -185,6 +187,17 @@ def profile(which: str, args: argparse.Namespace, tmp: Path) -> None:
     # No evaluation in the loop, and one logging window: the profile is the steps'.
     overrides = [*overrides_for(which, args), "hydra.launcher.workers=1", "train.eval_every=1000000", f"train.log_every={steps}"]
     sweep(overrides, "vectorized", args.profile, tmp / "profile-warmup")
+    # Unprofiled first. On a shared machine the loop's wall time counts the time
+    # other processes hold the core; the process's CPU time over the sweep says
+    # what share of the wall it ran, so loop / share estimates the loop on a
+    # core of its own (one thread: CPU time is time on a core).
+    cpu0 = time.process_time()
+    wall, records = sweep(overrides, "vectorized", args.profile, tmp / "profile-plain")
+    share = min(1.0, (time.process_time() - cpu0) / wall)
+    loop = max(r["final"]["time/elapsed_sec"] for r in records)
+    print(f"{which} R={args.profile}, {steps} steps, unprofiled: loop {loop:.2f} s, {args.profile * steps / loop:.0f} replica-steps/s "
+          f"(wall); this process ran {share:.0%} of the sweep's wall time, so ~{args.profile * steps / (loop * share):.0f} "
+          f"replica-steps/s on a core of its own; 1-min load {load():.1f}")
     with torch_profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
         wall, records = sweep(overrides, "vectorized", args.profile, tmp / "profile")
     loop = max(r["final"]["time/elapsed_sec"] for r in records)
