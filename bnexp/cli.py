@@ -121,8 +121,7 @@ def _run_hydra(argv: list[str], sweep: bool = False) -> None:
     from omegaconf.errors import OmegaConfBaseException
 
     from bnexp import hydra_app
-    from bnexp.config import ConfigError
-    from bnexp.distributed import RankStopped
+    from bnexp.config import ConfigError, RankStopped
 
     _sigterm_interrupts()
     try:
@@ -318,8 +317,7 @@ def _train_outside_hydra(call, run_dir: Path, again: str | None = None):
     import logging
     import traceback
 
-    from bnexp.config import ConfigError
-    from bnexp.distributed import RankStopped
+    from bnexp.config import ConfigError, RankStopped
 
     _sigterm_interrupts()
     try:

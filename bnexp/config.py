@@ -319,6 +319,16 @@ LATER_KEYS: dict[str, Any] = {"norm.sync": False, "world_size": 1, "norm.zero_in
                                "train.precise_bn": 0}
 
 
+class RankStopped(BaseException):
+    """Rank 0 ended before training, other than by a bad config (a ConfigError,
+    raised as such) or an interruption; a follower rank exits with ``code``, silently.
+    (Raised by bnexp.distributed; here, so that the CLI catches it without importing torch.)"""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
 def launch_world_size() -> int:
     """How many processes train this process's run together: torchrun's WORLD_SIZE, else 1."""
     try:

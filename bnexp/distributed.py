@@ -41,7 +41,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from bnexp.config import ConfigError, TrainConfig, launch_world_size
+from bnexp.config import ConfigError, RankStopped, TrainConfig, launch_world_size  # RankStopped: torch-free, for the CLI
 from bnexp.rundir import RunRecord, run_lock
 from bnexp.runtime import pick_device
 from bnexp.step import LogWindow, Sampler
@@ -56,15 +56,6 @@ class Go:
     run_dir: str
     config: dict  # rank 0's config, plain
     resume: bool
-
-
-class RankStopped(BaseException):
-    """Rank 0 ended before training, other than by a bad config (a ConfigError,
-    raised as such) or an interruption; a follower rank exits with ``code``, silently."""
-
-    def __init__(self, code: int, message: str):
-        super().__init__(message)
-        self.code = code
 
 
 class Ranks:

@@ -22,7 +22,7 @@ import signal
 import sys
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -30,14 +30,14 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from bnexp import distributed
-from bnexp.config import ConfigError, config_dir
+# The data-parallel machinery (bnexp.distributed, and with it torch.distributed)
+# is imported only under torchrun; bnexp.runtime and bnexp.train when a job runs.
+from bnexp.config import ConfigError, config_dir, launch_world_size
 from bnexp.io import NoSpace, write_json
 from bnexp.rundir import (
     LOCK_FILE, METRICS, Action, Decision, RunDirGuard, RunInterrupted, RunLocked, acquire_run_lock, is_finished, before_writing,
     policy, read_record, release_run_lock, run_lock,
 )
-from bnexp.runtime import PREEMPT_SIGNAL, recorded_threads
 from bnexp.schema import register_configs, register_resolvers, validate
 
 log = logging.getLogger("bnexp")
@@ -88,6 +88,10 @@ class RanksCallback(Callback):
         self._redirect(config, "hydra.run.dir")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if launch_world_size() == 1:
+            return
+        from bnexp import distributed
+
         launcher = str(OmegaConf.select(config, "hydra.launcher._target_", default=""))
         if distributed.current().world_size > 1 and not launcher.endswith(".BasicLauncher"):
             # Its workers or cluster jobs would each inherit this process's rank.
@@ -97,6 +101,10 @@ class RanksCallback(Callback):
 
     @staticmethod
     def _redirect(config: DictConfig, key: str) -> None:
+        if launch_world_size() == 1:
+            return
+        from bnexp import distributed
+
         if distributed.current().is_master:
             return
         changes = {key: distributed.scratch_dir(), "hydra.job_logging.root.level": "WARNING", "hydra.hydra_logging.root.level": "WARNING"}
@@ -115,7 +123,7 @@ class ValidateCallback(Callback):
         cfg = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
         writes = hydra_writes(config)
         try:
-            distributed.lead(lambda: self._check(cfg, run_dir, writes))  # other ranks of a data-parallel run learn rank 0's verdict
+            _lead(lambda: self._check(cfg, run_dir, writes))  # other ranks of a data-parallel run learn rank 0's verdict
         except ConfigError as e:
             raise RejectedConfig(e) from None
 
@@ -151,6 +159,16 @@ class ValidateCallback(Callback):
         if decision.action == Action.skip:
             release_run_lock(run_dir)
         _PENDING[run_dir] = guard
+
+
+def _lead(fn: Callable[[], Any]) -> Any:
+    """``fn()`` under :func:`bnexp.distributed.lead` (rank 0 decides for all);
+    a single process calls it without loading torch.distributed."""
+    if launch_world_size() == 1:
+        return fn()
+    from bnexp import distributed
+
+    return distributed.lead(fn)
 
 
 def hydra_writes(config: DictConfig) -> list[str]:
@@ -251,7 +269,8 @@ def _not_trained(decision: Decision, run_dir: Path, overrides: list[str]) -> dic
 
 
 def _execute_locked(cfg: DictConfig, run_dir: Path, multirun: bool, overrides: list[str]) -> dict[str, Any]:
-    # Here, not at the top: a config refused before this point is said without loading TensorBoard.
+    # Here, not at the top: a config refused before this point is said without loading torch or TensorBoard.
+    from bnexp.runtime import recorded_threads
     from bnexp.train import train
 
     try:
@@ -382,6 +401,8 @@ def _hand_preemption_on(e: RunInterrupted) -> None:
     now the handler that the launcher had for that signal runs. Under Hydra's
     submitit launcher that is submitit's: it requeues this very job, which
     resumes from the checkpoint (bnexp.rundir.policy), and exits."""
+    from bnexp.runtime import PREEMPT_SIGNAL
+
     handler = signal.getsignal(e.signum) if e.signum is not None and e.signum == PREEMPT_SIGNAL else None
     if callable(handler):
         log.warning("%s; handing the preemption signal on to the launcher (submitit requeues the job)", e)

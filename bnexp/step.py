@@ -20,6 +20,7 @@ from torch import nn
 
 from bnexp.config import Amp, ConfigError, Loss, OptimName, Schedule, TrainOnly, steps_per_epoch
 from bnexp.norms import is_norm, use_batch_statistics
+from bnexp.optim import optimizer_class
 
 # train.loss -> the loss function of a step, an evaluation and every probe (mean over the batch).
 LOSSES: dict[Loss, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {Loss.cross_entropy: F.cross_entropy, Loss.mse: F.mse_loss}
@@ -47,12 +48,14 @@ def trainable(cfg: DictConfig, model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def make_optimizer(cfg: DictConfig, model: nn.Module, batch_size: int | None = None) -> torch.optim.Optimizer:
+def make_optimizer(cfg: DictConfig, model: nn.Module, batch_size: int | None = None, compile: bool = False) -> torch.optim.Optimizer:
+    """torch's optimizer of ``optim.name``; without train.compile (``compile``), its subclass
+    that spares the process torch._dynamo's import (bnexp.optim)."""
     params = trainable(cfg, model)
     name, lr = OptimName(cfg.name), base_lr(cfg, batch_size)
+    cls = optimizer_class(name.value, compile)
     if name == OptimName.sgd:
-        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov and cfg.momentum > 0)
-    cls = torch.optim.Adam if name == OptimName.adam else torch.optim.AdamW
+        return cls(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov and cfg.momentum > 0)
     return cls(params, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
 
 

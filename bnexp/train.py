@@ -248,7 +248,7 @@ class Run:
         self.stop_vote = self.ranks.stop_vote()  # signals reach ranks at different steps: they agree on one
         # The step trains through the DDP wrapper (step_model); all else sees the raw model.
         self.model, step_model = self.ranks.models(build_run_model(cfg, data, device), cfg.norm, t.batch_size, device)
-        self.optimizer = make_optimizer(cfg.optim, self.model, t.batch_size)
+        self.optimizer = make_optimizer(cfg.optim, self.model, t.batch_size, compile=bool(t.compile))
         self.ranks.share_running_stats(self.model, self.optimizer)
         self.schedule = LrSchedule(cfg.optim, self.optimizer, total)
         self.loss_fn = LOSSES[Loss(t.loss)]

@@ -305,13 +305,27 @@ def test_md5_of_an_unchanged_file_is_read_from_the_cache(tmp_path, patched_md5s,
     cache = json.loads(own_md5_cache.read_text())
     path = tmp_path / "m" / IDX[0]
     st = path.stat()
-    assert cache[str(path)] == [st.st_size, st.st_mtime_ns, st.st_ctime_ns, md5(path)]
+    assert cache[str(path)] == [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, md5(path)]
     # The next check believes the cache while the file is unchanged: it does not read the file again.
-    cache[str(path)][3] = "0" * 32
+    cache[str(path)][-1] = "0" * 32
     own_md5_cache.write_text(json.dumps(cache))
     with pytest.raises(DataError) as e:
         D.check_available("mnist", str(tmp_path / "m"), download=False)
     assert f"{path} has MD5 {'0' * 32}" in one_line(e)
+
+
+def test_a_file_replaced_by_another_with_its_size_mtime_and_ctime_is_hashed_again(tmp_path, patched_md5s, own_md5_cache):
+    make_mnist_folder(tmp_path / "m")
+    patched_md5s("mnist", tmp_path / "m")
+    D.check_available("mnist", str(tmp_path / "m"), download=False)
+    path = tmp_path / "m" / IDX[0]
+    st = path.stat()
+    cache = json.loads(own_md5_cache.read_text())
+    cache[str(path)][3] = st.st_ino + 1  # as if hashed when another file (inode) lived at this path
+    cache[str(path)][-1] = "0" * 32
+    own_md5_cache.write_text(json.dumps(cache))
+    D.check_available("mnist", str(tmp_path / "m"), download=False)  # hashed again: the real MD5 passes
+    assert json.loads(own_md5_cache.read_text())[str(path)] == [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, md5(path)]
 
 
 def test_a_file_rewritten_with_its_old_size_and_mtime_is_hashed_again(tmp_path, patched_md5s):

@@ -210,6 +210,7 @@ def test_a_sweep_under_torchrun_refuses_a_launcher_whose_workers_would_inherit_i
     from bnexp import distributed
 
     monkeypatch.setattr(distributed, "_RANKS", distributed.Ranks(world_size=2, rank=0))  # rank 0 of two, as torchrun starts it
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun's word for it, which bnexp reads before it loads torch.distributed
     out = run_inprocess(["sweep", "hydra/launcher=joblib", "data=synthetic", "seed=0,1"], tmp_path)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == ["error: hydra/launcher: JoblibLauncher under torchrun; allowed: basic (every job of "

@@ -40,6 +40,30 @@ def threads_env(n: int) -> dict:
     return {"OMP_NUM_THREADS": str(n)}
 
 
+@pytest.mark.parametrize("model, data_shape", [
+    (["model.hidden=[100,100,100]"], (1, 28, 28)),
+    (["model=cnn", "model.hidden=[4,6]"], (1, 40)),
+    (["model=cnn", "model.hidden=[4,6]"], (3, 16, 16)),
+    (["model=resnet", "model.depth=8", "model.width=0.25", "model.shortcut=projection"], (3, 16, 16)),
+    (["model=vgg", "model.width=0.0625"], (3, 32, 32)),
+])
+def test_auto_counts_a_steps_flops_as_torchs_flop_counter_does(model, data_shape):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bnexp.models import build_model
+    from bnexp.runtime import step_flops
+
+    cfg = compose(model)
+    net = build_model(cfg.model, cfg.norm, data_shape, 10)
+    x = torch.randn(1, *data_shape)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        net.eval()(torch.cat([x, x]))
+    net.train()
+    assert step_flops(net, x, 64) == 3.0 * 64 * counter.get_total_flops() / 2 > 0
+    assert net.training  # given back in its mode
+
+
 @pytest.mark.slow  # a fresh process: the thread budget is read when torch loads
 def test_auto_gives_a_small_step_one_thread_though_the_process_may_use_two(tmp_path):
     out = run_cli(["train", *TINY, "train.steps=20", "hydra.run.dir=run"], tmp_path, env=threads_env(2))
