@@ -5,14 +5,24 @@ For each model and each R, one process runs the sweep ``seed=0..R-1`` through
 bnexp's real Hydra entry point (``bnexp sweep``'s code path, in process:
 interpreter start and imports, the same for both launchers, are left out)
 with each launcher, alternating which goes first, after one tiny warm-up
-sweep of each.
+sweep of each; "quiet" with nothing else started, "busy" next to one
+competing ``while True: pass`` process that the benchmark starts itself. The
+vectorized launcher runs as a user gets it: its stacks on one forked worker
+process per CPU (``hydra.launcher.workers``), one thread each.
 It prints, per R, the whole sweep's wall time (Hydra composing each job's
 config, setup, the loops, final evaluations, checkpoints) of each launcher,
 their ratio and replica-steps/s (R x steps / wall time); and the time spent in
 the training loops alone (each run's ``time/elapsed_sec``: summed over the
-basic launcher's jobs, the stack's for the vectorized one) and its ratio. Before timing, it checks that the two launchers gave
+basic launcher's jobs; for the vectorized one the longest of its stacks, which
+run side by side) and its ratio, with the 1-minute load before and after. Before timing, it checks that the two launchers gave
 every job the same final train/loss (within 1e-4; for the CNN, whose ReLUs let
 two fp32 computations of one run drift apart, it prints the largest difference).
+
+``--profile R`` runs one vectorized sweep of R replicas in this process (one
+worker, so the profiler sees every op) under torch's profiler and prints the
+stacked step's time per op, per step, and the GFLOP/s of the ops that count
+their floating-point work (the matmuls), so each piece's distance from the
+CPU's matmul rate shows.
 
 Models: the BN paper's MLP (``experiment=bn_paper_mnist``: 784-100-100-100-10
 sigmoid, BN before the nonlinearity, batch 60, SGD lr 0.2; real MNIST when
@@ -20,7 +30,7 @@ found, else MNIST-shaped synthetic data) and the small CNN (``model=cnn``,
 32-64-128 channels, BN; Fashion-MNIST when found, else synthetic 1x28x28).
 
     python benchmarks/bench_replicas.py                          # both models, R = 1 2 4 8 16 32
-    python benchmarks/bench_replicas.py --which mlp --replicas 8 --rounds 3
+    python benchmarks/bench_replicas.py --which mlp --replicas 8 16 --steps-mlp 5000 --conditions quiet busy
     python benchmarks/bench_replicas.py --which mlp --profile 8  # where a stacked step's time goes
     python benchmarks/bench_replicas.py --which placement --rounds 3   # the README's main job, end to end
 """
@@ -79,13 +89,34 @@ def sweep(overrides: list[str], launcher: str, R: int, out: Path) -> tuple[float
     return wall, records
 
 
+@contextlib.contextmanager
+def condition(name: str):
+    """``busy``: one competing process on a core for the duration; ``quiet``: none."""
+    import subprocess
+
+    competitor = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if name == "busy" else None
+    try:
+        if competitor is not None:
+            time.sleep(1.0)  # let it take its core
+        yield
+    finally:
+        if competitor is not None:
+            competitor.kill()
+            competitor.wait()
+
+
+def load() -> float:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+
 def bench(which: str, args: argparse.Namespace, tmp: Path) -> list[dict]:
     overrides = overrides_for(which, args)
     for w in range(args.warmup):  # first use in this process: imports, Hydra's caches, torch's kernels
         for launcher in ("basic", "vectorized"):
-            sweep([*overrides, "train.steps=20"], launcher, 2, tmp / f"{which}-warmup{w}-{launcher}")
+            sweep([*overrides, "train.steps=20"], launcher, 2, tmp / f"{which}-warmup{w}-{launcher}-{args.condition}")
     rows = []
     for R in args.replicas:
+        start_load = load()
         walls: dict[str, list[float]] = {"basic": [], "vectorized": []}
         loops: dict[str, list[float]] = {"basic": [], "vectorized": []}  # seconds in the training loops (time/elapsed_sec)
         threads: dict[str, set[int]] = {"basic": set(), "vectorized": set()}  # train.threads=auto's picks (env.threads)
@@ -94,13 +125,13 @@ def bench(which: str, args: argparse.Namespace, tmp: Path) -> list[dict]:
             order = ["basic", "vectorized"] if rnd % 2 == 0 else ["vectorized", "basic"]
             losses = {}
             for launcher in order:
-                wall, records = sweep(overrides, launcher, R, tmp / f"{which}-{R}-{launcher}-{rnd}")
+                wall, records = sweep(overrides, launcher, R, tmp / f"{which}-{R}-{launcher}-{rnd}-{args.condition}")
                 assert len(records) == R and all(r["status"] == "completed" for r in records), [r["status"] for r in records]
                 losses[launcher] = [r["final"]["train/loss"] for r in records]
                 threads[launcher].update(r["env"]["threads"] for r in records)
                 walls[launcher].append(wall)
                 elapsed = [r["final"]["time/elapsed_sec"] for r in records]
-                # One after another, the loops add up; stacked, they run together (the longest counts).
+                # One after another, the loops add up; stacked, they run together, and stacks on workers side by side (the longest counts).
                 loops[launcher].append(sum(elapsed) if launcher == "basic" else max(elapsed))
             diff = max(abs(a - b) for a, b in zip(losses["basic"], losses["vectorized"]))
             # The MLP's sigmoids keep the two within fp32 rounding; the CNN's ReLUs let
@@ -108,15 +139,19 @@ def bench(which: str, args: argparse.Namespace, tmp: Path) -> list[dict]:
             assert which != "mlp" or diff <= 1e-4, f"{which} R={R}: final train/loss differs by {diff} between the launchers"
             drift = max(drift, diff)
         steps = args.steps_mlp if which == "mlp" else args.steps_cnn
+        end_load = load()
         b, v = statistics.median(walls["basic"]), statistics.median(walls["vectorized"])
         lb, lv = statistics.median(loops["basic"]), statistics.median(loops["vectorized"])
         row = {"model": which, "R": R, "steps": steps, "basic_wall_s": b, "vectorized_wall_s": v, "ratio": b / v,
                "basic_replica_steps_per_s": R * steps / b, "vectorized_replica_steps_per_s": R * steps / v,
-               "basic_loop_s": lb, "vectorized_loop_s": lv, "loop_ratio": lb / lv, "rounds": walls, "loop_rounds": loops,
-               "threads": {k: sorted(v) for k, v in threads.items()}, "max_final_loss_difference": drift}
+               "basic_loop_s": lb, "vectorized_loop_s": lv, "loop_ratio": lb / lv,
+               "basic_loop_replica_steps_per_s": R * steps / lb, "vectorized_loop_replica_steps_per_s": R * steps / lv, "rounds": walls, "loop_rounds": loops,
+               "threads": {k: sorted(v) for k, v in threads.items()}, "max_final_loss_difference": drift,
+               "condition": args.condition, "load": [start_load, end_load]}
         rows.append(row)
-        print(f"{which:3s} R={R:2d}  sweep: basic {b:7.2f} s  vectorized {v:7.2f} s  ratio {b / v:5.2f}x  "
+        print(f"[{args.condition}, load {start_load:.1f}->{end_load:.1f}] {which:3s} R={R:2d}  sweep: basic {b:7.2f} s  vectorized {v:7.2f} s  ratio {b / v:5.2f}x  "
               f"replica-steps/s {R * steps / b:6.0f} -> {R * steps / v:6.0f}   loops: {lb:6.2f} s -> {lv:6.2f} s  ratio {lb / lv:5.2f}x  "
+              f"loop replica-steps/s {R * steps / lb:6.0f} -> {R * steps / lv:6.0f}  "
               f"threads {row['threads']['basic']} -> {row['threads']['vectorized']}  final loss diff {drift:.1e}", flush=True)
     return rows
 
@@ -131,7 +166,7 @@ def readme_job(args: argparse.Namespace, tmp: Path) -> list[dict]:
     for rnd in range(args.warmup + args.rounds):
         for launcher in (["basic", "vectorized"] if rnd % 2 == 0 else ["vectorized", "basic"]):
             cmd = [sys.executable, "-m", "bnexp.cli", "sweep", "experiment=placement_ablation", f"hydra/launcher={launcher}",
-                   f"hydra.sweep.dir={tmp / f'placement-{launcher}-{rnd}'}", "train.progress=false", *args.overrides]
+                   f"hydra.sweep.dir={tmp / f'placement-{launcher}-{rnd}-{args.condition}'}", "train.progress=false", *args.overrides]
             t0 = time.perf_counter()
             subprocess.run(cmd, check=True, capture_output=True, env=env, cwd=tmp)
             if rnd >= args.warmup:
@@ -142,16 +177,39 @@ def readme_job(args: argparse.Namespace, tmp: Path) -> list[dict]:
 
 
 def profile(which: str, args: argparse.Namespace, tmp: Path) -> None:
-    """The stacked loop of one vectorized sweep under torch's profiler (CPU ops by self time)."""
+    """The stacked loop of one vectorized sweep (one worker, in this process) under
+    torch's profiler: each op's self time per training step, and the rate of
+    those that count floating-point work (the matmuls), in GFLOP/s."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    overrides = overrides_for(which, args)
+    steps = args.steps_mlp if which == "mlp" else args.steps_cnn
+    # No evaluation in the loop, and one logging window: the profile is the steps'.
+    overrides = [*overrides_for(which, args), "hydra.launcher.workers=1", "train.eval_every=1000000", f"train.log_every={steps}"]
     sweep(overrides, "vectorized", args.profile, tmp / "profile-warmup")
-    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-        wall, _ = sweep(overrides, "vectorized", args.profile, tmp / "profile")
-    print(f"{which} R={args.profile}: {wall:.2f} s under the profiler")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile_rows))
+    # Unprofiled first. On a shared machine the loop's wall time counts the time
+    # other processes hold the core; the process's CPU time over the sweep says
+    # what share of the wall it ran, so loop / share estimates the loop on a
+    # core of its own (one thread: CPU time is time on a core).
+    cpu0 = time.process_time()
+    wall, records = sweep(overrides, "vectorized", args.profile, tmp / "profile-plain")
+    share = min(1.0, (time.process_time() - cpu0) / wall)
+    loop = max(r["final"]["time/elapsed_sec"] for r in records)
+    print(f"{which} R={args.profile}, {steps} steps, unprofiled: loop {loop:.2f} s, {args.profile * steps / loop:.0f} replica-steps/s "
+          f"(wall); this process ran {share:.0%} of the sweep's wall time, so ~{args.profile * steps / (loop * share):.0f} "
+          f"replica-steps/s on a core of its own; 1-min load {load():.1f}")
+    with torch_profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+        wall, records = sweep(overrides, "vectorized", args.profile, tmp / "profile")
+    loop = max(r["final"]["time/elapsed_sec"] for r in records)
+    print(f"{which} R={args.profile}, {steps} steps: sweep {wall:.2f} s, loop {loop:.2f} s under the profiler "
+          f"({1000 * loop / steps:.2f} ms a step, {args.profile * steps / loop:.0f} replica-steps/s), 1-min load {load():.1f}")
+    rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[: args.profile_rows]
+    total = sum(e.self_cpu_time_total for e in prof.key_averages())
+    print(f"{'op':45s} {'calls/step':>10s} {'ms/step':>8s} {'share':>6s} {'GFLOP/s':>8s}")
+    for e in rows:
+        rate = f"{e.flops / e.self_cpu_time_total / 1e3:8.1f}" if e.flops else ""
+        print(f"{e.key[:45]:45s} {e.count / steps:10.1f} {e.self_cpu_time_total / 1e3 / steps:8.3f} "
+              f"{e.self_cpu_time_total / total:6.1%} {rate}")
 
 
 def main() -> None:
@@ -164,6 +222,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--warmup", type=int, default=1, help="untimed tiny sweeps of each launcher before the timed ones")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--conditions", nargs="+", default=["quiet"], choices=["quiet", "busy"],
+                   help="busy: next to one competing busy process that the benchmark starts")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--profile", type=int, default=None, metavar="R", help="profile one vectorized sweep of R replicas instead")
     p.add_argument("--profile-rows", type=int, default=20)
@@ -183,7 +243,11 @@ def main() -> None:
             for which in args.which:
                 profile(which, args, Path(d))
             return
-        rows = [row for which in args.which for row in (readme_job(args, Path(d)) if which == "placement" else bench(which, args, Path(d)))]
+        rows = []
+        for cond in args.conditions:
+            args.condition = cond
+            with condition(cond):
+                rows += [row for which in args.which for row in (readme_job(args, Path(d)) if which == "placement" else bench(which, args, Path(d)))]
     print(f"1-min load at the end {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

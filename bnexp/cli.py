@@ -568,6 +568,9 @@ def reproduce(
     console = make_console()
     print_titled(console, f"{run_dir} -> {new_dir}", rp.differences_table(rows, None))
     verdict = "identical: every metric matches exactly" if rp.identical(rows) else "differs (see the difference column)"
+    caveat = None if rp.identical(rows) else rp.caveat(original)
+    if caveat:
+        verdict += f"; trained alone, {caveat}"
     console.print(f"{verdict}; timing (time/*) is not compared", highlight=False)
 
 

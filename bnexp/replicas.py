@@ -49,8 +49,9 @@ from bnexp.config import Amp, ConfigError, flatten, launch_world_size, plain
 from bnexp.models import build_model
 from bnexp.models.stacked import NotStackable, Slot, StackedNet
 from bnexp.rundir import ReplicasInterrupted, run_lock  # noqa: F401  (ReplicasInterrupted: raised from here)
-from bnexp.runtime import recorded_threads, set_threads
+from bnexp.runtime import recorded_threads, set_threads, step_flops
 from bnexp.step import LogWindow, LrSchedule, TrainStep
+from bnexp.tracking import print_summary
 from bnexp.train import Run, end, loop, setup
 
 log = logging.getLogger("bnexp")
@@ -78,7 +79,7 @@ SCALAR_KEYS = ("optim.lr", "optim.momentum", "optim.weight_decay", "norm.momentu
 
 def alone_reason(cfg: DictConfig) -> str | None:
     """Why a job cannot be a replica of a stack, from its config alone (None:
-    it can, if its network folds: :func:`fold_reason`)."""
+    it can, if its network folds and stacking pays: :func:`stack_reason`)."""
     try:
         flat = flatten(plain(cfg))
     except Exception:  # noqa: BLE001
@@ -103,18 +104,35 @@ def stack_key(cfg: DictConfig) -> str | None:
     return json.dumps(flat, sort_keys=True, default=str)
 
 
-def fold_reason(cfg: DictConfig) -> str | None:
-    """Why the network of ``cfg`` does not fold into a stacked model, found by
-    folding it (as a stack of one, on the CPU), or None: it folds. The data is
-    loaded for its shapes as the job loads it, so the job's own load finds it
+# On the CPU, a replica whose training step has more matmul/conv work than this
+# trains alone: stacking saves per-op overhead (Python, dispatch, small kernels),
+# which such a step hardly has. Measured (one thread, CPU time, R=4 stacked vs 4
+# steps alone, shared 2-core box at load 8): the BN-paper MLP (36 MFLOP) 1.58x,
+# 784-256x3 at batch 128 (257 MFLOP) 1.23x, 784-512x3 (715 MFLOP) 0.92x; a CNN
+# 8-16 (108 MFLOP) 1.03x, 32-64-128 (2862 MFLOP) 0.91x (convolutions run one per
+# replica on the CPU: bnexp.models.stacked). On a GPU every stack pays (launches).
+STACK_MAX_FLOPS = 2e8
+
+
+def stack_reason(cfg: DictConfig) -> str | None:
+    """Why jobs of ``cfg`` train one by one rather than stacked, or None: they
+    stack. Found by folding the network (as a stack of one): a part without a
+    fold rule; on the CPU, a step too large to gain (STACK_MAX_FLOPS). The data
+    is loaded for its shapes as the job loads it, so the job's own load finds it
     cached (bnexp.data.load)."""
     try:
-        data = data_mod.load(cfg.data, distributed.current().device(cfg.train.device))
-        StackedNet([build_model(cfg.model, cfg.norm, data.input_shape, data.num_classes)])
+        device = distributed.current().device(cfg.train.device)
+        data = data_mod.load(cfg.data, device)
+        model = build_model(cfg.model, cfg.norm, data.input_shape, data.num_classes)
+        StackedNet([model])
     except NotStackable as e:
         return f"the stacked model has no fold rule for {e}"
     except Exception as e:  # noqa: BLE001  a config that does not build: each job says why
         return f"its network does not build ({type(e).__name__})"
+    if device.type == "cpu":
+        flops = step_flops(model, data.x_train[:1].cpu(), int(cfg.train.batch_size))
+        if flops > STACK_MAX_FLOPS:
+            return f"a step of {flops / 1e6:.0f} MFLOP keeps a CPU core busy alone: stacking gains nothing above {STACK_MAX_FLOPS / 1e6:.0f}"
     return None
 
 
@@ -139,7 +157,7 @@ def stacks_of(cfgs: list[DictConfig | None], max_replicas: int) -> tuple[list[li
             order.append(groups[key])
     stacks: list[list[int]] = []
     for group in order:
-        why = fold_reason(cfgs[group[0]]) if len(group) > 1 else None  # type: ignore[arg-type]
+        why = stack_reason(cfgs[group[0]]) if len(group) > 1 else None  # type: ignore[arg-type]
         if why is not None:  # decided by trying: job by job
             reasons[why] += len(group)
             stacks += [[i] for i in group]
@@ -336,14 +354,13 @@ class StackedStepper:
                                     per_replica(first.loss_fn), clip=make_clip(cfg.optim, [Leaf(s.name, s.tensor, s.shape) for s in self.net.param_slots]))
         w = first.window
         self.window = LogWindow(w.log_every, first.total, w.batch_size, first.data.num_classes, first.device, w.accuracy, replicas=R)
-        self.window.buf = torch.stack([run.window.buf for run in runs], -1)
+        self.window.buf = torch.stack([run.window.buf for run in runs])
         self.last = first.state.step  # the last step trained
         self.augmenting = not isinstance(first.augment, NoAugment)
-        # train.threads for the stack's step, R replicas' work in one process (auto:
-        # the rule sees R times a replica's FLOPs); each replica records the count.
-        threads = set_threads(cfg.train.threads, first.model, first.data.x_train[:1], R * cfg.train.batch_size, first.device)
+        # train.threads for the stack's step (auto on a CPU: one); each replica records the count.
+        threads = set_threads(cfg.train.threads, first.model, first.data.x_train[:1], R * cfg.train.batch_size, first.device, stack=True)
         for r, run in enumerate(runs):
-            run.window.buf = self.window.buf[..., r]  # its column: read and checkpointed by the standalone code
+            run.window.buf = self.window.buf[r]  # its rows: read and checkpointed by the standalone code
             run.tracker.record.data["replica"] = {"index": r, "of": R}
             run.tracker.record.data["env"]["threads"] = threads
             if r and first.tracker.console.progress is not None:  # in a terminal: one bar for the stack; else each logs its evals
@@ -352,7 +369,9 @@ class StackedStepper:
     def step(self, step: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         runs, data = self.runs, self.runs[0].data
         idx = torch.stack([run.sampler.next() for run in runs])
-        x, y = data.x_train[idx], data.y_train[idx]
+        # index_select of the flat indices: 0.07 ms against x_train[idx]'s 0.28 ms for [8, 60] rows of 784 (one thread).
+        x = data.x_train.index_select(0, idx.flatten()).unflatten(0, idx.shape)
+        y = data.y_train.index_select(0, idx.flatten()).unflatten(0, idx.shape)
         if self.augmenting:  # each replica's own crops and flips, from its own generator (data.augment)
             x = torch.stack([run.augment(xr) for run, xr in zip(runs, x)])
         self.optimizer.clear_split_grads()
@@ -421,6 +440,33 @@ def train_replicas(jobs: list[ReplicaJob]) -> list[dict[str, Any] | ConfigError]
             if interrupted is not None:
                 raise interrupted
     return out
+
+
+def train_alone(cfg: DictConfig, run_dir: Path, resume: bool = False, extra_record: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One replica of a stack trained again on its own (``bnexp resume``, ``bnexp
+    reproduce``) as a stack of one, which computes it as its stack did: a batched
+    matmul per replica, norms over its own channels, a convolution per replica on
+    the CPU, its own window rows, one thread (train.threads=auto). On the CPU its
+    numbers are then the stack's, bit for bit (:func:`replica_caveat` says where
+    not). Returns its metrics.json record; raises ConfigError as :func:`bnexp.train.train`."""
+    [out] = train_replicas([ReplicaJob(cfg, Path(run_dir), resume, extra_record)])
+    if isinstance(out, ConfigError):
+        raise out
+    print_summary(out, Path(run_dir))
+    return out
+
+
+def replica_caveat(record: dict[str, Any]) -> str | None:
+    """Why a stack of one cannot give the numbers that the replica of ``record``
+    (its metrics.json) had in its stack, in one line; None: it gives them exactly."""
+    replica, env = record.get("replica") or {}, record.get("env") or {}
+    where = f"replica {replica.get('index')} of a stack of {replica.get('of')}"
+    if not str(env.get("device", "cpu")).startswith("cpu"):
+        return f"{where} on {env.get('device')}: its kernels need not add one replica's products in the order they add R replicas' (bit-identical on the CPU only)"
+    threads = env.get("threads")
+    if isinstance(threads, int) and threads > 1:
+        return f"{where} with {threads} threads: a batched matmul splits one replica's work over threads otherwise than R replicas' (bit-identical with train.threads=1 or auto)"
+    return None
 
 
 def _stepper(runs: list[Run], rngs: list[dict[str, Any]]) -> StackedStepper:

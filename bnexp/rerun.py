@@ -182,7 +182,31 @@ def _resume(run_dir: Path) -> dict[str, Any]:
             cfg, record, checkpoint = check_resumable(run_dir)
         log_to(run_dir)
         with recorded_threads(cfg, record):  # results depend on the thread count
-            return train(cfg, run_dir, resume=True, extra_record={"overrides": record.get("overrides", [])}, checkpoint=checkpoint)
+            return _train(cfg, run_dir, record, resume=True, extra_record={"overrides": record.get("overrides", [])}, checkpoint=checkpoint)
+
+
+def caveat(record: dict[str, Any]) -> str | None:
+    """Why rerunning the run of ``record`` (its metrics.json) alone cannot give its
+    numbers exactly, in words (None: no reason known)."""
+    if not record.get("replica"):
+        return None
+    from bnexp.replicas import replica_caveat
+
+    return replica_caveat(record)
+
+
+def _train(cfg: DictConfig, run_dir: Path, record: dict[str, Any], resume: bool = False, extra_record: dict[str, Any] | None = None,
+           checkpoint: dict[str, Any] | None = None) -> dict[str, Any]:
+    """train() for a run trained alone; a replica of a stack (its ``record`` says
+    so) as a stack of one, which computes it as its stack did."""
+    if not record.get("replica"):
+        return train(cfg, run_dir, resume=resume, extra_record=extra_record, checkpoint=checkpoint)
+    from bnexp.replicas import train_alone
+
+    why = caveat(record)
+    if why:
+        log.warning("trained alone, %s will not give its stack's numbers exactly: %s", run_dir, why)
+    return train_alone(cfg, run_dir, resume, extra_record)
 
 
 # --------------------------------------------------------------------------- reproduce
@@ -235,7 +259,8 @@ def _reproduce(run_dir: Path, out_dir: Path | None, overrides: list[str] | None)
                 atomic_write(out / ".hydra" / "overrides.yaml", lambda f: OmegaConf.save(OmegaConf.create([*saved_overrides, *overrides]), f))
             log_to(out)
             with recorded_threads(cfg, original.metrics):  # results depend on the thread count
-                record = train(cfg, out, extra_record={"overrides": original.overrides + list(overrides or []), "reproduce_of": str(run_dir.resolve())})
+                record = _train(cfg, out, original.metrics or {},
+                                extra_record={"overrides": original.overrides + list(overrides or []), "reproduce_of": str(run_dir.resolve())})
         except BaseException as e:
             if isinstance(e, ConfigError) or read_record(out) is None:  # training never began: nothing of the new run to keep
                 guard.undo()

@@ -141,6 +141,9 @@ class RunInterrupted(KeyboardInterrupt):
         super().__init__(f"{run_dir} interrupted after step {step}; checkpoint saved" if step is not None else f"{run_dir} interrupted")
         self.run_dir, self.step, self.signum = Path(run_dir), step, signum  # signum: the signal that stopped the loop
 
+    def __reduce__(self) -> tuple:  # from a launcher's worker process to the CLI (bnexp.workers)
+        return type(self), (self.run_dir, self.step, self.signum)
+
     @property
     def resumable(self) -> bool:
         """Whether `bnexp resume` can continue it: a bnexp record and a checkpoint are there."""
@@ -154,6 +157,22 @@ class ReplicasInterrupted(RunInterrupted):
         super().__init__(run_dirs[0], step)
         self.run_dirs = run_dirs
         self.args = (f"{len(run_dirs)} replicas ({run_dirs[0]} ...) interrupted after step {step}; checkpoints saved",)
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.run_dirs, self.step)
+
+    @classmethod
+    def joined(cls, stops: list[RunInterrupted]) -> RunInterrupted:
+        """The interruptions of stacks or runs that trained side by side (the vectorized
+        launcher's worker processes), as one."""
+        if len(stops) == 1:
+            return stops[0]
+        dirs = [d for e in stops for d in (e.run_dirs if isinstance(e, ReplicasInterrupted) else [e.run_dir])]
+        steps = sorted({e.step for e in stops if e.step is not None})
+        out = cls(dirs, steps[0])
+        out.args = (f"{len(dirs)} jobs ({dirs[0]} ...) interrupted after step{'s' if len(steps) > 1 else ''} "
+                    f"{', '.join(map(str, steps))}; checkpoints saved",)
+        return out
 
     @property
     def resumable(self) -> bool:
@@ -260,6 +279,27 @@ def acquire_run_lock(run_dir: str | os.PathLike) -> None:
 def _lock_path(run_dir: Path) -> str:
     # The run dir resolved, the lock file itself not: a symlink there must be seen, not followed.
     return os.path.join(os.path.realpath(run_dir), LOCK_FILE)
+
+
+def live_holder(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The live process on this host that the run dir's lock file names (the last
+    to take its lock), or None: none, another host's, or gone. For a run dir
+    without metrics.json yet: its holder is setting it up (a vectorized sweep
+    sets up every replica of a stack before any writes)."""
+    try:
+        fd = os.open(os.path.join(run_dir, LOCK_FILE), os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return None
+    try:
+        info = json.loads(os.read(fd, 4096) or b"null")
+    except (OSError, ValueError):
+        return None
+    finally:
+        os.close(fd)
+    if not isinstance(info, dict) or info.get("host") != socket.gethostname() or not isinstance(info.get("pid"), int):
+        return None
+    start = info.get("start_ticks")
+    return info if _process_alive(info["pid"], start if isinstance(start, int) else None) else None
 
 
 def holds_lock(run_dir: str | os.PathLike) -> bool:

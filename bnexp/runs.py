@@ -36,6 +36,7 @@ class Run:
     metrics: dict[str, Any] | None = None  # metrics.json
     overrides: list[str] = field(default_factory=list)
     problem: str | None = None  # why this run cannot be used, if it cannot
+    starting: bool = False  # no metrics.json yet, and a live process holds its lock (setting it up)
 
     @cached_property
     def job_num(self) -> int:
@@ -46,7 +47,7 @@ class Run:
     def status(self) -> str:
         """metrics.json's status; ``dead`` for a ``running`` run whose heartbeat stopped."""
         if self.metrics is None:
-            return "unreadable"
+            return "running" if self.starting else "unreadable"
         from bnexp.rundir import run_is_alive
 
         status = str(self.metrics.get("status", "unknown"))
@@ -219,7 +220,12 @@ def read_run(path: Path, with_config: bool = True) -> Run:
             run.metrics = None
             problems.append(shape)
     else:
-        problems.append("no metrics.json (the run never started training, or its files were lost)")
+        from bnexp.rundir import live_holder
+
+        holder = live_holder(path)
+        run.starting = holder is not None
+        problems.append(f"no metrics.json yet: pid {holder['pid']} holds it, setting it up" if holder
+                        else "no metrics.json (the run never started training, or its files were lost)")
     if with_config:
         run.config = _read_config(path, problems)
     if run.metrics and isinstance(run.metrics.get("overrides"), list):

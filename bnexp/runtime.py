@@ -133,6 +133,15 @@ def _cpus() -> set[int]:
         return set(range(os.cpu_count() or 1))
 
 
+def share_cores(workers: int) -> None:
+    """This process is one of ``workers`` that share the cores (the vectorized
+    launcher's worker processes): its budget is its share, as joblib gives each
+    worker cpu_count // n_jobs threads."""
+    global _DEFAULT_THREADS
+    _DEFAULT_THREADS = max(1, thread_budget() // workers)
+    torch.set_num_threads(_DEFAULT_THREADS)
+
+
 def machine_cpus() -> int:
     """The machine's CPUs, which an explicit train.threads is capped at."""
     return os.cpu_count() or 1
@@ -217,12 +226,14 @@ def auto_threads(flops: float, budget: int, idle: float) -> int:
     return max(1, min(budget, int(idle + 0.5)))
 
 
-def set_threads(setting: Any, model: torch.nn.Module, example: torch.Tensor, batch_size: int, device: torch.device) -> int:
+def set_threads(setting: Any, model: torch.nn.Module, example: torch.Tensor, batch_size: int, device: torch.device,
+                stack: bool = False) -> int:
     """Set torch's intra-op threads for a run from ``train.threads`` and return the count.
 
     ``N``: N threads. ``auto``: the count a run being retrained was recorded
-    with (see :func:`recorded_threads`); else on CPU :func:`auto_threads`; on a
-    GPU the budget (the CPU only launches kernels there).
+    with (see :func:`recorded_threads`); else on CPU one for a ``stack`` of
+    replicas, :func:`auto_threads` for a run; on a GPU the budget (the CPU only
+    launches kernels there).
     """
     if setting != "auto":
         n, why = int(setting), "train.threads"
@@ -233,6 +244,12 @@ def set_threads(setting: Any, model: torch.nn.Module, example: torch.Tensor, bat
         n, why = _recorded_count, "as recorded in the run's metrics.json"
     elif device.type != "cpu":
         n, why = thread_budget(), f"auto: {device.type} device"
+    elif stack:
+        # One thread: no op waits at a barrier for a thread that lost its core, and a
+        # replica's numbers do not depend on its stack (a batched matmul of one
+        # replica splits its work over two threads otherwise than R replicas' does).
+        # The vectorized launcher uses the other cores with stacks of their own.
+        n, why = 1, "auto: a stack of replicas, one thread (a core per stack)"
     else:
         flops = step_flops(model, example, batch_size)
         if flops < AUTO_MIN_FLOPS:

@@ -224,8 +224,12 @@ class LogWindow:
     a checkpoint, and whenever WINDOW_LOGITS logits are pending.
 
     With ``replicas=R`` each step's loss is [R] (and its logits [R, B, classes]):
-    the window of a stack, whose fold writes every replica's column of ``buf``
-    [2, steps, R] at once (bnexp.replicas points each replica's own window at its column).
+    the window of a stack, whose fold writes every replica's rows of ``buf``
+    [R, 2, steps] at once (bnexp.replicas points each replica's own window at
+    ``buf[r]``). Replica-major, so that each replica's rows are laid out as a
+    standalone window's: its sums then add in the same order whatever stack it
+    is in (a column of [2, steps, R] summed in another order than a stack of
+    one's, and train/loss differed in the last bit).
 
     The window's first step is derived, not stored: logging steps are the
     multiples of ``log_every`` (and the last step, after which nothing follows).
@@ -235,8 +239,8 @@ class LogWindow:
                  accuracy: bool = True, replicas: int | None = None):
         # accuracy=False (regression): only losses are kept, and there is no train/acc.
         self.log_every, self.batch_size, self.accuracy = log_every, batch_size, accuracy
-        per_step = () if replicas is None else (replicas,)
-        self.buf = torch.zeros(2, min(log_every, total), *per_step, device=device)
+        self.replicas = replicas
+        self.buf = torch.zeros(*(() if replicas is None else (replicas,)), 2, min(log_every, total), device=device)
         self.limit = max(1, WINDOW_LOGITS // (batch_size * num_classes * (replicas or 1)))
         self.losses: list[torch.Tensor] = []
         self.logits: list[torch.Tensor] = []
@@ -269,13 +273,20 @@ class LogWindow:
         cols = slice(last - len(self.losses) + 1, last + 1)
         # Written in place (out=): this runs once per window with cold caches,
         # where each op saved is ~20 us on CPU. Losses are fp32 (amp casts logits first).
-        torch.stack(self.losses, out=self.buf[0, cols])
+        stacked = self.replicas is not None  # steps go in the last dim: [R] per step -> [R, steps]
+        if stacked:
+            self.buf[:, 0, cols] = torch.stack(self.losses, -1)
+        else:
+            torch.stack(self.losses, out=self.buf[0, cols])
         if not self.accuracy:
             self.losses = []
             return
         # argmax via max(): over 10 classes argmax runs ~4x slower on CPU.
         correct = torch.stack(self.logits).max(-1).indices == torch.stack(self.labels)
-        torch.sum(correct, -1, dtype=self.buf.dtype, out=self.buf[1, cols])
+        if stacked:
+            self.buf[:, 1, cols] = torch.sum(correct, -1, dtype=self.buf.dtype).t()
+        else:
+            torch.sum(correct, -1, dtype=self.buf.dtype, out=self.buf[1, cols])
         self.losses, self.logits, self.labels = [], [], []
 
     def sums(self, step: int) -> dict[str, torch.Tensor]:

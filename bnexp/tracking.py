@@ -88,12 +88,17 @@ def hparams_session_end(status: str, end_time: float):
     return summary
 
 
+# False in the vectorized launcher's worker processes but the first: one live
+# progress display per terminal (two processes' bars would overwrite each other).
+PROGRESS_BARS = True
+
+
 class Console_:
     """Rich progress when stdout is a terminal; a plain line per eval otherwise."""
 
     def __init__(self, total: int, enabled: bool, title: str):
         self.console = Console()
-        self.rich = enabled and self.console.is_terminal
+        self.rich = enabled and PROGRESS_BARS and self.console.is_terminal
         self.total, self.title = total, title
         self.progress: Progress | None = None
         self.task = None

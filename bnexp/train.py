@@ -269,6 +269,7 @@ class Run:
         self.precise_bn, self.recalibrated_at = int(t.precise_bn), -1
         self.state = ckpt_mod.LoopState()
         self.resumed_at: int | None = None  # the step a resumed run continues after
+        self.saved_step = 0  # the step its checkpoint holds (0: none yet)
         self.tracker: Tracker  # made last by setup(), once nothing can be rejected any more
         self.t0 = self.window_t0 = 0.0
 
@@ -316,7 +317,7 @@ def setup(cfg: DictConfig, run_dir: Path, resume: bool, checkpoint: dict[str, An
         run.state = ckpt_mod.restore(ckpt, run.parts, run_dir / CHECKPOINT)
         record.update(final=ckpt["final"], best=ckpt["best"], steps_to_target=run.state.steps_to_target,
                       resumed_from=run.state.step, steps=run.state.step)
-        run.resumed_at = run.state.step
+        run.resumed_at = run.saved_step = run.state.step
         # Drop events logged after the checkpoint by the dead run (and the last step's own,
         # when its report is given again: see train()).
         purge_step = run.total if run.state.step == run.total and not run.state.done else run.state.step + 1
@@ -334,25 +335,31 @@ def setup(cfg: DictConfig, run_dir: Path, resume: bool, checkpoint: dict[str, An
 
 
 def save(run: Run) -> None:
-    """Events first, then metrics.json, then the checkpoint: a run killed later
-    resumes from here, and purge_step drops only events logged after this step."""
+    """Events first (purge_step drops only events logged after the checkpoint's
+    step), then the checkpoint, then metrics.json: a run killed (or stopped by a
+    second Ctrl-C) anywhere in between resumes from its checkpoint, and its
+    metrics.json is never ahead of it."""
     run.state.train_time = time.perf_counter() - run.t0
     run.window.fold(run.state.step)  # into the checkpointed window
     tracker = run.tracker
     tracker.writer.flush()
-    tracker.record.write(steps=run.state.step, final=tracker.final, best=tracker.best, steps_to_target=run.state.steps_to_target)
     if run.ranks.is_master:
         ckpt_mod.save(run.run_dir / CHECKPOINT, run.parts, run.state, tracker.final, tracker.best,
                       run=ckpt_mod.owner(tracker.record.data, run.cfg.seed))
+    run.saved_step = run.state.step
+    tracker.record.write(steps=run.state.step, final=tracker.final, best=tracker.best, steps_to_target=run.state.steps_to_target)
 
 
 def end(run: Run, status: str) -> None:
     """How the run ended, into metrics.json and the events (HParams session end)."""
     wall = time.perf_counter() - run.t0
     state, record = run.state, run.tracker.record
+    # Interrupted past its last checkpoint (a second Ctrl-C cut the save short): the
+    # record stays at the checkpoint's step and values, where a resume continues.
+    progress = {} if status == "interrupted" and run.saved_step != state.step else dict(
+        steps=state.step, final=run.tracker.final, best=run.tracker.best, steps_to_target=state.steps_to_target)
     record.write(
-        status=status, steps=state.step, final=run.tracker.final, best=run.tracker.best, steps_to_target=state.steps_to_target,
-        diverged=state.diverged,
+        status=status, diverged=state.diverged, **progress,
         time={**record.data["time"], "wall_sec": wall, "steps_per_sec": state.step / max(wall, 1e-9), "finished_at": time.time()},
     )
     run.tracker.close(status)

@@ -317,3 +317,100 @@ def test_a_probe_that_meddles_with_its_replica_leaves_the_stack_training_bit_ide
         assert all(torch.equal(meddled["model"][k], v) for k, v in quiet["model"].items())
         a, b = load_scalars(tmp_path / f"quiet{r}"), load_scalars(tmp_path / f"meddled{r}")
         assert b["train/loss"] == a["train/loss"] and b["grad_norm/total"] == a["grad_norm/total"] and len(b["meddler/loss"]) == 6
+
+
+def assert_same_run(got_dir: Path, want_dir: Path, what: str) -> None:
+    """Bit for bit: weights, buffers, optimizer state, status and every logged value but timing."""
+    got, want = checkpoint(got_dir), checkpoint(want_dir)
+    assert got["model"].keys() == want["model"].keys()
+    for k in want["model"]:
+        assert torch.equal(got["model"][k], want["model"][k]), f"{what}: {k}"
+    for i, st in want["optimizer"]["state"].items():
+        for k, v in st.items():
+            assert torch.equal(got["optimizer"]["state"][i][k], v), f"{what}: optimizer state {i} {k}"
+    a, b = load_scalars(want_dir), load_scalars(got_dir)
+    tags = {t for t in a if not t.startswith("time/")}
+    assert tags == {t for t in b if not t.startswith("time/")} and "train/loss" in tags
+    for tag in tags:
+        assert b[tag] == a[tag], f"{what}: {tag}"
+    final = lambda d: {k: v for k, v in json.loads((d / "metrics.json").read_text())["final"].items() if not k.startswith("time/")}  # noqa: E731
+    assert final(got_dir) == final(want_dir), what
+
+
+@pytest.mark.parametrize("family", [[], CNN], ids=["mlp", "cnn"])
+def test_a_replicas_numbers_are_bit_identical_in_any_stack_and_in_a_stack_of_one(tmp_path, family):
+    # ReLU, where fp32 differences grow instead of fading; distinct lrs, so the replicas are not alike.
+    cfgs = configs([*family, "model.activation=relu", "train.deterministic=true"], [[f"optim.lr={lr}"] for lr in (0.05, 0.1, 0.2, 0.4)])
+    quietly(train_replicas, [ReplicaJob(cfg, tmp_path / f"stack{r}") for r, cfg in enumerate(cfgs)])
+    quietly(train_replicas, [ReplicaJob(cfgs[r], tmp_path / f"pair{r}") for r in (1, 3)])
+    for r in (0, 3):
+        quietly(train_replicas, [ReplicaJob(cfgs[r], tmp_path / f"one{r}")])
+    for r in (1, 3):
+        assert_same_run(tmp_path / f"pair{r}", tmp_path / f"stack{r}", f"replica {r} in a stack of 2")
+    for r in (0, 3):
+        assert_same_run(tmp_path / f"one{r}", tmp_path / f"stack{r}", f"replica {r} alone")
+
+
+def test_a_replica_resumed_alone_or_restacked_after_a_neighbour_diverged_ends_bit_identical_to_the_uninterrupted_stack(
+        tmp_path, register_probe):
+    from bnexp.rerun import resume
+
+    class CtrlC:  # the first replica's report at step 20 sends one SIGINT, as a Ctrl-C would
+        every, read_only, armed = 20, True, [False]
+
+        def __call__(self, ctx):
+            if ctx.step == 20 and self.armed[0]:
+                self.armed[0] = False
+                os.kill(os.getpid(), signal.SIGINT)
+            return {}
+
+    probe = CtrlC()
+    register_probe("ctrl_c", lambda setup, cfg: probe)
+    # Replica 1 diverges at once (no norm, a huge lr); the others train on.
+    cfgs = configs(["train.steps=40", "norm.placement=none", "model.activation=relu", "train.deterministic=true"],
+                   [[], ["optim.lr=1e30"], ["optim.lr=0.2"], ["optim.lr=0.05"]])
+    quietly(train_replicas, [ReplicaJob(cfg, tmp_path / f"whole{r}") for r, cfg in enumerate(cfgs)])
+    probe.armed[0] = True
+    with pytest.raises(ReplicasInterrupted):
+        quietly(train_replicas, [ReplicaJob(cfg, tmp_path / f"cut{r}") for r, cfg in enumerate(cfgs)])
+    assert json.loads((tmp_path / "cut1" / "metrics.json").read_text())["status"] == "diverged"
+    for r, cfg in enumerate(cfgs):  # what Hydra writes into a sweep job's run dir, which bnexp resume reads
+        (tmp_path / f"cut{r}" / ".hydra").mkdir()
+        OmegaConf.save(cfg, tmp_path / f"cut{r}" / ".hydra" / "config.yaml")
+    assert quietly(resume, tmp_path / "cut0")["steps"] == 40  # alone, by bnexp resume
+    # The rerun of the sweep skips the diverged replica and stacks the two left as a stack of 2.
+    records = quietly(train_replicas, [ReplicaJob(cfgs[r], tmp_path / f"cut{r}", resume=True) for r in (2, 3)])
+    assert sorted((rec["resumed_from"], rec["replica"]["index"], rec["replica"]["of"]) for rec in records) == [(20, 0, 2), (20, 1, 2)]
+    for r in (0, 2, 3):
+        assert_same_run(tmp_path / f"cut{r}", tmp_path / f"whole{r}", f"replica {r}")
+
+
+def test_a_second_ctrl_c_while_a_stack_saves_its_checkpoints_leaves_no_metrics_json_ahead_of_its_checkpoint(tmp_path, monkeypatch,
+                                                                                                          register_probe):
+    import bnexp.checkpoint
+
+    class CtrlC:  # the first Ctrl-C, at the first replica's report of step 20
+        every, read_only, sent = 20, True, []
+
+        def __call__(self, ctx):
+            if ctx.step == 20 and not self.sent:
+                self.sent.append(os.kill(os.getpid(), signal.SIGINT))
+            return {}
+
+    register_probe("ctrl_c", lambda setup, cfg: CtrlC())
+    save, saved = bnexp.checkpoint.save, []
+
+    def second_ctrl_c(path, parts, state, *args, **kwargs):  # lands while the second replica writes its step-20 checkpoint
+        if state.step == 20 and len([s for s in saved if s == 20]) == 1:
+            raise KeyboardInterrupt
+        saved.append(state.step)
+        return save(path, parts, state, *args, **kwargs)
+
+    monkeypatch.setattr(bnexp.checkpoint, "save", second_ctrl_c)
+    cfgs = configs(["train.steps=40", "train.checkpoint_every=15"])
+    with pytest.raises(KeyboardInterrupt):
+        quietly(train_replicas, [ReplicaJob(cfg, tmp_path / f"replica{r}") for r, cfg in enumerate(cfgs)])
+    steps = [(json.loads((tmp_path / f"replica{r}" / "metrics.json").read_text())["steps"], checkpoint(tmp_path / f"replica{r}")["state"]["step"])
+             for r in range(R)]
+    assert steps == [(20, 20), (15, 15), (15, 15), (15, 15)]
+    assert all(json.loads((tmp_path / f"replica{r}" / "metrics.json").read_text())["status"] == "interrupted" for r in range(R))

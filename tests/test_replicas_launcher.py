@@ -134,11 +134,11 @@ def test_rerunning_a_vectorized_sweep_skips_every_finished_replica(two_sweeps):
 
 
 @pytest.mark.slow
-def test_a_mixed_sweep_stacks_what_it_can_runs_the_rest_alone_and_a_stack_picks_threads_for_its_whole_step(tmp_path):
+def test_a_mixed_sweep_stacks_what_it_can_runs_the_rest_alone_and_a_stack_trains_on_one_thread(tmp_path):
     # norm.noise=true: noisy BN draws its noise in the forward pass, a part the stacked model has no fold rule for
     # (found by folding it), so those 3 jobs run as the basic launcher runs them; the other 3 are split by
-    # max_replicas=2 into a stack and a lone job. Each replica's step is 131 MFLOP, under train.threads=auto's
-    # 200 MFLOP line; the stack's (2 replicas in one process) is 261 MFLOP, over it.
+    # max_replicas=2 into a stack and a lone job. Each replica's step is 131 MFLOP, under the 200 MFLOP up to
+    # which a CPU stack pays and under train.threads=auto's line: one thread each, the stack's too.
     r = bnexp("sweep", "seed=0,1,2", "norm.noise=false,true", "train.steps=8", "train.log_every=4", "train.eval_every=8",
               "train.batch_size=32", "train.progress=false", "model.hidden=[800,800]", VECTORIZED, "hydra.launcher.max_replicas=2",
               "hydra.sweep.dir=sw", cwd=tmp_path)
@@ -153,9 +153,18 @@ def test_a_mixed_sweep_stacks_what_it_can_runs_the_rest_alone_and_a_stack_picks_
     for d in dirs:
         log = (d / "bnexp.log").read_text()
         if record(d).get("replica"):
-            assert "auto: 261 MFLOP a step;" in log and f"torch threads: {record(d)['env']['threads']} (auto: 261" in log
+            assert "torch threads: 1 (auto: a stack of replicas, one thread" in log and record(d)["env"]["threads"] == 1
         else:
             assert "torch threads: 1 (auto: 131 MFLOP a step, under 200)" in log and record(d)["env"]["threads"] == 1
+
+
+def test_a_cnn_whose_step_is_too_large_to_gain_from_stacking_on_the_cpu_trains_job_by_job(tmp_path):
+    r = run_inprocess(["sweep", *TINY, "train.steps=2", "model=cnn", "model.hidden=[32,64]", "data.shape=[1,28,28]",
+                       "train.batch_size=64", "seed=0,1", VECTORIZED, "hydra.sweep.dir=sw"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "Launching 2 jobs: no stack of replicas, 2 alone" in r.stdout
+    assert "2 jobs one by one, as the basic launcher runs them (a step of " in r.stdout and "stacking gains nothing above 200" in r.stdout
+    assert all("replica" not in record(d) for d in job_dirs(tmp_path / "sw"))
 
 
 @pytest.mark.slow
@@ -221,3 +230,116 @@ def test_a_built_wheel_installs_the_plugin_where_hydra_finds_it(tmp_path):
     bnexp_file, plugin_file, discovered = found.stdout.split()
     assert bnexp_file.startswith(str(site)) and plugin_file.startswith(str(site / "hydra_plugins")) and discovered == "True"
     shutil.rmtree(site)
+
+
+@pytest.mark.parametrize("family", [[], ["model=cnn", "model.hidden=[8,8]", "data.shape=[3,8,8]"]], ids=["mlp", "cnn"])
+def test_bnexp_reproduce_of_a_stacked_replica_gives_its_numbers_exactly_on_cpu(tmp_path, family):
+    # ReLU: a replica that a stack of one computed otherwise than its stack would drift visibly.
+    sweep = ["sweep", *TINY, "train.steps=20", *family, "model.activation=relu", "train.deterministic=true", "seed=0,1,2",
+             VECTORIZED, "hydra.sweep.dir=sw"]
+    assert run_inprocess(sweep, tmp_path).returncode == 0
+    replica = job_dirs(tmp_path / "sw")[1]
+    assert record(replica)["replica"] == {"index": 1, "of": 3}
+    r = run_inprocess(["reproduce", str(replica), "--out", "again"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "identical: every metric matches exactly" in r.stdout
+    final = lambda d: {k: v for k, v in record(d)["final"].items() if not k.startswith("time/")}  # noqa: E731
+    assert final(tmp_path / "again") == final(replica) and len(final(replica)) > 10
+
+
+def test_a_sweep_on_two_worker_processes_gives_each_job_the_numbers_of_the_sweep_in_one_process(tmp_path):
+    # Two groups of 3 seeds and a third of 3 (one stack each in one process); on two workers the third
+    # group's stack waits for the first free worker. Then one group alone: split into stacks of 2 and 1.
+    sweep = ["sweep", *TINY, "train.steps=20", "model.activation=relu", "train.deterministic=true", "seed=0,1,2", VECTORIZED]
+    placements = "norm.placement=pre,post,none"
+    one = bnexp(*sweep, placements, "hydra.launcher.workers=1", "hydra.sweep.dir=one", cwd=tmp_path)
+    two = bnexp(*sweep, placements, "hydra.launcher.workers=2", "hydra.sweep.dir=two", cwd=tmp_path)
+    split = bnexp(*sweep, "norm.placement=post", "hydra.launcher.workers=2", "hydra.sweep.dir=split", cwd=tmp_path)
+    assert one.returncode == 0 and two.returncode == 0 and split.returncode == 0, two.stderr + split.stderr
+    assert "Launching 9 jobs: 3 stacks of replicas (3, 3, 3), 0 alone" in one.stdout
+    assert "Launching 9 jobs: 3 stacks of replicas (3, 3, 3), 0 alone on 2 worker processes" in two.stdout
+    assert "Launching 3 jobs: 2 stacks of replicas (2, 1), 0 alone on 2 worker processes" in split.stdout
+    assert "9 jobs: 9 completed" in two.stdout and "3 jobs: 3 completed" in split.stdout
+    final = lambda d: {k: v for k, v in record(d)["final"].items() if not k.startswith("time/")}  # noqa: E731
+    pids = set()
+    for a, b in zip(job_dirs(tmp_path / "one"), job_dirs(tmp_path / "two")):
+        assert a.name == b.name and final(b) == final(a) and record(b)["env"]["threads"] == 1
+        pids.add(record(b)["process"]["pid"])
+    assert len(pids) == 2  # two worker processes
+    post = [d for d in job_dirs(tmp_path / "one") if "placement=post" in d.name]
+    for a, b in zip(post, job_dirs(tmp_path / "split")):
+        assert a.name.endswith(b.name) and final(b) == final(a) and record(b)["replica"]["of"] in (1, 2)
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_sweep_on_two_workers_saves_every_replica_and_the_rerun_ends_where_an_uninterrupted_sweep_does(tmp_path):
+    args = ["seed=0,1,2,3", "data=synthetic", "model.hidden=[16,16]", "train.steps=3000", "train.log_every=10", "model.activation=relu",
+            "train.eval_every=500", "train.progress=false", "train.deterministic=true", VECTORIZED, "hydra.launcher.workers=2"]
+    proc = start_cli(["sweep", *args, "hydra.sweep.dir=sw"], tmp_path, env=ENV)
+    dirs = lambda: sorted((tmp_path / "sw").glob("*seed=*"))  # noqa: E731
+    evaluated = lambda d: (d / "bnexp.log").is_file() and "step 500/3000" in (d / "bnexp.log").read_text()  # noqa: E731
+    _wait_for(lambda: len(dirs()) == 4 and all(evaluated(d) for d in dirs()), proc, "every replica's first eval", timeout=240)
+    proc.send_signal(signal.SIGINT)  # the parent alone, as `kill -INT` does: it hands the signal on to its workers
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "4 jobs (" in err and "checkpoints saved" in err
+    for d in dirs():
+        rec = record(d)
+        assert rec["status"] == "interrupted" and torch_step(d) == rec["steps"] > 500
+    rerun = bnexp("sweep", *args, "hydra.sweep.dir=sw", cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr
+    whole = bnexp("sweep", *args, "hydra.sweep.dir=whole", cwd=tmp_path)
+    assert whole.returncode == 0, whole.stderr
+    final = lambda d: {k: v for k, v in record(d)["final"].items() if not k.startswith("time/")}  # noqa: E731
+    for a, b in zip(dirs(), job_dirs(tmp_path / "whole")):
+        assert record(a)["status"] == "completed" and final(a) == final(b), a.name
+
+
+def torch_step(run_dir: Path) -> int:
+    """The step a checkpoint holds, read as bnexp resume reads it."""
+    import torch
+
+    return torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)["state"]["step"]
+
+
+def test_the_vectorized_launcher_composes_each_jobs_config_once_and_it_equals_hydras_own(tmp_path, monkeypatch):
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra.types import RunMode
+
+    composed = []
+    load = ConfigLoaderImpl.load_configuration
+
+    def counting(self, config_name, overrides, run_mode, *args, **kwargs):
+        composed.append(run_mode)
+        return load(self, config_name, overrides, run_mode, *args, **kwargs)
+
+    monkeypatch.setattr(ConfigLoaderImpl, "load_configuration", counting)
+    sweep = ["sweep", *TINY, "train.steps=2", "seed=0,1,2", "norm.placement=pre,none"]
+    assert run_inprocess([*sweep, VECTORIZED, "hydra.sweep.dir=vec"], tmp_path).returncode == 0
+    assert composed.count(RunMode.RUN) == 6  # one per job (the sweeper's validation and the launch share it)
+    assert run_inprocess([*sweep, "hydra.sweep.dir=basic"], tmp_path).returncode == 0
+    for b, v in zip(job_dirs(tmp_path / "basic"), job_dirs(tmp_path / "vec")):
+        for name in ("config.yaml", "overrides.yaml"):
+            assert (v / ".hydra" / name).read_text() == (b / ".hydra" / name).read_text()
+        hb, hv = (yaml.safe_load((d / ".hydra" / "hydra.yaml").read_text())["hydra"] for d in (b, v))
+        for h in (hb, hv):
+            h.pop("launcher"), h.pop("runtime"), h["job"].pop("id")
+            h["overrides"]["hydra"] = [o for o in h["overrides"]["hydra"] if "launcher" not in o and "sweep.dir" not in o]
+            h["sweep"].pop("dir")
+        assert hv == hb
+
+
+def test_a_job_another_sweep_is_setting_up_is_left_to_it_and_does_not_fail_the_sweep(tmp_path):
+    # Another process (a second sweep into the same dir) holds seed=1's lock and has not written its metrics.json yet.
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from bnexp.rundir import acquire_run_lock; "
+                               "acquire_run_lock(sys.argv[1]); print('held', flush=True); time.sleep(600)", str(tmp_path / "sw" / "seed=1")],
+                              stdout=subprocess.PIPE, text=True, env={**ENV, "PYTHONPATH": str(REPO)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        r = run_inprocess(["sweep", *TINY, "train.steps=4", "seed=0,1,2", VECTORIZED, "hydra.sweep.dir=sw"], tmp_path)
+        assert r.returncode == 0, r.stdout
+        assert "3 jobs: 2 completed, 1 running" in r.stdout and "unreadable" not in r.stdout
+        assert not (tmp_path / "sw" / "seed=1" / "metrics.json").exists()  # left to its holder
+    finally:
+        holder.kill()
+        holder.wait()

@@ -238,7 +238,15 @@ class StackedNet(nn.Module):
         if kind == "conv":
             _, conv, w, b, stride, padding, dilation = op
             w = w() if isinstance(w, _StdWeight) else w
-            return conv(x, w, b, stride, padding, dilation, R)
+            if x.device.type != "cpu":
+                return conv(x, w, b, stride, padding, dilation, R)
+            # On the CPU, oneDNN's grouped convolution adds a replica's products in
+            # another order than one convolution of its channels does, and the order
+            # depends on R: a replica's numbers would change with the stack it is in,
+            # and a stack of one (bnexp reproduce) would not give them back. One
+            # convolution per replica does what its standalone layer does.
+            bs = [None] * R if b is None else b.chunk(R)
+            return torch.cat([conv(xr, wr, br, stride, padding, dilation) for xr, wr, br in zip(x.chunk(R, 1), w.chunk(R), bs)], 1)
         if kind == "norm":
             shape = x.shape
             if layout == "rcb":  # [R, C, B] as [1, R*C, B]: per channel over B, a batch norm's statistics
