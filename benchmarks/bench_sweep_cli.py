@@ -45,34 +45,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_replicas import overrides_for  # noqa: E402  the same MLP and CNN sweeps as the in-process benchmark
+from bench_replicas import condition, load, overrides_for  # noqa: E402  the same sweeps and conditions as the in-process benchmark
 
 PYTHON = sys.executable
 BNEXP = [PYTHON, "-m", "bnexp"]
-
-
-def load() -> float:
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-
-
-@contextmanager
-def condition(name: str) -> Iterator[None]:
-    """``busy``: one competing process on a core for the duration; ``quiet``: none."""
-    competitor = subprocess.Popen([PYTHON, "-c", "while True: pass"]) if name == "busy" else None
-    try:
-        if competitor is not None:
-            time.sleep(1.0)  # let it take its core
-        yield
-    finally:
-        if competitor is not None:
-            competitor.kill()
-            competitor.wait()
 
 
 # Commands that failed once and were run again (the machine is shared: another
