@@ -62,7 +62,11 @@ def clip_norm(leaves: list[Leaf], max_norm: float) -> None:
     grads = [(leaf, leaf.view(leaf.param.grad)) for leaf in leaves if leaf.param.grad is not None]
     if not grads:
         return
-    squares = torch.stack([g.flatten(1).square().sum(1) for _, g in grads]).sum(0)  # [R]
+    # One replica at a time, each sum over a contiguous 1-D tensor: a sum over dim 1 of
+    # [R, N] (or dim 0 of [L, R]) is vectorized differently for R = 1 and R = 8, and a
+    # replica reproduced alone (a stack of one) must clip by the same bits as in its stack.
+    replicas = grads[0][1].shape[0]
+    squares = torch.stack([torch.stack([g[r].reshape(-1).square().sum() for _, g in grads]).sum() for r in range(replicas)])
     factor = (max_norm / (squares.sqrt() + 1e-6)).clamp(max=1.0)
     for _, g in grads:
         g.mul_(factor.view(-1, *[1] * (g.dim() - 1)))

@@ -337,7 +337,7 @@ def assert_same_run(got_dir: Path, want_dir: Path, what: str) -> None:
     assert final(got_dir) == final(want_dir), what
 
 
-@pytest.mark.parametrize("family", [[], CNN], ids=["mlp", "cnn"])
+@pytest.mark.parametrize("family", [[], CNN, ["optim.clip=norm", "optim.clip_value=0.5"]], ids=["mlp", "cnn", "mlp-clipped"])
 def test_a_replicas_numbers_are_bit_identical_in_any_stack_and_in_a_stack_of_one(tmp_path, family):
     # ReLU, where fp32 differences grow instead of fading; distinct lrs, so the replicas are not alike.
     cfgs = configs([*family, "model.activation=relu", "train.deterministic=true"], [[f"optim.lr={lr}"] for lr in (0.05, 0.1, 0.2, 0.4)])
