@@ -337,7 +337,9 @@ def assert_same_run(got_dir: Path, want_dir: Path, what: str) -> None:
     assert final(got_dir) == final(want_dir), what
 
 
-@pytest.mark.parametrize("family", [[], CNN, ["optim.clip=norm", "optim.clip_value=0.5"]], ids=["mlp", "cnn", "mlp-clipped"])
+@pytest.mark.parametrize("family", [[], CNN, ["optim.clip=norm", "optim.clip_value=0.5"], ["norm=group", "norm.groups=4"], ["norm=layer"],
+                                    ["norm=evonorm_s0", "norm.groups=4"], [*CNN, "norm=group", "norm.groups=4"]],
+                         ids=["mlp", "cnn", "mlp-clipped", "mlp-group", "mlp-layer", "mlp-evonorm_s0", "cnn-group"])
 def test_a_replicas_numbers_are_bit_identical_in_any_stack_and_in_a_stack_of_one(tmp_path, family):
     # ReLU, where fp32 differences grow instead of fading; distinct lrs, so the replicas are not alike.
     cfgs = configs([*family, "model.activation=relu", "train.deterministic=true"], [[f"optim.lr={lr}"] for lr in (0.05, 0.1, 0.2, 0.4)])

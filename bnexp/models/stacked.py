@@ -116,6 +116,22 @@ def _folded_norm(parts: list[nn.Module]) -> nn.Module:
     return folded
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """The identity, whose gradient is made contiguous. A bias's gradient is the
+    output gradient summed over the batch; where that gradient arrives strided
+    (from a per-example norm's folded layout) the sum runs in an order that
+    depends on R, and a replica's numbers would change with its stack (bnexp
+    reproduce trains it as a stack of one)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
 class StackedNet(nn.Module):
     """R networks of one structure (``bnexp.models.blocks.Net``: stem, hidden
     blocks, head, output) as one. ``forward`` takes [R, B, *example] (each
@@ -234,7 +250,7 @@ class StackedNet(nn.Module):
         if kind == "linear":  # [R, out, in] @ [R, in, B]: each replica's W x
             _, w, b = op
             w = w() if isinstance(w, _StdWeight) else w
-            return torch.bmm(w, x) if b is None else torch.baddbmm(b.unsqueeze(-1), w, x)
+            return torch.bmm(w, x) if b is None else _ContiguousGrad.apply(torch.baddbmm(b.unsqueeze(-1), w, x))
         if kind == "conv":
             _, conv, w, b, stride, padding, dilation = op
             w = w() if isinstance(w, _StdWeight) else w
