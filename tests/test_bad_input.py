@@ -90,11 +90,11 @@ def test_sigterm_while_setting_up_says_there_is_nothing_to_resume_and_leaves_no_
 def test_ctrl_c_while_training_names_the_run_dir_that_bnexp_resume_continues(tmp_path):
     proc = start_cli(["train", "data=synthetic", "model.hidden=[16,16]", "train.steps=100000", "train.log_every=10",
                       "train.eval_every=100", "train.progress=false", "hydra.run.dir=run"], tmp_path)
+    log = tmp_path / "run" / "bnexp.log"
     deadline = time.monotonic() + 60
-    while not (tmp_path / "run" / "checkpoint.pt").exists() and not list((tmp_path / "run").glob("events.*")):
+    while not (log.is_file() and "step 100/100000" in log.read_text()):  # its first eval: inside the training loop
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.02)
-    time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err

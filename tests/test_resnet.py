@@ -232,7 +232,7 @@ def test_resnet_placement_preset_trains_each_placement_at_smoke_size(tmp_path):
     root = mnist_root("fashion-mnist")
     cfg = compose(["experiment=resnet_placement", f"data.root={root}"])
     assert (cfg.model.kind, cfg.model.depth, cfg.data.name.value, cfg.optim.schedule.value) == ("resnet", 8, "fashion_mnist", "step")
-    sweep = ["sweep", "experiment=resnet_placement", "seed=0", *SMOKE, "model.width=0.25", "train.eval_batch_size=4096",
+    sweep = ["sweep", "experiment=resnet_placement", "seed=0", *SMOKE, "model.width=0.25", "train.eval_batch_size=500",
              f"data.root={root}", "hydra.sweep.dir=sw"]
     result = run_inprocess(sweep, tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from bnexp.runs import load_scalars
-from tests.conftest import run_cli, start_cli
+from tests.conftest import run_inprocess, start_cli
 
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
 
@@ -35,7 +35,9 @@ def job_dirs(sweep: Path) -> list[Path]:
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory) -> tuple[Path, str]:
     cwd = tmp_path_factory.mktemp("submitit")
-    out = run_cli(["sweep", *JOB, "seed=0,1", "hydra.sweep.dir=sweep"], cwd, timeout=300, env=ONE_THREAD)
+    # The sweep's own process is this one (submitit still starts a process per job):
+    # a second interpreter importing torch would add nothing the jobs' pids don't show.
+    out = run_inprocess(["sweep", *JOB, "seed=0,1", "hydra.sweep.dir=sweep"], cwd, env=ONE_THREAD)
     assert out.returncode == 0, out.stderr[-3000:]
     return cwd / "sweep", out.stdout
 
@@ -55,11 +57,11 @@ def test_a_submitit_local_sweep_runs_every_job_in_its_own_process_and_prints_the
 def test_a_rerun_of_a_submitit_sweep_skips_its_finished_jobs_and_report_compares_them(sweep):
     sweep_dir, _ = sweep
     before = {p: p.stat().st_mtime_ns for r in job_dirs(sweep_dir) for p in (r / "metrics.json", r / "checkpoint.pt")}
-    out = run_cli(["sweep", *JOB, "seed=0,1", "hydra.sweep.dir=sweep"], sweep_dir.parent, timeout=300, env=ONE_THREAD)
+    out = run_inprocess(["sweep", *JOB, "seed=0,1", "hydra.sweep.dir=sweep"], sweep_dir.parent, env=ONE_THREAD)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "2 jobs: 2 skipped" in out.stdout
     assert {p: p.stat().st_mtime_ns for p in before} == before
-    report = run_cli(["report", str(sweep_dir), "--format", "json"], sweep_dir.parent, env=ONE_THREAD)
+    report = run_inprocess(["report", str(sweep_dir), "--format", "json"], sweep_dir.parent, env=ONE_THREAD)
     assert report.returncode == 0, report.stderr
     groups = json.loads(report.stdout)["groups"]
     assert len(groups) == 1 and groups[0]["n"] == 2

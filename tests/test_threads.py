@@ -19,7 +19,7 @@ import torch
 
 from bnexp.config import ConfigError
 from bnexp.schema import compose, validate
-from tests.conftest import run_cli, start_cli
+from tests.conftest import run_cli, run_inprocess, start_cli
 
 # A 2x32 MLP on synthetic clusters: far below auto's threshold, bit-reproducible on CPU.
 TINY = ["data=synthetic", "model.hidden=[32,32]", "train.log_every=10", "train.eval_every=50",
@@ -104,7 +104,8 @@ def test_resume_and_reproduce_under_another_thread_setting_end_where_the_two_thr
     # Short, one process at a time: two threads on a busy 2-core machine can run
     # 50x slower than one (the collapse that docs/performance.md measures).
     args = [*TINY, "train.steps=300", "train.checkpoint_every=10", "train.eval_every=100", "train.threads=2"]
-    two, one = threads_env(2), threads_env(1)
+    two = threads_env(2)
+    assert torch.get_num_threads() == 1  # the budget of this process, which resumes and reproduces the run
     assert run_cli(["train", *args, "hydra.run.dir=reference"], tmp_path, env=two, timeout=300).returncode == 0
     run = tmp_path / "victim"
     victim = start_cli(["train", *args, f"hydra.run.dir={run}"], tmp_path, env=two)
@@ -116,14 +117,14 @@ def test_resume_and_reproduce_under_another_thread_setting_end_where_the_two_thr
     assert victim.returncode == 130, err
     assert metrics(run)["status"] == "interrupted" and metrics(run)["steps"] < 300
 
-    # Resumed in a process whose own budget is 1 thread: it trains on with the run's 2.
-    resumed = run_cli(["resume", str(run)], tmp_path, env=one, timeout=300)
+    # Resumed in a process whose own budget is 1 thread (this one's: tests/conftest.py): it trains on with the run's 2.
+    resumed = run_inprocess(["resume", str(run)], tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert results(run) == results(tmp_path / "reference")
     assert metrics(run)["env"]["threads"] == 2 and metrics(run)["resumed_from"] > 0
 
     # Reproduced with auto (an explicit request to choose): auto is the recorded count, said in one line.
-    again = run_cli(["reproduce", str(tmp_path / "reference"), "--out", "again", "train.threads=auto"], tmp_path, env=one, timeout=300)
+    again = run_inprocess(["reproduce", str(tmp_path / "reference"), "--out", "again", "train.threads=auto"], tmp_path)
     assert again.returncode == 0, again.stderr
     assert "identical: every metric matches exactly" in again.stdout
     assert metrics(tmp_path / "again")["env"]["threads"] == 2
