@@ -26,8 +26,9 @@ SWEEP = ("norm.placement=pre,none", "seed=range(0,8)", "train.steps=30", "train.
 VECTORIZED = "hydra/launcher=vectorized"
 
 
-def bnexp(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return run_cli(list(args), cwd, timeout=300, env=ENV)
+def bnexp(*args: str, cwd: Path):
+    """``bnexp ARGS`` in this process (its worker processes are forked from it, as from the CLI's)."""
+    return run_inprocess(list(args), cwd, env=ENV)
 
 
 def record(run_dir: Path) -> dict:
