@@ -362,6 +362,22 @@ def _reference(g: Group, groups: list[Group], baseline: Baseline) -> Group | Non
     return next((h for h in groups if {k: format_value(v) for k, v in h.key.items()} == wanted), None)
 
 
+def _compare_arms(groups: list[Group]) -> None:
+    """Arms: groups that match the baseline's keys but differ from it in others
+    (``model.init=fixup`` and ``optim.clip=agc`` with ``norm.placement=none``),
+    which no group is compared with. Where every other comparison is with one
+    baseline group, each arm is compared with that group too: each alternative
+    against the same "no normalization". Where there are several, arms stay as
+    they are (which one would be meant is not for bnexp to guess)."""
+    used = {id(g.reference): g.reference for g in groups if g.reference is not None and g.reference is not g}
+    if len(used) != 1:
+        return
+    (only,) = used.values()
+    for g in groups:
+        if g.reference is g and g is not only:
+            g.reference = only
+
+
 def compared_columns(g: Group) -> list[str]:
     """The columns that get confidence intervals and differences: every result, not the timing."""
     return [c for c in g.columns if c != STEPS_PER_SEC]
@@ -387,7 +403,10 @@ def aggregate(groups: list[Group], metrics: Iterable[str] = DEFAULT_METRICS, bas
     if baseline is None:
         return groups
     for g in groups:
-        ref = g.reference = _reference(g, groups, baseline)
+        g.reference = _reference(g, groups, baseline)
+    _compare_arms(groups)
+    for g in groups:
+        ref = g.reference
         if ref is None:
             continue
         if ref is not g:

@@ -434,3 +434,27 @@ def test_a_sweeps_closing_output_ends_with_the_verdicts_and_seed_counts_and_fits
     seeds = vs(as_json(placements), "preact", "val/acc")["seeds_needed"]
     assert ("preact", str(seeds)) in cells
     assert "×3" in out  # pre's seeds trained as one stack
+
+
+def test_arms_that_share_the_baseline_key_are_each_compared_with_the_one_baseline_group(tmp_path):
+    # A normalizer-free preset's arms: BN, and three ways to train with norm.placement=none
+    # (no normalization) that differ from the plain one in other keys. Each is compared with the plain one.
+    plain = {"norm.placement": "none", "model.init": "kaiming", "optim.clip": "none"}
+    arms = {"bn": {**plain, "norm.placement": "pre"}, "none": plain, "fixup": {**plain, "model.init": "fixup"},
+            "agc": {**plain, "optim.clip": "agc"}}
+    acc = {"bn": [0.85, 0.84, 0.86], "none": [0.10, 0.75, 0.10], "fixup": [0.62, 0.76, 0.77], "agc": [0.76, 0.78, 0.77]}
+    root, num = tmp_path / "sw", 0
+    for arm, keys in arms.items():
+        for seed in range(3):
+            write_run(root, f"arm={arm},seed={seed}", keys, {"test/acc": acc[arm][seed]}, seed, num)
+            num += 1
+    doc = as_json(root, "--metric", "test/acc")
+    by_arm = {}
+    for g in doc["groups"]:
+        key = dict(part.split("=") for part in g["group"].split(","))
+        (arm,) = [a for a, k in arms.items() if all(key.get(n, v) == v for n, v in k.items())]
+        by_arm[arm] = g["metrics"]["test/acc"].get("vs_baseline")
+    assert by_arm["none"] is None  # the baseline itself
+    for arm in ("bn", "fixup", "agc"):
+        want = statistics.mean(acc[arm]) - statistics.mean(acc["none"])
+        assert by_arm[arm] is not None and math.isclose(by_arm[arm]["diff"], want, abs_tol=1e-9), arm
